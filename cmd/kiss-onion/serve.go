@@ -1,0 +1,261 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/kiss-onion/kiss-onion/internal/nixcache"
+	"github.com/kiss-onion/kiss-onion/serve"
+)
+
+func init() {
+	register("serve", "serve the cache (over onions, or local listeners)", runServe)
+}
+
+const serveUsage = `
+Usage:
+	kiss-onion serve [flags]
+
+Serves the cache directory as a Nix binary cache: over two Tor onion
+services (read and write), and on optional local listeners.
+
+Arguments:
+	none; every flag can also be set in the TOML file given by --config,
+	with the flag's name as the key (flags win over the file)
+
+Examples:
+	kiss-onion serve --tor off --cache-dir /srv/cache --listen 127.0.0.1:8080 --listen-write 127.0.0.1:8081
+	kiss-onion serve --config /etc/kiss-onion.toml
+`
+
+// stringList is a repeatable flag.
+type stringList []string
+
+func (l *stringList) String() string     { return strings.Join(*l, ",") }
+func (l *stringList) Set(s string) error { *l = append(*l, s); return nil }
+
+// byteSize is a flag holding a size such as 512M or 8G.
+type byteSize int64
+
+func (b *byteSize) String() string { return strconv.FormatInt(int64(*b), 10) }
+func (b *byteSize) Set(s string) error {
+	n, err := parseByteSize(s)
+	if err != nil {
+		return err
+	}
+	*b = byteSize(n)
+	return nil
+}
+
+func parseByteSize(s string) (int64, error) {
+	s = strings.TrimSpace(s)
+	mult := int64(1)
+	units := []struct {
+		suffix string
+		mult   int64
+	}{{"K", 1 << 10}, {"M", 1 << 20}, {"G", 1 << 30}, {"T", 1 << 40}}
+	up := strings.TrimSuffix(strings.ToUpper(s), "IB")
+	up = strings.TrimSuffix(up, "B")
+	for _, u := range units {
+		if strings.HasSuffix(up, u.suffix) {
+			mult, up = u.mult, strings.TrimSuffix(up, u.suffix)
+			break
+		}
+	}
+	n, err := strconv.ParseInt(up, 10, 64)
+	if err != nil || n <= 0 || n > (1<<62)/mult {
+		return 0, fmt.Errorf("%q is not a size (like 512M or 8G)", s)
+	}
+	return n * mult, nil
+}
+
+type serveFlags struct {
+	cacheDir      string
+	stateDir      string
+	listen        string
+	listenWrite   string
+	allowRemote   bool
+	torMode       string
+	priority      int
+	wantMassQuery bool
+	storeDir      string
+	trustedKeys   stringList
+	maxUpload     byteSize
+	logFormat     string
+	logLevel      string
+}
+
+func runServe(args []string) error {
+	var f serveFlags
+	f.maxUpload = 8 << 30
+	fs := newFlagSet("serve", serveUsage)
+	config := fs.String("config", "", "read settings from this TOML `file`")
+	fs.StringVar(&f.cacheDir, "cache-dir", "/var/cache/kiss-onion", "the cache `directory` (created 0755)")
+	fs.StringVar(&f.stateDir, "state-dir", "/var/lib/kiss-onion", "keys and tor data `directory` (created 0700), never under the cache")
+	fs.StringVar(&f.listen, "listen", "", "also serve reads on this local `address` (host:port)")
+	fs.StringVar(&f.listenWrite, "listen-write", "", "also take uploads on this local `address` (host:port)")
+	fs.BoolVar(&f.allowRemote, "allow-remote", false, "let --listen and --listen-write bind non-loopback addresses")
+	fs.StringVar(&f.torMode, "tor", "public", "`mode`: public (the Tor network), local (a private offline Tor network) or off")
+	fs.IntVar(&f.priority, "priority", 30, "cache `priority` in nix-cache-info (lower is preferred)")
+	fs.BoolVar(&f.wantMassQuery, "want-mass-query", true, "advertise WantMassQuery in nix-cache-info")
+	fs.StringVar(&f.storeDir, "store-dir", "/nix/store", "the Nix store `directory` the cache is for")
+	fs.Var(&f.trustedKeys, "trusted-writer-key", "accept only narinfos signed by this `name:base64` key (repeatable)")
+	fs.Var(&f.maxUpload, "max-upload-size", "largest upload `size` accepted (like 512M or 8G)")
+	fs.StringVar(&f.logFormat, "log-format", "text", "log `format`: text or json")
+	fs.StringVar(&f.logLevel, "log-level", "info", "log `level`: debug, info, warn or error")
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return usagef("serve takes no arguments, got %q", fs.Arg(0))
+	}
+	if *config != "" {
+		if err := applyConfigFile(fs, *config); err != nil {
+			return err
+		}
+	}
+	log, err := newLogger(f.logFormat, f.logLevel)
+	if err != nil {
+		return usagef("%v", err)
+	}
+	return serveMain(f, log)
+}
+
+// newLogger returns the daemon's logger, on stderr.
+func newLogger(format, level string) (*logrus.Entry, error) {
+	l := logrus.New()
+	l.SetOutput(os.Stderr)
+	switch format {
+	case "text":
+		l.SetFormatter(&logrus.TextFormatter{DisableColors: true, FullTimestamp: true})
+	case "json":
+		l.SetFormatter(&logrus.JSONFormatter{})
+	default:
+		return nil, fmt.Errorf("--log-format must be text or json, not %q", format)
+	}
+	lvl, err := logrus.ParseLevel(level)
+	if err != nil {
+		return nil, fmt.Errorf("--log-level: %v", err)
+	}
+	l.SetLevel(lvl)
+	return logrus.NewEntry(l), nil
+}
+
+// checkListenAddr refuses an address that is not on loopback, unless
+// remote listeners are allowed: the onions are the way in from outside.
+func checkListenAddr(flagName, addr string, allowRemote bool) error {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return usagef("--%s %q: %v", flagName, addr, err)
+	}
+	if allowRemote {
+		return nil
+	}
+	if host == "localhost" {
+		return nil
+	}
+	if ip := net.ParseIP(host); ip != nil && ip.IsLoopback() {
+		return nil
+	}
+	return usagef("--%s %q is not a loopback address; add --allow-remote to listen there", flagName, addr)
+}
+
+// listenSpec is a local listener asked for on the command line.
+type listenSpec struct {
+	flag, addr string
+	role       serve.Role
+}
+
+func serveMain(f serveFlags, log *logrus.Entry) error {
+	switch f.torMode {
+	case "off":
+	case "public", "local":
+		return withHint(fmt.Errorf("--tor %s is not available in this build", f.torMode), "use --tor off with --listen/--listen-write")
+	default:
+		return usagef("--tor must be public, local or off, not %q", f.torMode)
+	}
+	var listeners []listenSpec
+	if f.listen != "" {
+		listeners = append(listeners, listenSpec{"listen", f.listen, serve.Read})
+	}
+	if f.listenWrite != "" {
+		listeners = append(listeners, listenSpec{"listen-write", f.listenWrite, serve.Write})
+	}
+	for _, l := range listeners {
+		if err := checkListenAddr(l.flag, l.addr, f.allowRemote); err != nil {
+			return err
+		}
+	}
+	if f.torMode == "off" && len(listeners) == 0 {
+		return usagef("with --tor off, give --listen or --listen-write")
+	}
+	var keys []nixcache.PublicKey
+	for _, s := range f.trustedKeys {
+		k, err := nixcache.ParsePublicKey(s)
+		if err != nil {
+			return usagef("--trusted-writer-key: %v", err)
+		}
+		keys = append(keys, k)
+	}
+	if err := os.MkdirAll(f.stateDir, 0o700); err != nil {
+		return fmt.Errorf("create state directory: %w", err)
+	}
+	if err := os.Chmod(f.stateDir, 0o700); err != nil {
+		return fmt.Errorf("state directory: %w", err)
+	}
+	cache, err := serve.New(serve.Config{
+		Dir:           f.cacheDir,
+		StoreDir:      f.storeDir,
+		Priority:      f.priority,
+		WantMassQuery: f.wantMassQuery,
+		TrustedKeys:   keys,
+		MaxUploadSize: int64(f.maxUpload),
+		Log:           log,
+	})
+	if err != nil {
+		return err
+	}
+
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	errc := make(chan error, len(listeners))
+	var servers []*http.Server
+	for _, l := range listeners {
+		ln, err := net.Listen("tcp", l.addr)
+		if err != nil {
+			return fmt.Errorf("--%s: %w", l.flag, err)
+		}
+		srv := serve.NewServer(cache.Handler(l.role), log)
+		servers = append(servers, srv)
+		log.WithFields(logrus.Fields{"role": l.role.String(), "url": "http://" + ln.Addr().String()}).Info("listening")
+		go func() {
+			if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				errc <- fmt.Errorf("%s listener: %w", l.role, err)
+			}
+		}()
+	}
+	log.WithField("cache", f.cacheDir).Info("serving")
+	var runErr error
+	select {
+	case <-ctx.Done():
+		log.Info("shutting down")
+	case runErr = <-errc:
+	}
+	shutCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	for _, srv := range servers {
+		srv.Shutdown(shutCtx)
+	}
+	return runErr
+}

@@ -1,0 +1,232 @@
+package serve
+
+import (
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strconv"
+	"time"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/kiss-onion/kiss-onion/internal/atomicfile"
+	"github.com/kiss-onion/kiss-onion/internal/nixcache"
+	"github.com/kiss-onion/kiss-onion/prune"
+)
+
+// Role is what a listener lets its clients do.
+type Role int
+
+const (
+	// Read answers GET and HEAD only.
+	Read Role = iota
+	// Write also takes uploads, markers and locks.
+	Write
+)
+
+func (r Role) String() string {
+	if r == Write {
+		return "write"
+	}
+	return "read"
+}
+
+// Config is what a Cache serves and how it checks uploads.
+type Config struct {
+	// Dir is the cache directory; created 0755 when missing.
+	Dir string
+	// StoreDir is the Nix store the cache is for; default /nix/store.
+	StoreDir string
+	// Priority and WantMassQuery go into nix-cache-info.
+	Priority      int
+	WantMassQuery bool
+	// TrustedKeys, when not empty, is the upload policy: a narinfo must carry
+	// a valid signature by one of them.
+	TrustedKeys []nixcache.PublicKey
+	// MaxUploadSize bounds an upload's (decoded) body; default 8 GiB.
+	MaxUploadSize int64
+	// NarInfoMemory bounds the bytes of narinfos kept in memory; default
+	// 64 MiB, negative turns the memory cache off.
+	NarInfoMemory int64
+	// UploadIdleTimeout cuts off an upload that sends nothing for this
+	// long; default 60 s.
+	UploadIdleTimeout time.Duration
+	// Log receives refusals and errors; default the standard logger.
+	Log *logrus.Entry
+}
+
+// Cache serves one cache directory.
+type Cache struct {
+	cfg      Config
+	tmpDir   string
+	info     []byte // nix-cache-info
+	infoTime time.Time
+	locks    *prune.Locks
+	narinfos *memCache
+	log      *logrus.Entry
+}
+
+// Limits on bodies that are small by nature.
+const (
+	maxNarInfoSize = 1 << 20
+	maxMarkerSize  = 4 << 10
+	maxLockSize    = 1 << 10
+	maxMetaSize    = 1 << 20 // realisations, build traces, debuginfo links
+)
+
+// New opens (creating when missing) the cache directory and writes its
+// nix-cache-info, so that the directory is a valid file:// cache.
+func New(cfg Config) (*Cache, error) {
+	if cfg.Dir == "" {
+		return nil, fmt.Errorf("cache directory not set")
+	}
+	if cfg.StoreDir == "" {
+		cfg.StoreDir = "/nix/store"
+	}
+	if cfg.MaxUploadSize <= 0 {
+		cfg.MaxUploadSize = 8 << 30
+	}
+	if cfg.NarInfoMemory == 0 {
+		cfg.NarInfoMemory = 64 << 20
+	}
+	if cfg.UploadIdleTimeout <= 0 {
+		cfg.UploadIdleTimeout = 60 * time.Second
+	}
+	if cfg.Log == nil {
+		cfg.Log = logrus.NewEntry(logrus.StandardLogger())
+	}
+	c := &Cache{
+		cfg:    cfg,
+		tmpDir: filepath.Join(cfg.Dir, ".tmp"),
+		locks:  prune.NewLocks(cfg.Dir),
+		log:    cfg.Log,
+	}
+	if cfg.NarInfoMemory > 0 {
+		c.narinfos = newMemCache(cfg.NarInfoMemory)
+	}
+	for _, d := range []string{cfg.Dir, filepath.Join(cfg.Dir, "nar"), filepath.Join(cfg.Dir, "gcroots")} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			return nil, fmt.Errorf("create cache directory: %w", err)
+		}
+	}
+	if err := os.MkdirAll(c.tmpDir, 0o700); err != nil {
+		return nil, fmt.Errorf("create cache directory: %w", err)
+	}
+	wmq := 0
+	if cfg.WantMassQuery {
+		wmq = 1
+	}
+	c.info = []byte(fmt.Sprintf("StoreDir: %s\nWantMassQuery: %d\nPriority: %d\n", cfg.StoreDir, wmq, cfg.Priority))
+	infoPath := filepath.Join(cfg.Dir, "nix-cache-info")
+	if old, err := os.ReadFile(infoPath); err != nil || string(old) != string(c.info) {
+		if err := atomicfile.WriteFile(infoPath, c.info, 0o644); err != nil {
+			return nil, err
+		}
+	}
+	c.infoTime = time.Now()
+	if fi, err := os.Stat(infoPath); err == nil {
+		c.infoTime = fi.ModTime()
+	}
+	return c, nil
+}
+
+// Handler returns the HTTP handler for role.
+func (c *Cache) Handler(role Role) http.Handler {
+	return &handler{c: c, role: role}
+}
+
+type handler struct {
+	c    *Cache
+	role Role
+}
+
+func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	t, err := route(r.URL)
+	if err != nil {
+		re := err.(*routeError)
+		if re.status == http.StatusNotFound && (r.Method == http.MethodGet || r.Method == http.MethodHead) {
+			http.NotFound(w, r)
+			return
+		}
+		if !h.allowed(r.Method, t, re.status) {
+			h.refuseMethod(w, r, t)
+			return
+		}
+		h.c.refuse(w, r, re.status, "%s", re.msg)
+		return
+	}
+	if !h.allowed(r.Method, t, 0) {
+		h.refuseMethod(w, r, t)
+		return
+	}
+	switch r.Method {
+	case http.MethodGet, http.MethodHead:
+		h.c.serveFile(w, r, t)
+	case http.MethodPut:
+		h.c.put(w, r, t)
+	case http.MethodDelete:
+		h.c.delete(w, r, t)
+	}
+}
+
+// allowed reports whether this role takes method on t. For a path that did
+// not route, it answers for the method alone, so that a read listener says
+// 405 to every write whatever its path.
+func (h *handler) allowed(method string, t target, routeStatus int) bool {
+	switch method {
+	case http.MethodGet, http.MethodHead:
+		return true
+	case http.MethodPut:
+		return h.role == Write
+	case http.MethodDelete:
+		return h.role == Write && (routeStatus != 0 || t.kind == kindRoot || t.kind == kindLock)
+	}
+	return false
+}
+
+func (h *handler) refuseMethod(w http.ResponseWriter, r *http.Request, t target) {
+	allow := "GET, HEAD"
+	if h.role == Write {
+		allow = "GET, HEAD, PUT"
+		if t.kind == kindRoot || t.kind == kindLock {
+			allow += ", DELETE"
+		}
+	}
+	w.Header().Set("Allow", allow)
+	h.c.refuse(w, r, http.StatusMethodNotAllowed, "method %s not allowed on the %s listener", r.Method, h.role)
+}
+
+// refuse answers a plain-text error and logs it with the request.
+func (c *Cache) refuse(w http.ResponseWriter, r *http.Request, status int, format string, args ...any) {
+	msg := fmt.Sprintf(format, args...)
+	if c.log.Logger.IsLevelEnabled(logrus.InfoLevel) {
+		c.log.WithFields(logrus.Fields{"method": r.Method, "path": r.URL.Path, "status": status, "remote": r.RemoteAddr}).Info("refused: " + msg)
+	}
+	h := w.Header()
+	h.Set("Content-Type", "text/plain; charset=utf-8")
+	h.Set("X-Content-Type-Options", "nosniff")
+	h.Set("Content-Length", strconv.Itoa(len(msg)+1))
+	w.WriteHeader(status)
+	io.WriteString(w, msg+"\n")
+}
+
+// contentType is the media type each kind of file is served as. Setting it
+// also keeps http.ServeContent from sniffing the file.
+var contentType = map[kind]string{
+	kindCacheInfo:   "text/x-nix-cache-info",
+	kindNarInfo:     "text/x-nix-narinfo",
+	kindListing:     "application/json",
+	kindNar:         "application/x-nix-nar",
+	kindLog:         "text/plain; charset=utf-8",
+	kindRealisation: "application/json",
+	kindBuildTrace:  "application/json",
+	kindDebugInfo:   "application/json",
+	kindRoot:        "text/plain; charset=utf-8",
+	kindLock:        "text/plain; charset=utf-8",
+}
+
+func (c *Cache) path(t target) string {
+	return filepath.Join(c.cfg.Dir, filepath.FromSlash(t.rel))
+}
