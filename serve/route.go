@@ -64,13 +64,18 @@ func route(u *url.URL) (target, error) {
 	if strings.IndexByte(p, 0) >= 0 || strings.IndexByte(p, '\\') >= 0 {
 		return target{}, badPath("NUL or backslash in path")
 	}
-	for _, seg := range strings.Split(p, "/") {
+	if p == "" {
+		return target{}, errNotFound
+	}
+	for rest := p; ; {
+		seg, after, more := strings.Cut(rest, "/")
 		if seg == "" || seg == "." || seg == ".." {
-			if p == "" {
-				return target{}, errNotFound
-			}
 			return target{}, badPath("empty, '.' or '..' segment in path")
 		}
+		if !more {
+			break
+		}
+		rest = after
 	}
 
 	dir, rest, nested := strings.Cut(p, "/")

@@ -287,7 +287,7 @@ func (c *Cache) putNarInfo(body io.Reader, t target) error {
 		return err
 	}
 	if c.narinfos != nil {
-		c.narinfos.stored(dst, data)
+		c.narinfos.stored(c.cfg.Dir, t.rel, data)
 	}
 	return nil
 }
