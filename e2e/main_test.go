@@ -48,7 +48,17 @@ func runMain(m *testing.M) int {
 		fmt.Fprintf(os.Stderr, "e2e tests build with %s (apt-get install busybox-static): %v\n", busybox, err)
 		return 1
 	}
-	return m.Run()
+	stop, err := startTorNetwork(dir)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	code := m.Run()
+	if err := stop(); err != nil {
+		fmt.Fprintln(os.Stderr, "stop the tor network:", err)
+		code = 1
+	}
+	return code
 }
 
 // freeAddr returns a loopback address with a port that was free a moment ago.

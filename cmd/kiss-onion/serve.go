@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
@@ -94,6 +95,10 @@ type serveFlags struct {
 	maxUpload     byteSize
 	logFormat     string
 	logLevel      string
+	torBinary     string
+	torConfig     string
+	publicRead    bool
+	clientsFile   string
 }
 
 func runServe(args []string) error {
@@ -112,6 +117,10 @@ func runServe(args []string) error {
 	fs.StringVar(&f.storeDir, "store-dir", "/nix/store", "the Nix store `directory` the cache is for")
 	fs.Var(&f.trustedKeys, "trusted-writer-key", "accept only narinfos signed by this `name:base64` key (repeatable)")
 	fs.Var(&f.maxUpload, "max-upload-size", "largest upload `size` accepted (like 512M or 8G)")
+	fs.StringVar(&f.torBinary, "tor-binary", "tor", "the tor `program`")
+	fs.StringVar(&f.torConfig, "tor-config", "", "extra torrc lines for tor from this `file` (a private network's DirAuthority lines, for one)")
+	fs.BoolVar(&f.publicRead, "public-read", false, "publish the read onion without client authorization: anyone who knows its address can read")
+	fs.StringVar(&f.clientsFile, "clients-file", "", "also authorize the clients listed in this `file` (the registry's format; for declarative setups)")
 	fs.StringVar(&f.logFormat, "log-format", "text", "log `format`: text or json")
 	fs.StringVar(&f.logLevel, "log-level", "info", "log `level`: debug, info, warn or error")
 	if err := parseFlags(fs, args); err != nil {
@@ -179,9 +188,7 @@ type listenSpec struct {
 
 func serveMain(f serveFlags, log *logrus.Entry) error {
 	switch f.torMode {
-	case "off":
-	case "public", "local":
-		return withHint(fmt.Errorf("--tor %s is not available in this build", f.torMode), "use --tor off with --listen/--listen-write")
+	case "off", "public", "local":
 	default:
 		return usagef("--tor must be public, local or off, not %q", f.torMode)
 	}
@@ -199,6 +206,9 @@ func serveMain(f serveFlags, log *logrus.Entry) error {
 	}
 	if f.torMode == "off" && len(listeners) == 0 {
 		return usagef("with --tor off, give --listen or --listen-write")
+	}
+	if err := checkApart(f.cacheDir, f.stateDir); err != nil {
+		return err
 	}
 	var keys []nixcache.PublicKey
 	for _, s := range f.trustedKeys {
@@ -229,33 +239,65 @@ func serveMain(f serveFlags, log *logrus.Entry) error {
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
-	errc := make(chan error, len(listeners))
+	errc := make(chan error, 4)
 	var servers []*http.Server
+	defer func() {
+		shutCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		for _, srv := range servers {
+			srv.Shutdown(shutCtx)
+		}
+	}()
+	serveOn := func(ln net.Listener, role serve.Role) {
+		srv := serve.NewServer(cache.Handler(role), log)
+		servers = append(servers, srv)
+		go func() {
+			if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				errc <- fmt.Errorf("%s listener: %w", role, err)
+			}
+		}()
+	}
 	for _, l := range listeners {
 		ln, err := net.Listen("tcp", l.addr)
 		if err != nil {
 			return fmt.Errorf("--%s: %w", l.flag, err)
 		}
-		srv := serve.NewServer(cache.Handler(l.role), log)
-		servers = append(servers, srv)
 		log.WithFields(logrus.Fields{"role": l.role.String(), "url": "http://" + ln.Addr().String()}).Info("listening")
-		go func() {
-			if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
-				errc <- fmt.Errorf("%s listener: %w", l.role, err)
-			}
-		}()
+		serveOn(ln, l.role)
+	}
+
+	if f.torMode != "off" {
+		o, err := startOnions(ctx, f, log, serveOn)
+		if err != nil {
+			return err
+		}
+		defer o.close()
+		go o.watchClients(ctx, errc)
 	}
 	log.WithField("cache", f.cacheDir).Info("serving")
-	var runErr error
 	select {
 	case <-ctx.Done():
 		log.Info("shutting down")
-	case runErr = <-errc:
+		return nil
+	case err := <-errc:
+		return err
 	}
-	shutCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	for _, srv := range servers {
-		srv.Shutdown(shutCtx)
+}
+
+// checkApart refuses a state directory inside the cache directory, where
+// readers could fetch the keys, and a cache inside the state directory.
+func checkApart(cacheDir, stateDir string) error {
+	c, err1 := filepath.Abs(cacheDir)
+	s, err2 := filepath.Abs(stateDir)
+	if err1 != nil || err2 != nil {
+		return usagef("bad --cache-dir or --state-dir")
 	}
-	return runErr
+	within := func(dir, parent string) bool {
+		rel, err := filepath.Rel(parent, dir)
+		return err == nil && rel != ".." && !strings.HasPrefix(rel, "../")
+	}
+	if within(s, c) || within(c, s) {
+		return usagef("--state-dir %s and --cache-dir %s must not contain each other: the state holds secrets, the cache is public to readers", stateDir, cacheDir)
+	}
+	return nil
 }

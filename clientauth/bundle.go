@@ -1,0 +1,335 @@
+package clientauth
+
+import (
+	"bufio"
+	"bytes"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/pelletier/go-toml/v2"
+)
+
+// The files of a bundle besides its ".auth_private" files.
+const (
+	BundleConfigFile = "kiss-onion.toml"
+	BundleKeyFile    = "client.key"
+)
+
+// Bundle is what a client machine needs to reach the cache: its key and the
+// onion addresses, written by WriteBundle into a directory holding
+//
+//	client.key             the private key (an age-like key file), 0600
+//	<onion>.auth_private   one per onion the key may reach, for tor's
+//	                       ClientOnionAuthDir, 0600
+//	kiss-onion.toml        name, role, public key, read_url and write_url
+//
+// A bundle without a private key holds kiss-onion.toml only, for a client
+// that keeps its key itself.
+type Bundle struct {
+	Name       string
+	Role       Role
+	Key        *PrivateKey // nil for a bundle without the private key
+	PublicKey  PublicKey   // may be left zero when Key is set
+	Created    time.Time   // when the key was made, noted in client.key; not read back
+	ReadOnion  string      // the read onion's address, with or without ".onion"
+	WriteOnion string      // the write onion's address: writers only
+}
+
+// bundleConfig is the format of kiss-onion.toml.
+type bundleConfig struct {
+	Name      string `toml:"name"`
+	Role      string `toml:"role"`
+	PublicKey string `toml:"public_key"`
+	ReadURL   string `toml:"read_url"`
+	WriteURL  string `toml:"write_url,omitempty"`
+}
+
+const bundleConfigHeader = `# kiss-onion client bundle, written by 'kiss-onion keys'.
+# Copy this directory to the client and run 'kiss-onion proxy --bundle DIR',
+# or put its .auth_private files in tor's ClientOnionAuthDir.
+`
+
+// ReadURL returns the URL of the read onion: "http://<address>.onion".
+func (b Bundle) ReadURL() string { return onionURL(b.ReadOnion) }
+
+// WriteURL returns the URL of the write onion, or "" for a reader.
+func (b Bundle) WriteURL() string { return onionURL(b.WriteOnion) }
+
+func onionURL(addr string) string {
+	if addr == "" {
+		return ""
+	}
+	return "http://" + strings.TrimSuffix(strings.ToLower(addr), ".onion") + ".onion"
+}
+
+// bundleFile is one file of a bundle, by name in the bundle's directory.
+type bundleFile struct {
+	name string
+	data []byte
+}
+
+// Files returns the names of the files WriteBundle writes for b, in the
+// order it writes them (kiss-onion.toml last).
+func (b Bundle) Files() ([]string, error) {
+	files, _, err := b.files()
+	if err != nil {
+		return nil, err
+	}
+	names := make([]string, len(files))
+	for i, f := range files {
+		names[i] = f.name
+	}
+	return names, nil
+}
+
+// files checks b and renders its files; it returns the public key too.
+func (b Bundle) files() ([]bundleFile, PublicKey, error) {
+	if err := ValidateName(b.Name); err != nil {
+		return nil, PublicKey{}, err
+	}
+	if _, err := ParseRole(string(b.Role)); err != nil {
+		return nil, PublicKey{}, err
+	}
+	pub := b.PublicKey
+	if b.Key != nil {
+		if !pub.IsZero() && pub != b.Key.PublicKey() {
+			return nil, PublicKey{}, errors.New("bundle's public key does not match its private key")
+		}
+		pub = b.Key.PublicKey()
+	}
+	if pub.IsZero() {
+		return nil, PublicKey{}, errors.New("bundle has no key")
+	}
+	onions := []string{b.ReadOnion}
+	switch {
+	case b.ReadOnion == "":
+		return nil, PublicKey{}, errors.New("bundle has no read onion address")
+	case b.Role == RoleWriter && b.WriteOnion == "":
+		return nil, PublicKey{}, errors.New("writer bundle has no write onion address")
+	case b.Role == RoleReader && b.WriteOnion != "":
+		return nil, PublicKey{}, errors.New("reader bundle has a write onion address")
+	case b.WriteOnion != "":
+		onions = append(onions, b.WriteOnion)
+	}
+	var files []bundleFile
+	for _, o := range onions {
+		if _, err := ParseOnionAddress(o); err != nil {
+			return nil, PublicKey{}, err
+		}
+	}
+	if b.Key != nil {
+		files = append(files, bundleFile{BundleKeyFile, keyFileData(b.Key, b.Created)})
+		for _, o := range onions {
+			line, err := ClientAuthLine(o, b.Key)
+			if err != nil {
+				return nil, PublicKey{}, err
+			}
+			name, _ := AuthPrivateFileName(o)
+			files = append(files, bundleFile{name, []byte(line + "\n")})
+		}
+	}
+	cfg, err := toml.Marshal(bundleConfig{
+		Name:      b.Name,
+		Role:      string(b.Role),
+		PublicKey: pub.String(),
+		ReadURL:   b.ReadURL(),
+		WriteURL:  b.WriteURL(),
+	})
+	if err != nil {
+		return nil, PublicKey{}, fmt.Errorf("encode %s: %w", BundleConfigFile, err)
+	}
+	files = append(files, bundleFile{BundleConfigFile, append([]byte(bundleConfigHeader), cfg...)})
+	return files, pub, nil
+}
+
+// WriteBundle writes b into dir, creating dir (mode 0700) when missing;
+// every file is written atomically with mode 0600. It refuses, with an
+// error matching fs.ErrExist, to overwrite any file of an existing bundle,
+// and leaves nothing behind when it fails. See ReplaceBundle.
+func WriteBundle(dir string, b Bundle) error {
+	files, _, err := b.files()
+	if err != nil {
+		return fmt.Errorf("write bundle: %w", err)
+	}
+	if err := ensureDir(dir); err != nil {
+		return fmt.Errorf("write bundle: %w", err)
+	}
+	for _, f := range files {
+		p := filepath.Join(dir, f.name)
+		if _, err := os.Lstat(p); err == nil {
+			return fmt.Errorf("write bundle: %s: %w", p, fs.ErrExist)
+		}
+	}
+	var written []string
+	for _, f := range files {
+		p := filepath.Join(dir, f.name)
+		if err := createFile(p, f.data); err != nil {
+			for _, w := range written {
+				os.Remove(w)
+			}
+			return fmt.Errorf("write bundle: %w", err)
+		}
+		written = append(written, p)
+	}
+	return nil
+}
+
+// ReplaceBundle writes b into dir like WriteBundle, but replaces the files
+// of an existing bundle, each atomically. It still refuses to replace a
+// client.key holding another key, or one it cannot read: a private key is
+// the one thing that cannot be made again. Other files in dir are left
+// alone.
+func ReplaceBundle(dir string, b Bundle) error {
+	files, pub, err := b.files()
+	if err != nil {
+		return fmt.Errorf("write bundle: %w", err)
+	}
+	if err := ensureDir(dir); err != nil {
+		return fmt.Errorf("write bundle: %w", err)
+	}
+	keyPath := filepath.Join(dir, BundleKeyFile)
+	old, err := ReadKeyFile(keyPath)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+	case err != nil:
+		return fmt.Errorf("write bundle: refusing to replace %s: %w", keyPath, err)
+	case old.PublicKey() != pub:
+		return fmt.Errorf("write bundle: refusing to replace %s, which holds another key (%s)", keyPath, old.PublicKey().Fingerprint())
+	}
+	for _, f := range files {
+		if err := replaceFile(filepath.Join(dir, f.name), f.data); err != nil {
+			return fmt.Errorf("write bundle: %w", err)
+		}
+	}
+	return nil
+}
+
+// LoadBundle reads the bundle in dir: kiss-onion.toml and, when present,
+// client.key, which must hold the key kiss-onion.toml names. Errors in a
+// file are *FileError naming the file and the line. The ".auth_private"
+// files are not read; Created is left zero.
+func LoadBundle(dir string) (Bundle, error) {
+	path := filepath.Join(dir, BundleConfigFile)
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return Bundle{}, fmt.Errorf("read bundle: %w", err)
+	}
+	var cfg bundleConfig
+	if err := decodeTOML(path, data, &cfg); err != nil {
+		return Bundle{}, err
+	}
+	lines := tomlLines(data)
+	fail := func(key string, format string, args ...any) error {
+		return &FileError{Path: path, Line: lineOf(lines, key), Err: fmt.Errorf(format, args...)}
+	}
+	b := Bundle{Name: cfg.Name}
+	if err := ValidateName(cfg.Name); err != nil {
+		return Bundle{}, fail("name", "%v", err)
+	}
+	if b.Role, err = ParseRole(cfg.Role); err != nil {
+		return Bundle{}, fail("role", "%v", err)
+	}
+	if b.PublicKey, err = ParsePublicKey(cfg.PublicKey); err != nil {
+		return Bundle{}, fail("public_key", "%v", err)
+	}
+	if b.ReadOnion, err = parseOnionURL(cfg.ReadURL); err != nil {
+		return Bundle{}, fail("read_url", "read_url: %v", err)
+	}
+	switch {
+	case b.Role == RoleWriter && cfg.WriteURL == "":
+		return Bundle{}, fail("role", "a writer needs write_url")
+	case b.Role == RoleReader && cfg.WriteURL != "":
+		return Bundle{}, fail("write_url", "a reader has no write_url")
+	case cfg.WriteURL != "":
+		if b.WriteOnion, err = parseOnionURL(cfg.WriteURL); err != nil {
+			return Bundle{}, fail("write_url", "write_url: %v", err)
+		}
+	}
+	keyPath := filepath.Join(dir, BundleKeyFile)
+	k, err := ReadKeyFile(keyPath)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+	case err != nil:
+		return Bundle{}, err
+	case k.PublicKey() != b.PublicKey:
+		return Bundle{}, fmt.Errorf("%s holds key %s, but %s names %s", keyPath, k.PublicKey().Fingerprint(), path, b.PublicKey.Fingerprint())
+	default:
+		b.Key = k
+	}
+	return b, nil
+}
+
+// parseOnionURL parses "http://<v3 onion address>" (a final "/" allowed)
+// and returns the address with ".onion".
+func parseOnionURL(u string) (string, error) {
+	host, ok := strings.CutPrefix(u, "http://")
+	if !ok {
+		return "", fmt.Errorf("%q is not http://<address>.onion", u)
+	}
+	host = strings.TrimSuffix(host, "/")
+	if !strings.HasSuffix(strings.ToLower(host), ".onion") {
+		return "", fmt.Errorf("%q is not http://<address>.onion", u)
+	}
+	addr, err := ParseOnionAddress(host)
+	if err != nil {
+		return "", err
+	}
+	return addr + ".onion", nil
+}
+
+// keyFileData renders a key file: comment lines with the creation time and
+// the public key, then the private key.
+func keyFileData(k *PrivateKey, created time.Time) []byte {
+	var b bytes.Buffer
+	if !created.IsZero() {
+		fmt.Fprintf(&b, "# created: %s\n", created.UTC().Format(time.RFC3339))
+	}
+	fmt.Fprintf(&b, "# public key: %s\n", k.PublicKey())
+	fmt.Fprintf(&b, "%s\n", k)
+	return b.Bytes()
+}
+
+// WriteKeyFile writes k to a new key file at path, mode 0600, as in a
+// bundle's client.key. It refuses to overwrite a file (fs.ErrExist).
+func WriteKeyFile(path string, k *PrivateKey, created time.Time) error {
+	return createFile(path, keyFileData(k, created))
+}
+
+// ReadKeyFile reads a key file: blank lines and lines starting with '#' are
+// ignored, and exactly one line must hold a private key. Errors are
+// *FileError naming the line, and never quote the key; a missing file gives
+// an error matching fs.ErrNotExist.
+func ReadKeyFile(path string) (*PrivateKey, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("read key file: %w", err)
+	}
+	var key *PrivateKey
+	sc := bufio.NewScanner(bytes.NewReader(data))
+	for n := 1; sc.Scan(); n++ {
+		line := strings.TrimSpace(sc.Text())
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		if key != nil {
+			return nil, &FileError{Path: path, Line: n, Err: errors.New("more than one key")}
+		}
+		k, err := ParsePrivateKey(line)
+		if err != nil {
+			return nil, &FileError{Path: path, Line: n, Err: err}
+		}
+		key = k
+	}
+	if err := sc.Err(); err != nil {
+		return nil, &FileError{Path: path, Err: errors.New("malformed key file")}
+	}
+	if key == nil {
+		return nil, &FileError{Path: path, Err: errors.New("no key in file")}
+	}
+	return key, nil
+}

@@ -1,0 +1,408 @@
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/kiss-onion/kiss-onion/clientauth"
+	"github.com/kiss-onion/kiss-onion/onion"
+)
+
+func init() {
+	register("keys", "mint, list, export and revoke client keys", runKeys)
+}
+
+const keysUsage = `
+Usage:
+	kiss-onion keys add NAME --role reader|writer [--out DIR] [--state-dir DIR]
+	kiss-onion keys add NAME --role reader|writer --public-key KEY [--out DIR] [--state-dir DIR]
+	kiss-onion keys export NAME [--key FILE] [--out DIR] [--state-dir DIR]
+	kiss-onion keys list [--state-dir DIR]
+	kiss-onion keys revoke NAME [--state-dir DIR]
+
+Manages the x25519 client keys that decide who reaches the cache: a reader's
+key is authorized on the read onion, a writer's on both onions. The state
+directory keeps only the public halves (in clients.toml); a running
+'kiss-onion serve' picks up every change without a restart.
+
+	add      mints a key pair, registers its public half and writes the
+	         private half to a bundle directory, the only place it is kept;
+	         with --public-key, registers a key made elsewhere instead
+	export   rewrites a client's bundle, from its private key file (--key)
+	         or, without it, only its kiss-onion.toml
+	list     prints the registered clients
+	revoke   revokes a client's key for good
+
+Arguments:
+	NAME    the client's name: letters, digits, '-', '_' and '.', not
+	        starting with '.' or '-'
+	DIR     a bundle directory (created 0700; default ./NAME.bundle): the
+	        private key (client.key), one <onion>.auth_private file per onion
+	        for tor's ClientOnionAuthDir, and kiss-onion.toml with the onion
+	        URLs, for 'kiss-onion proxy --bundle DIR'
+	KEY     a public key in tor's form, 52 base32 characters, or a line of
+	        tor's authorized_clients/ files: descriptor:x25519:KEY
+	FILE    a private key file, like a bundle's client.key
+
+Examples:
+	kiss-onion keys add laptop --role reader
+	kiss-onion keys add ci --role writer --out /tmp/ci.bundle
+	kiss-onion keys export laptop --key laptop.bundle/client.key --out laptop.bundle
+	kiss-onion keys revoke laptop
+`
+
+// keysStdout is where the keys subcommands print their results.
+var keysStdout io.Writer = os.Stdout
+
+func runKeys(args []string) error {
+	if len(args) == 0 {
+		return usagef("missing subcommand: add, export, list or revoke")
+	}
+	sub, rest := args[0], args[1:]
+	switch sub {
+	case "add":
+		return keysAdd(rest)
+	case "export":
+		return keysExport(rest)
+	case "list":
+		return keysList(rest)
+	case "revoke":
+		return keysRevoke(rest)
+	case "-h", "-help", "--help", "help":
+		fmt.Fprint(stderr, strings.TrimLeft(keysUsage, "\n"))
+		return flag.ErrHelp
+	}
+	if strings.HasPrefix(sub, "-") {
+		return usagef("missing subcommand (add, export, list or revoke) before %s", sub)
+	}
+	return usagef("unknown subcommand %q: want add, export, list or revoke", sub)
+}
+
+// keysFlagSet returns the flag set of a keys subcommand, with --state-dir.
+func keysFlagSet(sub string) (*flag.FlagSet, *string) {
+	flags := newFlagSet("keys "+sub, keysUsage)
+	// parseFlags silences the flag package while parsing, but the usage
+	// text newFlagSet installs prints to stderr regardless: print it only
+	// for -h, not before every flag error.
+	usage := flags.Usage
+	flags.Usage = func() {
+		if flags.Output() != io.Discard {
+			usage()
+		}
+	}
+	stateDir := flags.String("state-dir", "/var/lib/kiss-onion", "the `directory` where serve keeps its keys (created 0700)")
+	return flags, stateDir
+}
+
+// keysParseArgs parses args into fs, allowing flags after the arguments
+// ("keys add NAME --role reader"), and returns the arguments. Everything
+// after "--" is an argument.
+func keysParseArgs(flags *flag.FlagSet, args []string) ([]string, error) {
+	var pos []string
+	for {
+		if err := parseFlags(flags, args); err != nil {
+			return nil, err
+		}
+		rest := flags.Args()
+		if len(rest) == 0 {
+			return pos, nil
+		}
+		if consumed := len(args) - len(rest); consumed > 0 && args[consumed-1] == "--" {
+			return append(pos, rest...), nil
+		}
+		pos = append(pos, rest[0])
+		args = rest[1:]
+	}
+}
+
+// keysOneName checks that the arguments are one valid client name.
+func keysOneName(sub string, args []string) (string, error) {
+	switch {
+	case len(args) == 0:
+		return "", usagef("keys %s: missing NAME", sub)
+	case len(args) > 1:
+		return "", usagef("keys %s: one NAME only, got %q", sub, args)
+	}
+	if err := clientauth.ValidateName(args[0]); err != nil {
+		return "", usagef("%v", err)
+	}
+	return args[0], nil
+}
+
+// keysCheckOut refuses a bundle directory inside the state directory,
+// which must never hold a private client key.
+func keysCheckOut(out, stateDir string) error {
+	absOut, err1 := filepath.Abs(out)
+	absState, err2 := filepath.Abs(stateDir)
+	if err1 != nil || err2 != nil {
+		return nil
+	}
+	if rel, err := filepath.Rel(absState, absOut); err == nil && rel != ".." && !strings.HasPrefix(rel, ".."+string(filepath.Separator)) {
+		return usagef("--out %s is inside the state directory, where no private key may live", out)
+	}
+	return nil
+}
+
+func keysRegistryPath(stateDir string) string {
+	return filepath.Join(stateDir, clientauth.RegistryFileName)
+}
+
+// keysOnions returns the addresses of the onions a role reaches, creating
+// the onion identities in the state directory when missing, so that a
+// bundle can be handed out before serve ever ran.
+func keysOnions(stateDir string, role clientauth.Role) (read, write string, err error) {
+	readPath, writePath := identityPaths(stateDir)
+	if err := os.MkdirAll(filepath.Dir(readPath), 0o700); err != nil {
+		return "", "", fmt.Errorf("create state directory: %w", err)
+	}
+	id, err := onion.LoadOrCreateIdentity(readPath)
+	if err != nil {
+		return "", "", err
+	}
+	read = id.Address()
+	if role == clientauth.RoleWriter {
+		id, err := onion.LoadOrCreateIdentity(writePath)
+		if err != nil {
+			return "", "", err
+		}
+		write = id.Address()
+	}
+	return read, write, nil
+}
+
+// keysPrintBundle says which files of a bundle were written.
+func keysPrintBundle(dir string, b clientauth.Bundle) {
+	names, _ := b.Files()
+	fmt.Fprintf(keysStdout, "wrote %s: %s\n", dir, strings.Join(names, ", "))
+}
+
+func keysBundleHint(dir string) {
+	hintf("copy %s to the client and run 'kiss-onion proxy --bundle %s', or put its .auth_private files in tor's ClientOnionAuthDir", dir, dir)
+}
+
+func keysAdd(args []string) error {
+	flags, stateDir := keysFlagSet("add")
+	roleFlag := flags.String("role", "", "the client's `role`: reader or writer (required)")
+	out := flags.String("out", "", "write the bundle to this `directory` (default ./NAME.bundle)")
+	pubFlag := flags.String("public-key", "", "register this public `key`, made elsewhere, instead of minting one")
+	pos, err := keysParseArgs(flags, args)
+	if err != nil {
+		return err
+	}
+	name, err := keysOneName("add", pos)
+	if err != nil {
+		return err
+	}
+	if *roleFlag == "" {
+		return usagef("keys add: missing --role reader|writer")
+	}
+	role, err := clientauth.ParseRole(*roleFlag)
+	if err != nil {
+		return usagef("--role: %v", err)
+	}
+
+	b := clientauth.Bundle{Name: name, Role: role}
+	if *pubFlag != "" {
+		parse := clientauth.ParsePublicKey
+		if strings.HasPrefix(*pubFlag, "descriptor:") {
+			parse = clientauth.ParseServiceAuthLine
+		}
+		if b.PublicKey, err = parse(*pubFlag); err != nil {
+			return usagef("--public-key: %v", err)
+		}
+	} else {
+		if b.Key, err = clientauth.GeneratePrivateKey(); err != nil {
+			return err
+		}
+		b.PublicKey = b.Key.PublicKey()
+		if *out == "" {
+			*out = name + ".bundle"
+		}
+		if err := keysCheckOut(*out, *stateDir); err != nil {
+			return err
+		}
+	}
+	if b.ReadOnion, b.WriteOnion, err = keysOnions(*stateDir, role); err != nil {
+		return err
+	}
+
+	// The bundle is written while the registry is locked, and removed again
+	// if the registry cannot be saved: a key is either registered with its
+	// bundle written, or neither.
+	var written []string
+	err = clientauth.UpdateRegistry(keysRegistryPath(*stateDir), func(r *clientauth.Registry) error {
+		c, err := r.Add(name, role, b.PublicKey)
+		if err != nil {
+			return err
+		}
+		b.Created = c.Created
+		if *out == "" {
+			return nil
+		}
+		names, err := b.Files()
+		if err != nil {
+			return err
+		}
+		if err := clientauth.WriteBundle(*out, b); err != nil {
+			return err
+		}
+		for _, n := range names {
+			written = append(written, filepath.Join(*out, n))
+		}
+		return nil
+	})
+	if err != nil {
+		for _, p := range written {
+			os.Remove(p)
+		}
+		switch {
+		case errors.Is(err, clientauth.ErrClientExists):
+			return withHint(err, "choose another name; 'kiss-onion keys list' shows the names in use")
+		case errors.Is(err, fs.ErrExist):
+			return withHint(err, "choose another --out directory, or remove the old bundle")
+		}
+		return err
+	}
+
+	fmt.Fprintf(keysStdout, "added %s %q (fingerprint %s)\n", role, name, b.PublicKey.Fingerprint())
+	if *out != "" {
+		keysPrintBundle(*out, b)
+	}
+	switch {
+	case b.Key != nil:
+		keysBundleHint(*out)
+	case *out != "":
+		hintf("copy %s to the client, next to its private key", *out)
+	default:
+		fmt.Fprintf(keysStdout, "read_url = %s\n", b.ReadURL())
+		if b.WriteURL() != "" {
+			fmt.Fprintf(keysStdout, "write_url = %s\n", b.WriteURL())
+		}
+		hintf("write the client's kiss-onion.toml with 'kiss-onion keys export %s --out DIR'", name)
+	}
+	return nil
+}
+
+func keysExport(args []string) error {
+	flags, stateDir := keysFlagSet("export")
+	out := flags.String("out", "", "write the bundle to this `directory` (default ./NAME.bundle)")
+	keyFile := flags.String("key", "", "the client's private key `file` (like a bundle's client.key)")
+	pos, err := keysParseArgs(flags, args)
+	if err != nil {
+		return err
+	}
+	name, err := keysOneName("export", pos)
+	if err != nil {
+		return err
+	}
+	if *out == "" {
+		*out = name + ".bundle"
+	}
+	r, err := clientauth.LoadRegistry(keysRegistryPath(*stateDir))
+	if err != nil {
+		return err
+	}
+	c, ok := r.Client(name)
+	if !ok {
+		return withHint(fmt.Errorf("%w named %q", clientauth.ErrNoClient, name), "'kiss-onion keys list' shows the registered clients")
+	}
+	if c.IsRevoked() {
+		return fmt.Errorf("client %q was revoked on %s", name, c.Revoked.Format(time.RFC3339))
+	}
+	b := clientauth.Bundle{Name: name, Role: c.Role, PublicKey: c.PublicKey, Created: c.Created}
+	if *keyFile != "" {
+		k, err := clientauth.ReadKeyFile(*keyFile)
+		if err != nil {
+			return err
+		}
+		if k.PublicKey() != c.PublicKey {
+			return fmt.Errorf("%s holds key %s, but client %q is registered with key %s", *keyFile, k.PublicKey().Fingerprint(), name, c.PublicKey.Fingerprint())
+		}
+		b.Key = k
+		if err := keysCheckOut(*out, *stateDir); err != nil {
+			return err
+		}
+	}
+	if b.ReadOnion, b.WriteOnion, err = keysOnions(*stateDir, c.Role); err != nil {
+		return err
+	}
+	if err := clientauth.ReplaceBundle(*out, b); err != nil {
+		return err
+	}
+	keysPrintBundle(*out, b)
+	if b.Key == nil {
+		fmt.Fprintf(keysStdout, "no --key given: %s has no private key, and the client keeps its own\n", *out)
+		hintf("copy %s to the client, next to its private key", *out)
+		return nil
+	}
+	keysBundleHint(*out)
+	return nil
+}
+
+func keysList(args []string) error {
+	flags, stateDir := keysFlagSet("list")
+	pos, err := keysParseArgs(flags, args)
+	if err != nil {
+		return err
+	}
+	if len(pos) > 0 {
+		return usagef("keys list takes no arguments, got %q", pos)
+	}
+	r, err := clientauth.LoadRegistry(keysRegistryPath(*stateDir))
+	if err != nil {
+		return err
+	}
+	clients := r.Clients()
+	if len(clients) == 0 {
+		hintf("no clients in %s yet: add one with 'kiss-onion keys add NAME --role reader'", r.Path())
+		return nil
+	}
+	tw := tabwriter.NewWriter(keysStdout, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "NAME\tROLE\tCREATED\tFINGERPRINT\tREVOKED")
+	for _, c := range clients {
+		revoked := "-"
+		if c.IsRevoked() {
+			revoked = c.Revoked.UTC().Format(time.RFC3339)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", c.Name, c.Role, c.Created.UTC().Format(time.RFC3339), c.PublicKey.Fingerprint(), revoked)
+	}
+	return tw.Flush()
+}
+
+func keysRevoke(args []string) error {
+	flags, stateDir := keysFlagSet("revoke")
+	pos, err := keysParseArgs(flags, args)
+	if err != nil {
+		return err
+	}
+	name, err := keysOneName("revoke", pos)
+	if err != nil {
+		return err
+	}
+	path := keysRegistryPath(*stateDir)
+	if _, err := os.Stat(path); errors.Is(err, fs.ErrNotExist) {
+		return withHint(fmt.Errorf("%w named %q: no %s", clientauth.ErrNoClient, name, path), "check --state-dir")
+	}
+	err = clientauth.UpdateRegistry(path, func(r *clientauth.Registry) error {
+		return r.Revoke(name)
+	})
+	switch {
+	case errors.Is(err, clientauth.ErrRevoked):
+		warningf("%v", err)
+		return nil
+	case errors.Is(err, clientauth.ErrNoClient):
+		return withHint(err, "'kiss-onion keys list' shows the registered clients")
+	case err != nil:
+		return err
+	}
+	fmt.Fprintf(keysStdout, "revoked %q: a running 'kiss-onion serve' drops its key without a restart\n", name)
+	return nil
+}

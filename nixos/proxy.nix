@@ -1,0 +1,150 @@
+# The client gateway: `kiss-onion proxy` holds this machine's key bundle and
+# serves the cache on loopback, and the nix-daemon substitutes from it.
+{
+  config,
+  lib,
+  pkgs,
+  ...
+}:
+
+let
+  inherit (lib) mkEnableOption mkIf mkOption types;
+  cfg = config.services.kiss-onion.proxy;
+  package = config.services.kiss-onion.package;
+  kolib = import ./lib.nix { inherit lib; };
+  url = "http://127.0.0.1:${toString cfg.port}";
+  stateDir = "/var/lib/kiss-onion-proxy";
+in
+{
+  imports = [ ./common.nix ];
+
+  options.services.kiss-onion.proxy = {
+    enable = mkEnableOption "the kiss-onion gateway (`kiss-onion proxy`), and the cache as a substituter of the nix-daemon";
+
+    bundle = mkOption {
+      type = kolib.secretPath;
+      example = "/var/lib/kiss-onion-secrets/laptop.bundle";
+      description = ''
+        The key bundle this machine reaches the cache with (a directory from
+        `kiss-onion keys add` or `keys export`: client.key, the .auth_private
+        files and kiss-onion.toml), readable by root only. A string, read at
+        run time: it never enters the Nix store.
+      '';
+    };
+
+    port = mkOption {
+      type = types.port;
+      default = 37510;
+      description = "The loopback port of the gateway: the nix-daemon substitutes from http://127.0.0.1:<port>.";
+    };
+
+    write = mkOption {
+      type = types.bool;
+      default = false;
+      description = ''
+        Forward to the write onion instead of the read onion (a writer's
+        bundle only): `nix copy --to http://127.0.0.1:<port>` then uploads.
+        Reads keep working through it.
+      '';
+    };
+
+    trustedPublicKeys = mkOption {
+      type = types.listOf kolib.nixPublicKey;
+      default = [ ];
+      example = [ "ci-1:Fo/rQDRyZgn2ML3TRRn1cdj1jkUGrz/hM75WCr5MA0w=" ];
+      description = ''
+        The keys the cache's paths are signed with (NAME:BASE64), added to
+        nix.settings.trusted-public-keys. Nix refuses unsigned paths or paths
+        signed by keys it does not trust.
+      '';
+    };
+
+    extraArgs = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      example = [
+        "--tor-config"
+        "/etc/kiss-onion/bridges.torrc"
+      ];
+      description = "More arguments for `kiss-onion proxy`.";
+    };
+  };
+
+  config = mkIf cfg.enable {
+    nix.settings.substituters = [ url ];
+    nix.settings.trusted-public-keys = cfg.trustedPublicKeys;
+
+    assertions = [
+      {
+        assertion = !(kolib.underHome cfg.bundle);
+        message = "services.kiss-onion.proxy.bundle = \"${cfg.bundle}\": the gateway cannot read /root, /home or /run/user (ProtectHome); keep the bundle elsewhere, like /var/lib/kiss-onion-secrets/";
+      }
+    ];
+
+    warnings = lib.optional (cfg.trustedPublicKeys == [ ]) "services.kiss-onion.proxy.trustedPublicKeys is empty: the nix-daemon will refuse every path from the cache that is not signed by a key it already trusts";
+
+    environment.systemPackages = [ package ];
+
+    systemd.services.kiss-onion-proxy = {
+      description = "kiss-onion gateway into the cache's onion";
+      wantedBy = [ "multi-user.target" ];
+      wants = [ "network-online.target" ];
+      after = [ "network-online.target" ];
+      path = [ pkgs.tor ];
+
+      serviceConfig = {
+        ExecStart = kolib.execLine (
+          [
+            "${package}/bin/kiss-onion"
+            "proxy"
+            "--bundle"
+            cfg.bundle
+            "--listen"
+            "127.0.0.1:${toString cfg.port}"
+            "--state-dir"
+            stateDir
+          ]
+          ++ lib.optional cfg.write "--write"
+          ++ cfg.extraArgs
+        );
+        Restart = "on-failure";
+        RestartSec = "5s";
+        # Root, to read the root-only bundle, but with no capabilities: it
+        # can write only its own state directory and /tmp.
+        StateDirectory = "kiss-onion-proxy";
+        StateDirectoryMode = "0700";
+        WorkingDirectory = stateDir;
+        CapabilityBoundingSet = "";
+        AmbientCapabilities = "";
+        NoNewPrivileges = true;
+        PrivateTmp = true;
+        PrivateDevices = true;
+        ProtectSystem = "strict";
+        ProtectHome = true;
+        ProtectKernelTunables = true;
+        ProtectKernelModules = true;
+        ProtectKernelLogs = true;
+        ProtectControlGroups = true;
+        ProtectClock = true;
+        ProtectHostname = true;
+        ProtectProc = "invisible";
+        RestrictAddressFamilies = [
+          "AF_UNIX"
+          "AF_INET"
+          "AF_INET6"
+        ];
+        RestrictNamespaces = true;
+        RestrictRealtime = true;
+        RestrictSUIDSGID = true;
+        LockPersonality = true;
+        MemoryDenyWriteExecute = true;
+        SystemCallArchitectures = "native";
+        SystemCallFilter = [
+          "@system-service"
+          "~@privileged"
+        ];
+        SystemCallErrorNumber = "EPERM";
+      };
+    };
+  };
+}

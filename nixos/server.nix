@@ -1,0 +1,366 @@
+# The cache appliance: `kiss-onion serve` as a hardened systemd service,
+# published as a read onion and a write onion, with declarative client keys.
+{
+  config,
+  lib,
+  pkgs,
+  ...
+}:
+
+let
+  inherit (lib)
+    mkEnableOption
+    mkIf
+    mkOption
+    types
+    ;
+  cfg = config.services.kiss-onion;
+  kolib = import ./lib.nix { inherit lib; };
+  toml = pkgs.formats.toml { };
+
+  etcDir = "/etc/kiss-onion";
+  configPath = "${etcDir}/kiss-onion.toml";
+  clientsPath = "${etcDir}/clients.toml";
+  torrcPath = "${etcDir}/torrc";
+
+  clientKey = types.submodule {
+    options.publicKey = mkOption {
+      type = kolib.publicKey;
+      example = "PLPUWH4M5DIRWB2EQH4B2ANJTBNLMCBL3V6P4OI2B5KQHDR2PQXA";
+      description = ''
+        The client's x25519 public key in Tor's form (52 base32 characters),
+        as `kiss-onion keys add` registers it (the `public_key` of the
+        bundle's kiss-onion.toml). Only public keys belong here: the private
+        half stays in the client's bundle, never in the Nix store.
+      '';
+    };
+  };
+
+  # The clients file is in the format of the registry `kiss-onion keys`
+  # keeps (clients.toml in the state directory). Names and keys are checked
+  # (assertions, option types), so they need no TOML escaping beyond quotes.
+  clientEntry = role: name: c: ''
+
+    [[client]]
+    name = ${builtins.toJSON name}
+    role = "${role}"
+    public_key = ${builtins.toJSON c.publicKey}
+    created = 1970-01-01T00:00:00Z
+  '';
+  clientsText =
+    ''
+      # kiss-onion clients from services.kiss-onion.readers and .writers (NixOS).
+      # Declared keys have no creation time: the format wants one.
+      version = 1
+    ''
+    + lib.concatStrings (lib.mapAttrsToList (clientEntry "reader") cfg.readers)
+    + lib.concatStrings (lib.mapAttrsToList (clientEntry "writer") cfg.writers);
+  configFile = toml.generate "kiss-onion.toml" cfg.settings;
+
+  stateUnder = kolib.managedUnder "/var/lib" cfg.stateDir;
+  cacheUnder = kolib.managedUnder "/var/cache" cfg.cacheDir;
+
+  allNames = lib.attrNames cfg.readers ++ lib.attrNames cfg.writers;
+  badNames = lib.filter (n: !kolib.isName n) allNames;
+  bothRoles = lib.filter (n: cfg.writers ? ${n}) (lib.attrNames cfg.readers);
+  keyOwners = lib.foldlAttrs (
+    acc: name: c:
+    let
+      k = lib.toUpper c.publicKey;
+    in
+    acc // { ${k} = (acc.${k} or [ ]) ++ [ name ]; }
+  ) { } (cfg.readers // cfg.writers);
+  sharedKeys = lib.filter (names: lib.length names > 1) (lib.attrValues keyOwners);
+  within = dir: parent: dir == parent || lib.hasPrefix "${parent}/" dir;
+  isLoopback = addr: builtins.match "(127\\.[0-9.]+|\\[::1]|localhost):[0-9]+" addr != null;
+in
+{
+  imports = [ ./common.nix ];
+
+  options.services.kiss-onion = {
+    enable = mkEnableOption "the kiss-onion cache server (`kiss-onion serve`)";
+
+    cacheDir = mkOption {
+      type = kolib.absolutePath;
+      default = "/var/cache/kiss-onion";
+      example = "/srv/nix-cache";
+      description = ''
+        The cache directory: a flat Nix binary cache, valid as a `file://`
+        cache at every instant. Under /var/cache it is the service's
+        CacheDirectory; elsewhere it is created by systemd-tmpfiles.
+      '';
+    };
+
+    stateDir = mkOption {
+      type = kolib.absolutePath;
+      default = "/var/lib/kiss-onion";
+      description = ''
+        The state directory (mode 0700): the onion identities, the client
+        registry of `kiss-onion keys`, Tor's data, and the onion addresses in
+        `read.onion` and `write.onion`. Never inside cacheDir.
+      '';
+    };
+
+    readers = mkOption {
+      type = types.attrsOf clientKey;
+      default = { };
+      example = lib.literalExpression ''
+        { laptop.publicKey = "PLPUWH4M5DIRWB2EQH4B2ANJTBNLMCBL3V6P4OI2B5KQHDR2PQXA"; }
+      '';
+      description = ''
+        Clients that may read (substitute from) the cache: name to public key.
+        They are authorized on the read onion. Keys added with
+        `kiss-onion keys add` count as well.
+      '';
+    };
+
+    writers = mkOption {
+      type = types.attrsOf clientKey;
+      default = { };
+      example = lib.literalExpression ''
+        { ci.publicKey = "D5JEPTBFBA3VHB7YW4HWRXNCWC2IQRZNYGAG3P7UPNGB2YO5BYUA"; }
+      '';
+      description = ''
+        Clients that may also write (upload closures, GC-root markers, locks):
+        name to public key. They are authorized on both onions. The write
+        onion needs at least one.
+      '';
+    };
+
+    publicRead = mkOption {
+      type = types.bool;
+      default = false;
+      description = ''
+        Publish the read onion without client authorization: anyone who
+        learns its address can download the whole cache. The write onion
+        always requires a writer key.
+      '';
+    };
+
+    priority = mkOption {
+      type = types.ints.unsigned;
+      default = 30;
+      description = "The cache's priority in nix-cache-info (lower is preferred; cache.nixos.org has 40).";
+    };
+
+    trustedWriterKeys = mkOption {
+      type = types.listOf kolib.nixPublicKey;
+      default = [ ];
+      example = [ "ci-1:Fo/rQDRyZgn2ML3TRRn1cdj1jkUGrz/hM75WCr5MA0w=" ];
+      description = ''
+        Nix signing keys (NAME:BASE64): when not empty, an upload is accepted
+        only when its narinfo is signed by one of them.
+      '';
+    };
+
+    prune = {
+      enable = mkEnableOption "pruning, inside the server, of what no GC root in gcroots/ reaches";
+
+      interval = mkOption {
+        type = kolib.goDuration;
+        default = "1h";
+        example = "6h";
+        description = "How often the server prunes: a Go duration (like 30m, 6h or 168h).";
+      };
+
+      maxRootAge = mkOption {
+        type = types.nullOr kolib.goDuration;
+        default = null;
+        example = "720h";
+        description = ''
+          A GC-root marker older than this (by its modification time) no
+          longer counts: a Go duration (like 720h for 30 days). Null keeps
+          markers for good.
+        '';
+      };
+    };
+
+    listen = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "127.0.0.1:8080";
+      description = ''
+        Also serve reads on this local address (host:port), for clients on
+        the same machine. A non-loopback address also needs
+        `settings.allow-remote = true` and an open firewall port.
+      '';
+    };
+
+    tor.extraConfig = mkOption {
+      type = types.lines;
+      default = "";
+      example = ''
+        UseBridges 1
+        Bridge obfs4 192.0.2.10:443 0123456789ABCDEF0123456789ABCDEF01234567 cert=... iat-mode=0
+      '';
+      description = "Extra torrc lines for the server's own tor (written to ${torrcPath}, passed as --tor-config).";
+    };
+
+    settings = mkOption {
+      type = types.submodule {
+        freeformType = toml.type;
+        options.tor = mkOption {
+          type = types.enum [
+            "public"
+            "local"
+            "off"
+          ];
+          default = "public";
+          description = ''
+            How the cache reaches its clients: `public` (onions on the Tor
+            network), `local` (a private, offline Tor network, for demos) or
+            `off` (local listeners only).
+          '';
+        };
+      };
+      default = { };
+      example = {
+        max-upload-size = "16G";
+        log-format = "json";
+        listen-write = "127.0.0.1:8081";
+      };
+      description = ''
+        Settings for `kiss-onion serve`, written to ${configPath} and passed
+        as `--config`: every serve flag, by its name, can be a key. The
+        options above are set here; setting one of them here as well to a
+        different value is a conflict.
+      '';
+    };
+  };
+
+  config = mkIf cfg.enable {
+    services.kiss-onion.settings = {
+      cache-dir = cfg.cacheDir;
+      state-dir = cfg.stateDir;
+      clients-file = clientsPath;
+      public-read = cfg.publicRead;
+      priority = cfg.priority;
+      trusted-writer-key = mkIf (cfg.trustedWriterKeys != [ ]) cfg.trustedWriterKeys;
+      listen = mkIf (cfg.listen != null) cfg.listen;
+      tor-config = mkIf (cfg.tor.extraConfig != "") torrcPath;
+      prune-interval = mkIf cfg.prune.enable cfg.prune.interval;
+      max-root-age = mkIf (cfg.prune.enable && cfg.prune.maxRootAge != null) cfg.prune.maxRootAge;
+    };
+
+    assertions = [
+      {
+        assertion = cfg.settings.tor == "off" || cfg.writers != { };
+        message = ''
+          services.kiss-onion: the write onion needs at least one writer, but services.kiss-onion.writers is empty.
+          Add one: services.kiss-onion.writers.<name>.publicKey = "<52 base32 characters>";
+          (mint the key pair with `kiss-onion keys add <name> --role writer`), or set
+          services.kiss-onion.settings.tor = "off" to serve on local listeners only.'';
+      }
+      {
+        assertion = badNames == [ ];
+        message = "services.kiss-onion: client names are 1 to 64 letters, digits, '-', '_' and '.', not starting with '.' or '-': ${lib.concatStringsSep ", " badNames}";
+      }
+      {
+        assertion = bothRoles == [ ];
+        message = "services.kiss-onion: ${lib.concatStringsSep ", " bothRoles} listed in both readers and writers: a writer already reads, list each client once";
+      }
+      {
+        assertion = sharedKeys == [ ];
+        message = "services.kiss-onion: one public key is listed for several clients (${
+          lib.concatMapStringsSep "; " (lib.concatStringsSep ", ") sharedKeys
+        }): every client needs its own key";
+      }
+      {
+        assertion = !(within cfg.stateDir cfg.cacheDir);
+        message = "services.kiss-onion.stateDir (${cfg.stateDir}) must not be inside cacheDir (${cfg.cacheDir}): the keys would be served with the cache";
+      }
+      {
+        assertion = cfg.listen == null || isLoopback cfg.listen || (cfg.settings.allow-remote or false);
+        message = "services.kiss-onion.listen = \"${toString cfg.listen}\" is not a loopback address: serve refuses it unless services.kiss-onion.settings.allow-remote = true (then open the port in networking.firewall)";
+      }
+    ];
+
+    warnings = lib.optional cfg.publicRead "services.kiss-onion.publicRead is on: anyone who learns the read onion's address can download the whole cache";
+
+    users.users.kiss-onion = {
+      isSystemUser = true;
+      group = "kiss-onion";
+      description = "kiss-onion cache server";
+    };
+    users.groups.kiss-onion = { };
+
+    environment.systemPackages = [ cfg.package ];
+    environment.etc."kiss-onion/kiss-onion.toml".source = configFile;
+    environment.etc."kiss-onion/clients.toml".text = clientsText;
+    environment.etc."kiss-onion/torrc" = mkIf (cfg.tor.extraConfig != "") { text = cfg.tor.extraConfig; };
+
+    systemd.tmpfiles.rules =
+      lib.optional (stateUnder == null) "d ${cfg.stateDir} 0700 kiss-onion kiss-onion - -"
+      ++ lib.optional (cacheUnder == null) "d ${cfg.cacheDir} 0755 kiss-onion kiss-onion - -";
+
+    systemd.services.kiss-onion = {
+      description = "kiss-onion, a private Nix binary cache behind Tor";
+      wantedBy = [ "multi-user.target" ];
+      wants = [ "network-online.target" ];
+      after = [ "network-online.target" ];
+      path = [ pkgs.tor ];
+      # A new configuration restarts the server; new client keys only
+      # reload it (SIGHUP: serve reads the clients files again and
+      # republishes the onions, as it also does when it sees them change).
+      restartTriggers = [ configFile ] ++ lib.optional (cfg.tor.extraConfig != "") cfg.tor.extraConfig;
+      reloadTriggers = [ clientsText ];
+
+      serviceConfig = {
+        ExecStart = kolib.execLine [
+          "${cfg.package}/bin/kiss-onion"
+          "serve"
+          "--config"
+          configPath
+        ];
+        ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
+        User = "kiss-onion";
+        Group = "kiss-onion";
+        Restart = "on-failure";
+        RestartSec = "5s";
+        UMask = "0022";
+        LimitNOFILE = 65536;
+
+        StateDirectory = mkIf (stateUnder != null) stateUnder;
+        StateDirectoryMode = "0700";
+        CacheDirectory = mkIf (cacheUnder != null) cacheUnder;
+        CacheDirectoryMode = "0755";
+        ReadWritePaths = [
+          cfg.cacheDir
+          cfg.stateDir
+        ];
+
+        NoNewPrivileges = true;
+        PrivateTmp = true;
+        PrivateDevices = true;
+        ProtectSystem = "strict";
+        ProtectHome = true;
+        ProtectKernelTunables = true;
+        ProtectKernelModules = true;
+        ProtectKernelLogs = true;
+        ProtectControlGroups = true;
+        ProtectClock = true;
+        ProtectHostname = true;
+        ProtectProc = "invisible";
+        RestrictAddressFamilies = [
+          "AF_UNIX"
+          "AF_INET"
+          "AF_INET6"
+        ];
+        RestrictNamespaces = true;
+        RestrictRealtime = true;
+        RestrictSUIDSGID = true;
+        LockPersonality = true;
+        MemoryDenyWriteExecute = true;
+        RemoveIPC = true;
+        CapabilityBoundingSet = "";
+        AmbientCapabilities = "";
+        SystemCallArchitectures = "native";
+        SystemCallFilter = [
+          "@system-service"
+          "~@privileged"
+        ];
+        SystemCallErrorNumber = "EPERM";
+      };
+    };
+  };
+}
