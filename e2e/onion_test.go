@@ -2,7 +2,9 @@ package e2e
 
 import (
 	"errors"
+	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -214,4 +216,74 @@ func TestOnion(t *testing.T) {
 		}
 		waitOnionFresh(t, readerBundle, again.readURL)
 	})
+}
+
+// TestServeTorLocal runs the offline appliance of the README's demo:
+// `serve --tor local` starts its own private Tor network, and a client tor
+// joining it with the torrc lines serve wrote reaches the read onion with
+// a reader's bundle, and no other way.
+func TestServeTorLocal(t *testing.T) {
+	stateDir := filepath.Join(t.TempDir(), "state")
+	reader := addKey(t, stateDir, "demo-reader", "reader")
+	p := start(t, "serve", "--tor", "local", "--cache-dir", filepath.Join(t.TempDir(), "cache"), "--state-dir", stateDir)
+	deadline := time.Now().Add(5 * time.Minute)
+	for {
+		if _, err := os.Stat(filepath.Join(stateDir, "read.onion")); err == nil {
+			break
+		}
+		select {
+		case <-p.done:
+			t.Fatalf("serve --tor local exited: %v\n%s", p.err, p.out)
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("serve --tor local did not publish in 5 minutes:\n%s", p.out)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	addr := readAddr(t, stateDir, "read")
+	lines, err := os.ReadFile(filepath.Join(stateDir, "testnet.torrc"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tt := range []struct {
+		name    string
+		authDir string
+	}{{"with the reader's bundle", reader}, {"without a key", ""}} {
+		t.Run(tt.name, func(t *testing.T) {
+			dir := t.TempDir()
+			socks := freeAddr(t)
+			conf := string(lines) + "DataDirectory " + filepath.Join(dir, "data") + "\nSocksPort " + socks + " ExtendedErrors\nLog notice file " + filepath.Join(dir, "log") + "\n"
+			if tt.authDir != "" {
+				conf += "ClientOnionAuthDir " + tt.authDir + "\n"
+			}
+			os.WriteFile(filepath.Join(dir, "torrc"), []byte(conf), 0o600)
+			client := exec.Command("tor", "-f", filepath.Join(dir, "torrc"))
+			client.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+			if err := client.Start(); err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { client.Process.Kill(); client.Wait() })
+			for start := time.Now(); ; time.Sleep(100 * time.Millisecond) {
+				if c, err := net.Dial("tcp", socks); err == nil {
+					c.Close()
+					break
+				}
+				if time.Since(start) > time.Minute {
+					t.Fatal("client tor opened no SOCKS port in a minute")
+				}
+			}
+			if tt.authDir != "" {
+				waitOnion(t, socks, "http://"+addr)
+				return
+			}
+			if code := refusedCode(t, socks, addr); code != 0xF4 {
+				t.Errorf("keyless client refused with %#x, want 0xf4", code)
+			}
+		})
+	}
+	p.stop()
+	if err := exec.Command("pgrep", "-f", filepath.Join(stateDir, "testnet")).Run(); err == nil {
+		t.Error("tors of the private network still run after serve stopped")
+	}
 }
