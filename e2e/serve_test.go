@@ -253,3 +253,58 @@ func TestDiskFull(t *testing.T) {
 		t.Errorf("small upload after a full disk: %d %q", code, body)
 	}
 }
+
+// TestScheduledPrune runs serve with --prune-interval: a closure a marker
+// names stays and substitutes, one no marker names goes.
+func TestScheduledPrune(t *testing.T) {
+	srv := startServer(t, "", "--prune-interval", "1s", "--prune-grace", "0s")
+	src := newNix(t)
+	kept, keptClosure := src.buildClosure(16)
+	gone, goneClosure := src.buildClosure(16)
+	key := newSigningKey(t, "e2e-1")
+	// The marker is written under a lock, so that no prune runs between the
+	// upload and the marker.
+	for _, top := range []string{kept, gone} {
+		if code, body := httpDo(t, "PUT", srv.writeURL+"/gcroots/.lock/upload", strings.NewReader("e2e")); code != 201 {
+			t.Fatalf("take lock: %d %s", code, body)
+		}
+		src.must("nix", "copy", "--to", srv.writeURL+"?compression=zstd&secret-key="+key.secretFile, top)
+		if top == kept {
+			if code, body := httpDo(t, "PUT", srv.writeURL+"/gcroots/web1", strings.NewReader(kept+"\n")); code != 201 {
+				t.Fatalf("PUT marker: %d %s", code, body)
+			}
+		}
+		if code, body := httpDo(t, "DELETE", srv.writeURL+"/gcroots/.lock/upload", nil); code != 204 {
+			t.Fatalf("drop lock: %d %s", code, body)
+		}
+	}
+	narinfo := func(p string) string {
+		return filepath.Join(srv.cacheDir, strings.TrimPrefix(p, "/nix/store/")[:32]+".narinfo")
+	}
+	deadline := time.Now().Add(time.Minute)
+	for {
+		left := 0
+		for _, p := range goneClosure {
+			if _, err := os.Stat(narinfo(p)); err == nil {
+				left++
+			}
+		}
+		if left == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d narinfos of the unrooted closure still there a minute later:\n%s", left, srv.out)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	for _, p := range keptClosure {
+		if _, err := os.Stat(narinfo(p)); err != nil {
+			t.Fatalf("rooted %s pruned: %v", p, err)
+		}
+	}
+	dst := newNix(t, "substituters = "+srv.readURL, "trusted-public-keys = "+key.public)
+	dst.must("nix-store", "--realise", kept)
+	if !strings.Contains(srv.out.String(), "component=prune") {
+		t.Errorf("serve logged no prune summary:\n%s", srv.out)
+	}
+}

@@ -1,5 +1,35 @@
-// Package prune deletes what no GC root of a kiss-onion cache reaches, and
-// holds the lock protocol that keeps prunes and uploads from racing.
+// Package prune deletes from a kiss-onion cache directory what no GC root
+// reaches, and holds the lock protocol that keeps prunes and uploads from
+// racing.
 //
-// (Package documentation is completed with the pruner.)
+// Run keeps the closure of the roots (the store paths named by the
+// markers under gcroots/ and any extra root directories) through
+// References and Deriver: each kept path keeps its narinfo, its .ls, the
+// file its URL names, log/<drv> for the deriver it names, and the
+// realisations, build traces and debuginfo entries that point at it or its
+// NAR. A narinfo that does not parse is kept, with its URL's file.
+// Everything else under those names goes; nix-cache-info, gcroots/ and
+// .tmp/ are never touched (except .tmp/ files untouched for a day: partial
+// uploads of a dead process).
+//
+// The cache stays valid at every instant, even when the prune is killed:
+// narinfos are deleted referrers first, and each before its NAR. So no
+// narinfo ever names a missing NAR or reference.
+//
+// Speed on big caches comes from reading in parallel relative to directory
+// descriptors, from a graph of parallel slices indexed by interned hashes
+// (no object per path), and from a metadata cache in the state directory
+// that remembers what each narinfo said under which stat identity (inode,
+// size, modification and change times): a narinfo whose stat is unchanged
+// is not read again; one changed, replaced or deleted since is.
+//
+// Locks coordinates with uploads across processes through files in
+// gcroots/.lock/ (see Locks). A prune marks the cache as held, waits for
+// the upload locks to go, and deletes only while no Guard runs; before
+// deleting it re-reads the markers and every narinfo that appeared during
+// the prune, and keeps what they reach.
+//
+// The package does not serve HTTP, upload, or schedule prunes: serve
+// answers the lock requests and calls Run on its schedule, and the CLI
+// shows progress.
 package prune

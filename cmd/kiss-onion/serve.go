@@ -17,6 +17,7 @@ import (
 	"github.com/sirupsen/logrus"
 
 	"github.com/kiss-onion/kiss-onion/internal/nixcache"
+	"github.com/kiss-onion/kiss-onion/prune"
 	"github.com/kiss-onion/kiss-onion/serve"
 )
 
@@ -99,6 +100,9 @@ type serveFlags struct {
 	torConfig     string
 	publicRead    bool
 	clientsFile   string
+	pruneEvery    time.Duration
+	pruneGrace    time.Duration
+	maxRootAge    time.Duration
 }
 
 func runServe(args []string) error {
@@ -121,6 +125,9 @@ func runServe(args []string) error {
 	fs.StringVar(&f.torConfig, "tor-config", "", "extra torrc lines for tor from this `file` (a private network's DirAuthority lines, for one)")
 	fs.BoolVar(&f.publicRead, "public-read", false, "publish the read onion without client authorization: anyone who knows its address can read")
 	fs.StringVar(&f.clientsFile, "clients-file", "", "also authorize the clients listed in this `file` (the registry's format; for declarative setups)")
+	fs.DurationVar(&f.pruneEvery, "prune-interval", 0, "prune the cache this `often` (0: never; see 'kiss-onion prune')")
+	fs.DurationVar(&f.pruneGrace, "prune-grace", time.Hour, "scheduled prunes keep files younger than this `age`, for uploads made without a lock")
+	fs.DurationVar(&f.maxRootAge, "max-root-age", 0, "scheduled prunes ignore markers older than this `age` (0: markers never expire)")
 	fs.StringVar(&f.logFormat, "log-format", "text", "log `format`: text or json")
 	fs.StringVar(&f.logLevel, "log-level", "info", "log `level`: debug, info, warn or error")
 	if err := parseFlags(fs, args); err != nil {
@@ -274,6 +281,9 @@ func serveMain(f serveFlags, log *logrus.Entry) error {
 		defer o.close()
 		go o.watchClients(ctx, errc)
 	}
+	if f.pruneEvery > 0 {
+		go pruneEvery(ctx, f, log)
+	}
 	log.WithField("cache", f.cacheDir).Info("serving")
 	select {
 	case <-ctx.Done():
@@ -300,4 +310,34 @@ func checkApart(cacheDir, stateDir string) error {
 		return usagef("--state-dir %s and --cache-dir %s must not contain each other: the state holds secrets, the cache is public to readers", stateDir, cacheDir)
 	}
 	return nil
+}
+
+// pruneEvery runs the pruner on the cache every f.pruneEvery until ctx
+// ends, with the same lock protocol as 'kiss-onion prune', so uploads in
+// flight and those under a lock are safe.
+func pruneEvery(ctx context.Context, f serveFlags, log *logrus.Entry) {
+	log = log.WithField("component", "prune")
+	tick := time.NewTicker(f.pruneEvery)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+		stats, err := prune.Run(ctx, prune.Options{
+			CacheDir:   f.cacheDir,
+			StateDir:   f.stateDir,
+			MaxRootAge: f.maxRootAge,
+			Grace:      f.pruneGrace,
+			LockWait:   5 * time.Minute,
+			StoreDir:   f.storeDir,
+			Log:        log,
+		})
+		if err != nil {
+			log.WithError(err).Error("scheduled prune failed")
+			continue
+		}
+		log.Info(stats.String())
+	}
 }

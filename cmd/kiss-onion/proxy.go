@@ -1,0 +1,187 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/kiss-onion/kiss-onion/clientauth"
+	"github.com/kiss-onion/kiss-onion/publish"
+)
+
+func init() {
+	register("proxy", "a local gateway into the cache's onion, for nix and the nix-daemon", runProxy)
+}
+
+const proxyUsage = `
+Usage:
+	kiss-onion proxy --bundle DIR [--listen 127.0.0.1:37510] [--write] [--state-dir DIR] [--tor-config FILE]
+
+Runs a Tor client holding the key of the bundle DIR and serves the cache's
+read onion (the write onion with --write) as plain HTTP on a loopback
+address, so that nix and the nix-daemon reach the cache with no torsocks,
+no system tor and no proxy settings:
+
+	substituters = http://127.0.0.1:37510
+
+Requests are spread over a few isolated Tor circuits that are kept warm.
+While the onion cannot be reached the gateway answers 502 with the reason
+(421 to an upload, which Nix then reports instead of retrying it);
+GET /-/health answers whether it is reachable, and since when (JSON; 200
+when reachable, 503 when not).
+
+Arguments:
+	none
+
+Examples:
+	kiss-onion proxy --bundle /var/lib/kiss-onion-secrets/laptop.bundle
+	kiss-onion proxy --bundle ci.bundle --write --listen 127.0.0.1:37511 --state-dir ~/.cache/kiss-onion-proxy
+	nix copy --to 'http://127.0.0.1:37511?compression=zstd' ./result
+`
+
+// gatewayFlags are the flags of the commands that start a gateway.
+type gatewayFlags struct {
+	bundle    string
+	stateDir  string
+	torConfig string
+	torBinary string
+	circuits  int
+}
+
+// add adds the flags; stateDir is --state-dir's default and stateUse what
+// the command keeps there.
+func (g *gatewayFlags) add(fs *flag.FlagSet, stateDir, stateUse string) {
+	fs.StringVar(&g.bundle, "bundle", "", "the key bundle `directory` (from 'kiss-onion keys add' or 'keys export')")
+	fs.StringVar(&g.stateDir, "state-dir", stateDir, "`directory` for "+stateUse+" (created 0700)")
+	fs.StringVar(&g.torConfig, "tor-config", "", "extra torrc lines for tor from this `file` (a private network's DirAuthority lines, for one)")
+	fs.StringVar(&g.torBinary, "tor-binary", "tor", "the tor `program`")
+	fs.IntVar(&g.circuits, "circuits", publish.DefaultCircuits, "spread requests over this `many` isolated Tor circuits")
+}
+
+// start loads the bundle and starts a gateway to its read onion (the
+// write onion with write) on listen.
+func (g *gatewayFlags) start(ctx context.Context, write bool, listen string, log, torLog *logrus.Entry) (*publish.Gateway, error) {
+	if g.circuits < 1 {
+		return nil, usagef("--circuits must be at least 1")
+	}
+	b, err := clientauth.LoadBundle(g.bundle)
+	if err != nil {
+		return nil, withHint(err, "--bundle names a directory from 'kiss-onion keys add NAME --out DIR' or 'keys export'")
+	}
+	if b.Key == nil {
+		return nil, withHint(fmt.Errorf("bundle %s has no client.key", g.bundle), "export it with the key: 'kiss-onion keys export %s --key FILE'", b.Name)
+	}
+	if write && b.WriteOnion == "" {
+		return nil, withHint(fmt.Errorf("bundle %s is a %s's (%s): it cannot reach the write onion", g.bundle, b.Role, b.Name), "use a writer's bundle")
+	}
+	var lines []string
+	if g.torConfig != "" {
+		if lines, err = readTorrcLines(g.torConfig); err != nil {
+			return nil, err
+		}
+	}
+	if err := os.MkdirAll(g.stateDir, 0o700); err != nil {
+		return nil, withHint(fmt.Errorf("create state directory: %w", err), "choose a writable one with --state-dir")
+	}
+	role := "read"
+	if write {
+		role = "write"
+	}
+	return publish.StartGateway(ctx, publish.GatewayConfig{
+		Bundle:     b,
+		Write:      write,
+		Listen:     listen,
+		TorBinary:  g.torBinary,
+		TorDataDir: filepath.Join(g.stateDir, "tor-"+role),
+		TorrcLines: lines,
+		Circuits:   g.circuits,
+		Log:        log,
+		TorLog:     torLog,
+	})
+}
+
+// openCache returns the URL to reach the cache at: cacheURL as it is, or
+// a gateway started from the flags once the onion answers (within wait).
+// done stops the gateway.
+func (g *gatewayFlags) openCache(ctx context.Context, cacheURL string, write bool, wait time.Duration, log *logrus.Entry) (url string, done func(), err error) {
+	switch {
+	case cacheURL != "" && g.bundle != "":
+		return "", nil, usagef("give --bundle or --cache, not both")
+	case cacheURL != "":
+		return cacheURL, func() {}, nil
+	case g.bundle == "":
+		return "", nil, usagef("give --bundle DIR (or --cache URL)")
+	}
+	torLog := logrus.New()
+	torLog.SetOutput(stderr)
+	torLog.SetFormatter(cliFormatter{})
+	// tor's warnings (running as root, a private network) are noise here;
+	// why the onion cannot be reached comes from the gateway.
+	torLog.SetLevel(logrus.ErrorLevel)
+	gw, err := g.start(ctx, write, "", log, logrus.NewEntry(torLog))
+	if err != nil {
+		return "", nil, err
+	}
+	wctx, cancel := context.WithTimeout(ctx, wait)
+	defer cancel()
+	if err := gw.WaitReachable(wctx); err != nil {
+		gw.Close()
+		return "", nil, withHint(err, "is the cache serving, and this bundle's key authorized ('kiss-onion keys list' on the cache)? raise --wait to wait longer")
+	}
+	return gw.URL(), func() { gw.Close() }, nil
+}
+
+func runProxy(args []string) error {
+	fs := newFlagSet("proxy", proxyUsage)
+	var g gatewayFlags
+	g.add(fs, "/var/lib/kiss-onion-proxy", "tor's data")
+	listen := fs.String("listen", "127.0.0.1:37510", "serve on this loopback `address`")
+	write := fs.Bool("write", false, "forward to the write onion (a writer's bundle): nix copy --to then uploads")
+	logFormat := fs.String("log-format", "text", "log `format`: text or json")
+	logLevel := fs.String("log-level", "info", "log `level`: debug, info, warn or error")
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return usagef("proxy takes no arguments, got %q", fs.Arg(0))
+	}
+	if g.bundle == "" {
+		return usagef("proxy needs --bundle DIR")
+	}
+	if err := checkListenAddr("listen", *listen, false); err != nil {
+		return err
+	}
+	log, err := newLogger(*logFormat, *logLevel)
+	if err != nil {
+		return usagef("%v", err)
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	gw, err := g.start(ctx, *write, *listen, log, nil)
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil
+		}
+		return err
+	}
+	defer gw.Close()
+	log.WithField("listen", gw.URL()).Info("gateway ready")
+	select {
+	case <-ctx.Done():
+		log.Info("stopping")
+		return nil
+	case err := <-gw.Err():
+		if errors.Is(err, context.Canceled) {
+			return nil
+		}
+		return fmt.Errorf("serve %s: %w", *listen, err)
+	}
+}

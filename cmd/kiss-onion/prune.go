@@ -1,0 +1,197 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/kiss-onion/kiss-onion/prune"
+)
+
+func init() {
+	register("prune", "delete what no GC root reaches from a cache directory", runPrune)
+}
+
+const pruneUsage = `
+Usage:
+	kiss-onion prune [--dry-run] [--lock-wait DUR] [--max-root-age DUR] [--grace DUR]
+	                 [--gcroots DIR ...] [--state-dir DIR] CACHEDIR
+
+Deletes from the binary cache in CACHEDIR every store path that no GC root
+reaches, with its NAR, listing, logs, realisations and debuginfo. The roots
+are the store paths named, one a line, in the plain files under
+CACHEDIR/gcroots/ and the --gcroots directories (symlinks and names
+starting with '.' are ignored). Their closure through References and
+Deriver stays.
+
+It follows the upload lock protocol, so it is safe beside a running
+'kiss-onion serve': new upload locks are refused while it runs, and it
+waits up to --lock-wait for the ones held to be released.
+
+Arguments:
+	CACHEDIR   the cache directory, the one holding nix-cache-info
+
+Examples:
+	kiss-onion prune --dry-run /srv/cache
+	kiss-onion prune --max-root-age 720h --gcroots /etc/kiss-onion/roots /srv/cache
+`
+
+func runPrune(args []string) error {
+	var roots stringList
+	fs := newFlagSet("prune", pruneUsage)
+	dryRun := fs.Bool("dry-run", false, "delete nothing; print what would be deleted")
+	lockWait := fs.Duration("lock-wait", 5*time.Minute, "how long to wait for upload locks to be released")
+	maxAge := fs.Duration("max-root-age", 0, "markers older than this (by modification time) no longer count; 0: no limit")
+	grace := fs.Duration("grace", 0, "keep files modified less than this before the prune (uploads made without with-lock)")
+	fs.Var(&roots, "gcroots", "another `directory` of markers (repeatable)")
+	stateDir := fs.String("state-dir", defaultPruneStateDir(), "`directory` of the metadata cache that makes the next prune fast; empty for none")
+	storeDir := fs.String("store-dir", prune.DefaultStoreDir, "the Nix store `directory` the cache is for")
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	switch fs.NArg() {
+	case 1:
+	case 0:
+		return usagef("prune needs the cache directory")
+	default:
+		return usagef("prune takes one cache directory, got %d arguments", fs.NArg())
+	}
+	cacheDir := fs.Arg(0)
+
+	term := isTerminal(os.Stderr)
+	status := &statusLine{w: stderr, term: term}
+	log := logrus.New()
+	log.SetOutput(status)
+	log.SetFormatter(cliFormatter{})
+	log.SetLevel(logrus.InfoLevel)
+
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+
+	opt := prune.Options{
+		CacheDir:   cacheDir,
+		StateDir:   *stateDir,
+		GCRoots:    roots,
+		MaxRootAge: *maxAge,
+		Grace:      *grace,
+		DryRun:     *dryRun,
+		LockWait:   *lockWait,
+		StoreDir:   *storeDir,
+		Log:        logrus.NewEntry(log),
+	}
+	if term {
+		opt.Progress = func(st prune.Stats) {
+			if st.Phase != prune.PhaseDone {
+				status.show(fmt.Sprintf("kiss-onion: %s: %d narinfos scanned, %d kept, %d files deleted, %s freed",
+					st.Phase, st.Scanned, st.Kept, st.Deleted, prune.FormatBytes(st.BytesFreed)))
+			}
+		}
+	}
+	if *dryRun {
+		var mu sync.Mutex
+		opt.Deleted = func(rel string, size int64) {
+			mu.Lock()
+			defer mu.Unlock()
+			status.clear()
+			fmt.Fprintf(os.Stdout, "would delete %s (%s)\n", rel, prune.FormatBytes(size))
+		}
+	}
+	st, err := prune.Run(ctx, opt)
+	status.clear()
+	if err != nil {
+		if errors.Is(err, prune.ErrPruneRunning) {
+			return withHint(fmt.Errorf("prune %s: %w", cacheDir, err), "wait for it to finish, or stop it")
+		}
+		if strings.Contains(err.Error(), "upload locks still held") {
+			return withHint(fmt.Errorf("prune %s: %w", cacheDir, err), "retry later, or raise --lock-wait")
+		}
+		if st.Deleted > 0 {
+			fmt.Fprintf(stderr, "kiss-onion: prune stopped after deleting %d files (%s)\n", st.Deleted, prune.FormatBytes(st.BytesFreed))
+		}
+		return fmt.Errorf("prune %s: %w", cacheDir, err)
+	}
+	if *dryRun {
+		fmt.Fprintf(os.Stdout, "kiss-onion: dry run of %s: %d narinfos scanned, %d would stay, %d would go; %d files (%s) would be deleted\n",
+			cacheDir, st.Scanned, st.Kept, st.DeletedNarInfos, st.Deleted, prune.FormatBytes(st.BytesFreed))
+		return nil
+	}
+	fmt.Fprintf(os.Stdout, "kiss-onion: pruned %s: %s\n", cacheDir, st)
+	return nil
+}
+
+// defaultPruneStateDir is where the CLI keeps the metadata cache when
+// --state-dir is not given: the user's cache directory.
+func defaultPruneStateDir() string {
+	d, err := os.UserCacheDir()
+	if err != nil {
+		return ""
+	}
+	return filepath.Join(d, "kiss-onion")
+}
+
+// isTerminal reports whether f is a character device, as a terminal is.
+func isTerminal(f *os.File) bool {
+	fi, err := f.Stat()
+	return err == nil && fi.Mode()&os.ModeCharDevice != 0
+}
+
+// statusLine is stderr with a progress line at the bottom on a terminal:
+// other writes clear it first.
+type statusLine struct {
+	mu    sync.Mutex
+	w     io.Writer
+	term  bool
+	shown bool
+}
+
+func (s *statusLine) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.clearLocked()
+	return s.w.Write(p)
+}
+
+func (s *statusLine) show(line string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	fmt.Fprintf(s.w, "\r\033[K%s", line)
+	s.shown = true
+}
+
+func (s *statusLine) clear() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.clearLocked()
+}
+
+func (s *statusLine) clearLocked() {
+	if s.shown {
+		fmt.Fprint(s.w, "\r\033[K")
+		s.shown = false
+	}
+}
+
+// cliFormatter prints log entries in the house style:
+// "kiss-onion: warning: ..." for warnings and errors, "kiss-onion: ..."
+// for the rest.
+type cliFormatter struct{}
+
+func (cliFormatter) Format(e *logrus.Entry) ([]byte, error) {
+	switch e.Level {
+	case logrus.WarnLevel:
+		return []byte("kiss-onion: warning: " + e.Message + "\n"), nil
+	case logrus.ErrorLevel, logrus.FatalLevel, logrus.PanicLevel:
+		return []byte("kiss-onion: error: " + e.Message + "\n"), nil
+	}
+	return []byte("kiss-onion: " + e.Message + "\n"), nil
+}

@@ -1,0 +1,184 @@
+package publish
+
+import (
+	"context"
+	"encoding/base32"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"sync/atomic"
+	"time"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/kiss-onion/kiss-onion/clientauth"
+	"github.com/kiss-onion/kiss-onion/onion"
+)
+
+// GatewayConfig configures StartGateway.
+type GatewayConfig struct {
+	// Bundle holds the client key and the onion addresses; its Key is
+	// required.
+	Bundle clientauth.Bundle
+	// Write forwards to the write onion (a writer's bundle only) instead
+	// of the read onion.
+	Write bool
+	// Listen is the loopback address to serve on; "127.0.0.1:0" (a free
+	// port) when empty.
+	Listen string
+	// TorBinary is the tor program ("tor" from PATH when empty); TorDataDir
+	// its data directory (required); TorrcLines extra torrc lines (a
+	// private network's, for one).
+	TorBinary  string
+	TorDataDir string
+	TorrcLines []string
+	// Circuits and KeepWarm are the Forwarder's.
+	Circuits int
+	KeepWarm time.Duration
+	// Log receives the gateway's messages, TorLog tor's output (Log when
+	// nil); logrus's standard logger when nil.
+	Log    *logrus.Entry
+	TorLog *logrus.Entry
+}
+
+// Gateway is a local entrance into one of the cache's onions: a client tor
+// holding the bundle's key, and a Forwarder serving plain HTTP on a
+// loopback address. Nix, publish and update then need no proxy settings.
+type Gateway struct {
+	*Forwarder
+	tor  atomic.Pointer[onion.Tor]
+	srv  *http.Server
+	ln   net.Listener
+	errc chan error
+}
+
+// StartGateway listens, starts serving (502 until the onion answers),
+// starts a client tor with the bundle's key and returns once tor has
+// bootstrapped. The onion may not be reachable yet: see WaitReachable.
+// ctx bounds only the start.
+func StartGateway(ctx context.Context, cfg GatewayConfig) (*Gateway, error) {
+	b := cfg.Bundle
+	if b.Key == nil {
+		return nil, errors.New("start gateway: the bundle has no private key (client.key)")
+	}
+	target := b.ReadURL()
+	if cfg.Write {
+		if b.WriteOnion == "" {
+			return nil, fmt.Errorf("start gateway: %q is a %s's bundle: it cannot reach the write onion", b.Name, b.Role)
+		}
+		target = b.WriteURL()
+	}
+	if cfg.TorDataDir == "" {
+		return nil, errors.New("start gateway: no tor data directory")
+	}
+	if cfg.Listen == "" {
+		cfg.Listen = "127.0.0.1:0"
+	}
+	log := cfg.Log
+	if log == nil {
+		log = logrus.NewEntry(logrus.StandardLogger())
+	}
+	torLog := cfg.TorLog
+	if torLog == nil {
+		torLog = log
+	}
+	key, err := keyBytes(b.Key)
+	if err != nil {
+		return nil, fmt.Errorf("start gateway: %w", err)
+	}
+
+	g := &Gateway{errc: make(chan error, 1)}
+	g.Forwarder, err = NewForwarder(ForwarderConfig{
+		Target: target,
+		SocksAddr: func() string {
+			if t := g.tor.Load(); t != nil {
+				return t.SocksAddr()
+			}
+			return ""
+		},
+		Circuits: cfg.Circuits,
+		KeepWarm: cfg.KeepWarm,
+		Log:      log,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("start gateway: %w", err)
+	}
+	if g.ln, err = net.Listen("tcp", cfg.Listen); err != nil {
+		g.Forwarder.Close()
+		return nil, fmt.Errorf("start gateway: %w", err)
+	}
+	g.srv = &http.Server{
+		Handler:           g.Forwarder,
+		ReadHeaderTimeout: 30 * time.Second,
+		IdleTimeout:       5 * time.Minute,
+	}
+	go func() {
+		if err := g.srv.Serve(g.ln); !errors.Is(err, http.ErrServerClosed) {
+			g.errc <- err
+		}
+	}()
+	log.WithField("client", b.Name).Infof("gateway %s to %s: starting tor", g.URL(), target)
+
+	t, err := onion.Start(ctx, onion.Config{
+		Binary:     cfg.TorBinary,
+		DataDir:    cfg.TorDataDir,
+		TorrcLines: cfg.TorrcLines,
+		Socks:      true,
+		Log:        torLog,
+	})
+	if err != nil {
+		g.closeServer()
+		return nil, fmt.Errorf("start gateway: %w", err)
+	}
+	for _, addr := range []string{b.ReadOnion, b.WriteOnion} {
+		if addr == "" {
+			continue
+		}
+		if err := t.AddClientAuth(ctx, addr, key); err != nil {
+			t.Close()
+			g.closeServer()
+			return nil, fmt.Errorf("start gateway: %w", err)
+		}
+	}
+	g.tor.Store(t)
+	select {
+	case g.kick <- struct{}{}:
+	default:
+	}
+	return g, nil
+}
+
+// URL returns the gateway's address: "http://127.0.0.1:PORT".
+func (g *Gateway) URL() string { return "http://" + g.ln.Addr().String() }
+
+// Err returns a channel that receives an error if serving stops.
+func (g *Gateway) Err() <-chan error { return g.errc }
+
+// Close stops serving (requests in flight get a few seconds) and stops tor.
+func (g *Gateway) Close() error {
+	g.closeServer()
+	if t := g.tor.Load(); t != nil {
+		return t.Close()
+	}
+	return nil
+}
+
+func (g *Gateway) closeServer() {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	g.srv.Shutdown(ctx)
+	g.Forwarder.Close()
+}
+
+// keyBytes returns the raw 32 bytes of a client key, as tor's control
+// port takes them.
+func keyBytes(k *clientauth.PrivateKey) ([32]byte, error) {
+	var out [32]byte
+	b, err := base32.StdEncoding.WithPadding(base32.NoPadding).DecodeString(k.String())
+	if err != nil || len(b) != 32 {
+		return out, errors.New("malformed client key")
+	}
+	copy(out[:], b)
+	return out, nil
+}
