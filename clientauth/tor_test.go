@@ -109,7 +109,7 @@ func TestTorAcceptsTheKeyForms(t *testing.T) {
 	}
 	torPath, err := exec.LookPath("tor")
 	if err != nil {
-		t.Skip("no tor in PATH")
+		t.Fatalf("this test needs tor (apt-get install tor): %v", err)
 	}
 	dir := t.TempDir()
 	authDir := filepath.Join(dir, "auth")

@@ -314,7 +314,7 @@ func TestUploadsAndPrunesRace(t *testing.T) {
 func TestHelperPruneProcess(t *testing.T) {
 	dir := os.Getenv("KISS_ONION_PRUNE_HELPER")
 	if dir == "" {
-		t.Skip("helper process only")
+		return // only a helper process for TestKilledPrune
 	}
 	workers, _ := strconv.Atoi(os.Getenv("KISS_ONION_PRUNE_WORKERS"))
 	var once sync.Once
