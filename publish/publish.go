@@ -6,14 +6,12 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"os"
 	"strings"
 	"time"
 
 	"github.com/sirupsen/logrus"
 
 	"github.com/kiss-onion/kiss-onion/internal/nixcache"
-	"github.com/kiss-onion/kiss-onion/prune"
 )
 
 // PublishOptions configure Publish.
@@ -108,7 +106,8 @@ func Publish(ctx context.Context, o PublishOptions) (Published, error) {
 	}
 	content := FormatMarker(o.Name, gen, o.Paths, o.SigningKey)
 
-	err = holdLock(ctx, m, o, log, func(ctx context.Context) error {
+	holder := fmt.Sprintf("publish for %s", o.Name)
+	err = m.Hold(ctx, holder, o.LockWait, o.Refresh, log, func(ctx context.Context) error {
 		args := append([]string{"--extra-experimental-features", "nix-command", "copy", "--to", to}, o.Paths...)
 		if err := o.Nix.run(ctx, log, "nix", args...); err != nil {
 			return fmt.Errorf("push to the cache: %w", err)
@@ -138,81 +137,6 @@ func copyURL(cache, compression, keyFile string) (string, error) {
 		params = append(params, "secret-key="+keyFile)
 	}
 	return cache + "?" + strings.Join(params, "&"), nil
-}
-
-// holdLock runs work under an upload lock next to the marker m, refreshing
-// the lock meanwhile, then, if work succeeded and the lock held throughout,
-// runs commit (still under the lock). The lock is always dropped.
-func holdLock(ctx context.Context, m *MarkerURL, o PublishOptions, log *logrus.Entry, work, commit func(context.Context) error) error {
-	name := m.NewLockName()
-	host, _ := os.Hostname()
-	body := []byte(fmt.Sprintf("publish pid %d on %s for %s since %s\n",
-		os.Getpid(), host, o.Name, time.Now().UTC().Format(time.RFC3339)))
-	if len(body) > prune.MaxLockBody {
-		body = body[:prune.MaxLockBody]
-	}
-	log.Infof("take the upload lock %s", name)
-	if err := m.Lock(ctx, name, body, o.LockWait, log); err != nil {
-		return err
-	}
-	defer func() {
-		uctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-		defer cancel()
-		if err := m.Unlock(uctx, name); err != nil {
-			log.Warnf("%v (it goes stale in %s)", err, prune.StaleAfter)
-		}
-	}()
-
-	lost := make(chan error, 1)
-	stop := make(chan struct{})
-	refreshed := make(chan struct{})
-	go func() {
-		defer close(refreshed)
-		tick := time.NewTicker(o.Refresh)
-		defer tick.Stop()
-		lastOK := time.Now()
-		for {
-			select {
-			case <-stop:
-				return
-			case <-tick.C:
-			}
-			err := m.TryLock(ctx, name, body)
-			switch {
-			case err == nil:
-				lastOK = time.Now()
-				continue
-			case errors.Is(err, prune.ErrBusy):
-				lost <- fmt.Errorf("%w: refreshing it was refused while a prune holds the cache", ErrLockLost)
-			case isDefinite(err) && !strings.Contains(err.Error(), GatewayErrorPrefix):
-				// The cache's answer; a gateway's own answer only says the
-				// onion was out of reach for a moment.
-				lost <- fmt.Errorf("%w: %v", ErrLockLost, err)
-			case time.Since(lastOK) > prune.StaleAfter-2*o.Refresh:
-				lost <- fmt.Errorf("%w: not refreshed since %s: %v", ErrLockLost, lastOK.Format(time.RFC3339), err)
-			default:
-				log.Warnf("refresh the upload lock: %v (will retry)", err)
-				continue
-			}
-			return
-		}
-	}()
-	err := work(ctx)
-	close(stop)
-	<-refreshed
-	if err != nil {
-		return err
-	}
-	select {
-	case err := <-lost:
-		return err
-	default:
-	}
-	// One last refresh proves the lock still holds as the marker goes in.
-	if err := m.TryLock(ctx, name, body); err != nil {
-		return fmt.Errorf("%w: %v", ErrLockLost, err)
-	}
-	return commit(ctx)
 }
 
 // ErrNoMarker is the error (wrapped) of reading a marker the cache does

@@ -319,36 +319,37 @@ func WithLock(ctx context.Context, o WithLockOptions) (int, error) {
 	if log == nil {
 		log = logrus.NewEntry(logrus.StandardLogger())
 	}
-	if o.LockWait == 0 {
-		o.LockWait = 30 * time.Minute
-	}
-	if o.Refresh == 0 {
-		o.Refresh = 5 * time.Minute
-	}
 	if len(o.Command) == 0 {
 		return 0, errors.New("no command to run")
 	}
-	m := o.Marker
-	name := m.NewLockName()
-	host, _ := os.Hostname()
-	body := []byte(fmt.Sprintf("with-lock pid %d on %s for %s since %s\n",
-		os.Getpid(), host, o.StorePath, time.Now().UTC().Format(time.RFC3339)))
-	if len(body) > prune.MaxLockBody {
-		body = body[:prune.MaxLockBody]
-	}
-	if err := m.Lock(ctx, name, body, o.LockWait, log); err != nil {
-		return 0, err
-	}
-	// Whatever happens now, drop the lock (with a context of its own: ctx
-	// may be cancelled by then).
-	defer func() {
-		uctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-		defer cancel()
-		if err := m.Unlock(uctx, name); err != nil {
-			log.Warnf("%v (it goes stale in %s)", err, prune.StaleAfter)
+	status := 0
+	err := o.Marker.Hold(ctx, "with-lock for "+o.StorePath, o.LockWait, o.Refresh, log, func(ctx context.Context) error {
+		var err error
+		status, err = runUnderLock(ctx, o)
+		if err == nil && status != 0 {
+			err = errCommandFailed
 		}
-	}()
+		return err
+	}, func(ctx context.Context) error {
+		return o.Marker.Put(ctx, o.StorePath)
+	})
+	switch {
+	case errors.Is(err, errCommandFailed):
+		return status, nil
+	case errors.Is(err, ErrLockLost):
+		return status, fmt.Errorf("%w; the marker %s was not written", err, o.Marker.Name)
+	}
+	return status, err
+}
 
+// errCommandFailed stops Hold from writing the marker after a command that
+// exited non-zero; WithLock passes the status on instead.
+var errCommandFailed = errors.New("command failed")
+
+// runUnderLock runs o.Command to its end and returns its exit status. It
+// passes on the signals that would stop us, and ctx's end as SIGTERM, so
+// that the lock is dropped only after the command is gone.
+func runUnderLock(ctx context.Context, o WithLockOptions) (int, error) {
 	cmd := exec.Command(o.Command[0], o.Command[1:]...)
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = o.Stdin, o.Stdout, o.Stderr
 	if cmd.Stdin == nil {
@@ -363,69 +364,112 @@ func WithLock(ctx context.Context, o WithLockOptions) (int, error) {
 	if err := cmd.Start(); err != nil {
 		return 0, fmt.Errorf("run %s: %w", o.Command[0], err)
 	}
-	// The command gets the signals that would stop us, and we wait for it:
-	// the lock is dropped only after it ends.
 	sigs := make(chan os.Signal, 4)
 	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM, syscall.SIGHUP)
 	defer signal.Stop(sigs)
 	waited := make(chan error, 1)
 	go func() { waited <- cmd.Wait() }()
-
-	lost := error(nil)
-	lastOK := time.Now()
-	tick := time.NewTicker(o.Refresh)
-	defer tick.Stop()
-	var waitErr error
 	done := ctx.Done()
-loop:
 	for {
 		select {
-		case waitErr = <-waited:
-			break loop
+		case err := <-waited:
+			return exitStatus(cmd.ProcessState, err), nil
 		case s := <-sigs:
 			cmd.Process.Signal(s)
 		case <-done:
 			done = nil
 			cmd.Process.Signal(syscall.SIGTERM)
-		case <-tick.C:
-			if lost != nil {
-				continue
+		}
+	}
+}
+
+// Hold takes an upload lock next to the marker (named after it, unique to
+// this holder; holder goes into the lock's body), runs work while
+// refreshing the lock every refresh, then, if work succeeded and the lock
+// held throughout, runs commit, still under the lock. The lock is always
+// dropped. A lost lock is an error wrapping ErrLockLost. lockWait bounds
+// the wait for a prune to let go (default 30 minutes), refresh defaults to
+// 5 minutes.
+func (m *MarkerURL) Hold(ctx context.Context, holder string, lockWait, refresh time.Duration, log *logrus.Entry, work, commit func(context.Context) error) error {
+	if lockWait == 0 {
+		lockWait = 30 * time.Minute
+	}
+	if refresh == 0 {
+		refresh = 5 * time.Minute
+	}
+	name := m.NewLockName()
+	host, _ := os.Hostname()
+	body := []byte(fmt.Sprintf("%s, pid %d on %s, since %s\n", holder, os.Getpid(), host, time.Now().UTC().Format(time.RFC3339)))
+	if len(body) > prune.MaxLockBody {
+		body = body[:prune.MaxLockBody]
+	}
+	log.Infof("take the upload lock %s", name)
+	if err := m.Lock(ctx, name, body, lockWait, log); err != nil {
+		return err
+	}
+	// Whatever happens now, drop the lock (with a context of its own: ctx
+	// may be cancelled by then).
+	defer func() {
+		uctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+		defer cancel()
+		if err := m.Unlock(uctx, name); err != nil {
+			log.Warnf("%v (it goes stale in %s)", err, prune.StaleAfter)
+		}
+	}()
+
+	lost := make(chan error, 1)
+	stop := make(chan struct{})
+	refreshed := make(chan struct{})
+	go func() {
+		defer close(refreshed)
+		tick := time.NewTicker(refresh)
+		defer tick.Stop()
+		lastOK := time.Now()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-tick.C:
 			}
 			err := m.TryLock(ctx, name, body)
+			var lostErr error
 			switch {
 			case err == nil:
 				lastOK = time.Now()
+				continue
 			case errors.Is(err, prune.ErrBusy):
-				lost = fmt.Errorf("%w: refreshing it was refused while a prune holds the cache", ErrLockLost)
-			case isDefinite(err):
-				lost = fmt.Errorf("%w: %v", ErrLockLost, err)
-			case time.Since(lastOK) > prune.StaleAfter-2*o.Refresh:
-				lost = fmt.Errorf("%w: not refreshed since %s: %v", ErrLockLost, lastOK.Format(time.RFC3339), err)
+				lostErr = fmt.Errorf("%w: refreshing it was refused while a prune holds the cache", ErrLockLost)
+			case isDefinite(err) && !strings.Contains(err.Error(), GatewayErrorPrefix):
+				// The cache's answer; a gateway's own answer only says the
+				// onion was out of reach for a moment.
+				lostErr = fmt.Errorf("%w: %v", ErrLockLost, err)
+			case time.Since(lastOK) > prune.StaleAfter-2*refresh:
+				lostErr = fmt.Errorf("%w: not refreshed since %s: %v", ErrLockLost, lastOK.Format(time.RFC3339), err)
 			default:
 				log.Warnf("refresh the upload lock: %v (will retry)", err)
+				continue
 			}
-			if lost != nil {
-				log.Warnf("%v; the marker will not be written", lost)
-			}
+			log.Warnf("%v; the marker will not be written", lostErr)
+			lost <- lostErr
+			return
 		}
+	}()
+	err := work(ctx)
+	close(stop)
+	<-refreshed
+	if err != nil {
+		return err
 	}
-	status := exitStatus(cmd.ProcessState, waitErr)
-	if status != 0 {
-		return status, nil
+	select {
+	case err := <-lost:
+		return err
+	default:
 	}
-	if lost == nil {
-		// One last refresh proves the lock still holds as the marker goes in.
-		if err := m.TryLock(ctx, name, body); err != nil {
-			lost = fmt.Errorf("%w: %v", ErrLockLost, err)
-		}
+	// One last refresh proves the lock still holds as the marker goes in.
+	if err := m.TryLock(ctx, name, body); err != nil {
+		return fmt.Errorf("%w: %v", ErrLockLost, err)
 	}
-	if lost != nil {
-		return status, fmt.Errorf("%w; the marker %s was not written", lost, m.Name)
-	}
-	if err := m.Put(ctx, o.StorePath); err != nil {
-		return status, err
-	}
-	return status, nil
+	return commit(ctx)
 }
 
 // isDefinite reports whether a lock error is the cache's answer rather
