@@ -287,3 +287,26 @@ func TestServeTorLocal(t *testing.T) {
 		t.Error("tors of the private network still run after serve stopped")
 	}
 }
+
+// TestPublicRead: with no client keys, serve refuses to start unless
+// --public-read opens the read onion to anyone; the write onion is never
+// published without a writer key.
+func TestPublicRead(t *testing.T) {
+	stateDir := filepath.Join(t.TempDir(), "state")
+	cacheDir := filepath.Join(t.TempDir(), "cache")
+	out, code := runKissOnion(t, "serve", "--tor", "public", "--tor-config", torNetConf, "--cache-dir", cacheDir, "--state-dir", stateDir)
+	if code != 1 || !strings.Contains(out, "no client keys") || !strings.Contains(out, "kiss-onion: hint:") {
+		t.Fatalf("serve with no keys: exit %d\n%s", code, out)
+	}
+	srv := startOnionServer(t, stateDir, cacheDir, "--public-read")
+	keyless := torClient(t, "")
+	waitOnion(t, keyless.SocksAddr(), srv.readURL)
+	if !strings.Contains(srv.out.String(), "no client keys: onion not published") {
+		t.Errorf("serve did not say the write onion is not published:\n%s", srv.out)
+	}
+	c, err := socksConnect(keyless.SocksAddr(), srv.writeAddr, 2*time.Minute)
+	if err == nil {
+		c.Close()
+		t.Fatal("a keyless client reached the write onion")
+	}
+}
