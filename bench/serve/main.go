@@ -27,6 +27,7 @@ var (
 	nPaths   = flag.Int("paths", 300, "store paths in the closure")
 	rounds   = flag.Int("rounds", 3, "rounds of each measurement (the best counts)")
 	duration = flag.String("duration", "10s", "wrk duration")
+	only     = flag.String("only", "", "run only the reads or only the writes (reads|writes)")
 )
 
 func main() {
@@ -71,6 +72,9 @@ func run() error {
 
 	var results []result
 	for _, comp := range []string{"zstd", "none"} {
+		if *only == "writes" {
+			break
+		}
 		dir := caches[comp]
 		kiss, err := startKiss(bin, dir, false)
 		if err != nil {
@@ -89,11 +93,13 @@ func run() error {
 		}
 		results = append(results, rs...)
 	}
-	w, err := measureWrites(bin, top)
-	if err != nil {
-		return err
+	if *only != "reads" {
+		w, err := measureWrites(bin, top)
+		if err != nil {
+			return err
+		}
+		results = append(results, w)
 	}
-	results = append(results, w)
 	printTable(results)
 	return nil
 }
