@@ -66,6 +66,9 @@ type Cache struct {
 	locks    *prune.Locks
 	narinfos *memCache
 	log      *logrus.Entry
+
+	// nix-cache-info's validators, computed once.
+	infoETag, infoModified string
 }
 
 // Limits on bodies that are small by nature.
@@ -129,11 +132,15 @@ func New(cfg Config) (*Cache, error) {
 	if fi, err := os.Stat(infoPath); err == nil {
 		c.infoTime = fi.ModTime()
 	}
+	c.infoETag = etagOf(int64(len(c.info)), c.infoTime)
+	c.infoModified = c.infoTime.UTC().Format(http.TimeFormat)
 	return c, nil
 }
 
-// Handler returns the HTTP handler for role.
-func (c *Cache) Handler(role Role) http.Handler {
+// handler returns the net/http handler for role: the write role's server.
+// The read role has its own, faster server (readserver.go); this one gives
+// the same answers to reads.
+func (c *Cache) handler(role Role) http.Handler {
 	return &handler{c: c, role: role}
 }
 

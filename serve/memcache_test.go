@@ -27,7 +27,9 @@ func TestMemCacheStaysUnderItsLimit(t *testing.T) {
 		}
 	}
 	var n int64
-	mc.m.Range(func(k, v any) bool { n += entrySize(k.(string), v.(*memEntry)); return true })
+	for k, v := range mc.m {
+		n += entrySize(k, v)
+	}
 	if n != mc.bytes {
 		t.Errorf("accounted %d bytes, holds %d", mc.bytes, n)
 	}
@@ -37,7 +39,7 @@ func TestMemCacheStaysUnderItsLimit(t *testing.T) {
 	if e, err := mc.get(dir, "big"); err != nil || len(e.data) != len(big) {
 		t.Fatalf("get big: %v", err)
 	}
-	if _, ok := mc.m.Load("big"); ok {
+	if _, ok := mc.m["big"]; ok {
 		t.Error("entry over the limit kept")
 	}
 }

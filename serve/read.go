@@ -1,16 +1,13 @@
 package serve
 
 import (
-	"bytes"
 	"errors"
+	"io"
 	"io/fs"
 	"net/http"
 	"os"
-	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -22,114 +19,226 @@ const minSendRate = 16 << 10
 // sendGrace is the write deadline every response gets on top of its size.
 const sendGrace = 60 * time.Second
 
-func (c *Cache) serveFile(w http.ResponseWriter, r *http.Request, t target) {
+// sendDeadline is how long sending n bytes may take.
+func sendDeadline(n int64) time.Duration {
+	return sendGrace + time.Duration(n/minSendRate)*time.Second
+}
+
+// query is what a GET or HEAD asks beyond its path, whichever HTTP server
+// carried it: the read role's and the write role's share one answer.
+type query struct {
+	head                         bool
+	rng, ifRange                 string
+	ifMatch, ifUnmodifiedSince   string
+	ifNoneMatch, ifModifiedSince string
+}
+
+// answer is the reply to a query. Its body comes from memory (data) or from
+// a file (file, positioned at the first byte to send, length bytes long),
+// which whoever writes the answer must close.
+type answer struct {
+	status       int
+	ctype        string
+	etag         string
+	modified     string // Last-Modified, in http.TimeFormat
+	contentRange string
+	length       int64 // Content-Length
+	data         []byte
+	file         *os.File
+	msg          string // the error's text, for a status of 400 and over
+	err          error  // the cause of a 500, for the log
+}
+
+var notFound = answer{status: http.StatusNotFound, msg: "not found"}
+
+// read answers a GET or HEAD of t.
+func (c *Cache) read(t target, q *query) answer {
 	switch t.kind {
 	case kindCacheInfo:
-		c.serveBytes(w, r, t.kind, c.info, c.infoTime, etagOf(int64(len(c.info)), c.infoTime))
-		return
+		return respond(q, contentType[kindCacheInfo], c.infoETag, c.infoModified, c.infoTime, c.info, nil)
 	case kindNarInfo:
 		if c.narinfos != nil {
 			e, err := c.narinfos.get(c.cfg.Dir, t.rel)
 			switch {
 			case err == nil:
-				c.serveNarInfo(w, r, e)
+				return respond(q, contentType[kindNarInfo], e.etag, e.modified, e.mod, e.data, nil)
 			case errors.Is(err, fs.ErrNotExist):
-				http.NotFound(w, r)
+				return notFound
 			default:
-				c.serverError(w, r, err)
+				return answer{status: http.StatusInternalServerError, msg: "internal error", err: err}
 			}
-			return
 		}
 	}
 	f, err := os.Open(c.path(t))
 	if err != nil {
 		if errors.Is(err, fs.ErrNotExist) || errors.Is(err, syscall.ENOTDIR) {
-			http.NotFound(w, r)
-			return
+			return notFound
 		}
-		c.serverError(w, r, err)
-		return
+		return answer{status: http.StatusInternalServerError, msg: "internal error", err: err}
 	}
-	defer f.Close()
 	fi, err := f.Stat()
 	if err != nil {
-		c.serverError(w, r, err)
-		return
+		f.Close()
+		return answer{status: http.StatusInternalServerError, msg: "internal error", err: err}
 	}
 	if !fi.Mode().IsRegular() {
-		http.NotFound(w, r)
-		return
+		f.Close()
+		return notFound
 	}
-	h := w.Header()
-	h.Set("Content-Type", contentType[t.kind])
-	h.Set("ETag", etagOf(fi.Size(), fi.ModTime()))
-	h.Set("Accept-Ranges", "bytes")
-	if fi.Size() > 1<<20 {
-		deadline := sendGrace + time.Duration(fi.Size()/minSendRate)*time.Second
-		http.NewResponseController(w).SetWriteDeadline(time.Now().Add(deadline))
+	mod := fi.ModTime()
+	a := respond(q, contentType[t.kind], etagOf(fi.Size(), mod), mod.UTC().Format(http.TimeFormat), mod, nil, &sized{f, fi.Size()})
+	if a.file == nil {
+		f.Close()
 	}
-	// ServeContent copies an *os.File with sendfile and answers Range,
-	// If-Range, If-None-Match and HEAD.
-	http.ServeContent(w, r, "", fi.ModTime(), f)
+	return a
 }
 
-// Header values for narinfos served from memory, shared by all responses
-// (net/http only reads them).
-var (
-	narInfoType = []string{"text/x-nix-narinfo"}
-	acceptBytes = []string{"bytes"}
-)
-
-// serveNarInfo answers a narinfo from memory. Plain GETs and HEADs, all but
-// every request Nix makes, take a path with nothing computed per request;
-// anything conditional or ranged goes through http.ServeContent.
-func (c *Cache) serveNarInfo(w http.ResponseWriter, r *http.Request, e *memEntry) {
-	rh := r.Header
-	if len(rh["Range"]) > 0 || len(rh["If-Range"]) > 0 || len(rh["If-Match"]) > 0 ||
-		len(rh["If-Modified-Since"]) > 0 || len(rh["If-Unmodified-Since"]) > 0 {
-		c.serveBytes(w, r, kindNarInfo, e.data, e.mod, e.etag)
-		return
-	}
-	h := w.Header()
-	h["Content-Type"] = narInfoType
-	h["Accept-Ranges"] = acceptBytes
-	h["Etag"] = e.hdrETag
-	h["Last-Modified"] = e.hdrModified
-	if inm := rh["If-None-Match"]; len(inm) > 0 && etagMatches(inm, e.etag) {
-		w.WriteHeader(http.StatusNotModified)
-		return
-	}
-	h["Content-Length"] = e.hdrLength
-	w.WriteHeader(http.StatusOK)
-	if r.Method != http.MethodHead {
-		w.Write(e.data)
-	}
+// sized is a file and its size, the body of an answer not held in memory.
+type sized struct {
+	f    *os.File
+	size int64
 }
 
-// etagMatches reports whether an If-None-Match header lists etag (or *).
-func etagMatches(values []string, etag string) bool {
-	for _, v := range values {
-		for _, t := range strings.Split(v, ",") {
-			t = strings.TrimSpace(t)
-			if t == "*" || strings.TrimPrefix(t, "W/") == etag {
-				return true
+// respond answers q for a representation held in data or in file: the
+// conditional headers of RFC 9110 section 13 (If-Match, If-Unmodified-Since,
+// If-None-Match, If-Modified-Since, in that order), then a single byte range
+// (section 14; If-Range honoured; several ranges get the whole file, which
+// the RFC allows).
+func respond(q *query, ctype, etag, modified string, mod time.Time, data []byte, file *sized) answer {
+	size := int64(len(data))
+	if file != nil {
+		size = file.size
+	}
+	a := answer{status: http.StatusOK, ctype: ctype, etag: etag, modified: modified, length: size}
+	mod = mod.Truncate(time.Second) // HTTP dates have seconds only
+	switch {
+	case q.ifMatch != "":
+		if !etagListed(q.ifMatch, etag, false) {
+			return answer{status: http.StatusPreconditionFailed, msg: "If-Match does not match"}
+		}
+	case q.ifUnmodifiedSince != "":
+		if t, err := http.ParseTime(q.ifUnmodifiedSince); err == nil && mod.After(t) {
+			return answer{status: http.StatusPreconditionFailed, msg: "modified since If-Unmodified-Since"}
+		}
+	}
+	switch {
+	case q.ifNoneMatch != "":
+		if etagListed(q.ifNoneMatch, etag, true) {
+			return answer{status: http.StatusNotModified, etag: etag, modified: modified}
+		}
+	case q.ifModifiedSince != "":
+		if t, err := http.ParseTime(q.ifModifiedSince); err == nil && !mod.After(t) {
+			return answer{status: http.StatusNotModified, etag: etag, modified: modified}
+		}
+	}
+	start, n := int64(0), size
+	if q.rng != "" && rangeApplies(q.ifRange, etag, mod) {
+		s, l, ok := parseRange(q.rng, size)
+		switch {
+		case !ok:
+			// A malformed or multiple range is ignored: the whole body.
+		case l < 0:
+			return answer{status: http.StatusRequestedRangeNotSatisfiable, contentRange: "bytes */" + strconv.FormatInt(size, 10),
+				msg: "range not satisfiable: the file has " + strconv.FormatInt(size, 10) + " bytes"}
+		default:
+			start, n = s, l
+			a.status = http.StatusPartialContent
+			a.contentRange = "bytes " + strconv.FormatInt(s, 10) + "-" + strconv.FormatInt(s+l-1, 10) + "/" + strconv.FormatInt(size, 10)
+			a.length = l
+		}
+	}
+	if q.head {
+		return a
+	}
+	if file == nil {
+		a.data = data[start : start+n]
+		return a
+	}
+	if start > 0 {
+		if _, err := file.f.Seek(start, io.SeekStart); err != nil {
+			return answer{status: http.StatusInternalServerError, msg: "internal error", err: err}
+		}
+	}
+	a.file = file.f
+	return a
+}
+
+// rangeApplies reports whether an If-Range (when there is one) lets a Range
+// stand: it must name the current strong ETag or the exact modification time.
+func rangeApplies(ifRange, etag string, mod time.Time) bool {
+	if ifRange == "" {
+		return true
+	}
+	if strings.HasPrefix(ifRange, `"`) {
+		return ifRange == etag
+	}
+	t, err := http.ParseTime(ifRange)
+	return err == nil && t.Equal(mod)
+}
+
+// parseRange reads a Range header of one byte range against a body of size
+// bytes. ok is false for anything else (ignored, per the RFC); a length
+// below zero means the range is valid but not satisfiable (416).
+func parseRange(h string, size int64) (start, length int64, ok bool) {
+	spec, found := strings.CutPrefix(h, "bytes=")
+	if !found || strings.Contains(spec, ",") {
+		return 0, 0, false
+	}
+	first, last, found := strings.Cut(strings.TrimSpace(spec), "-")
+	if !found {
+		return 0, 0, false
+	}
+	if first == "" {
+		n, err := strconv.ParseInt(last, 10, 64)
+		if err != nil || n < 0 || last[0] == '+' {
+			return 0, 0, false
+		}
+		if n == 0 || size == 0 {
+			return 0, -1, true
+		}
+		n = min(n, size)
+		return size - n, n, true
+	}
+	s, err := strconv.ParseInt(first, 10, 64)
+	if err != nil || s < 0 || first[0] == '+' {
+		return 0, 0, false
+	}
+	e := size - 1
+	if last != "" {
+		e, err = strconv.ParseInt(last, 10, 64)
+		if err != nil || e < s || last[0] == '+' {
+			return 0, 0, false
+		}
+		e = min(e, size-1)
+	}
+	if s >= size {
+		return 0, -1, true
+	}
+	return s, e - s + 1, true
+}
+
+// etagListed reports whether a header's list of entity tags names etag (or
+// is "*"). If-None-Match compares weakly (a W/ prefix does not matter),
+// If-Match strongly.
+func etagListed(list, etag string, weak bool) bool {
+	for list != "" {
+		var t string
+		t, list, _ = strings.Cut(list, ",")
+		t = strings.TrimSpace(t)
+		if t == "*" {
+			return true
+		}
+		if strings.HasPrefix(t, "W/") {
+			if !weak {
+				continue
 			}
+			t = t[2:]
+		}
+		if t == etag {
+			return true
 		}
 	}
 	return false
-}
-
-func (c *Cache) serveBytes(w http.ResponseWriter, r *http.Request, k kind, data []byte, mod time.Time, etag string) {
-	h := w.Header()
-	h.Set("Content-Type", contentType[k])
-	h.Set("ETag", etag)
-	h.Set("Accept-Ranges", "bytes")
-	http.ServeContent(w, r, "", mod, bytes.NewReader(data))
-}
-
-func (c *Cache) serverError(w http.ResponseWriter, r *http.Request, err error) {
-	c.log.WithFields(map[string]any{"method": r.Method, "path": r.URL.Path}).WithError(err).Error("request failed")
-	http.Error(w, "internal error", http.StatusInternalServerError)
 }
 
 // etagOf is a strong validator from a file's size and modification time:
@@ -138,123 +247,69 @@ func etagOf(size int64, mod time.Time) string {
 	return `"` + strconv.FormatInt(size, 36) + "-" + strconv.FormatInt(mod.UnixNano(), 36) + `"`
 }
 
-// memCache keeps narinfos in memory: they are small, immutable once written
-// and read far more often than anything else. An entry is trusted for
-// revalidateAfter and then checked against the file (identity, size, time),
-// so a narinfo deleted or replaced behind our back (by a prune in another
-// process) stops being served within that time.
-type memCache struct {
-	m     sync.Map // rel path -> *memEntry; lock-free reads, which is all a hit does
-	mu    sync.Mutex
-	bytes int64 // under mu, like every change to m
-	limit int64
-}
-
-type memEntry struct {
-	data    []byte
-	mod     time.Time
-	etag    string
-	ino     uint64
-	checked atomic.Int64 // unix nanoseconds of the last check against the file
-
-	// Response header values, computed once.
-	hdrETag, hdrModified, hdrLength []string
-}
-
-func newMemEntry(data []byte, fi os.FileInfo, now int64) *memEntry {
-	e := &memEntry{data: data, mod: fi.ModTime(), etag: etagOf(int64(len(data)), fi.ModTime()), ino: inode(fi)}
-	e.hdrETag = []string{e.etag}
-	e.hdrModified = []string{e.mod.UTC().Format(http.TimeFormat)}
-	e.hdrLength = []string{strconv.Itoa(len(data))}
-	e.checked.Store(now)
-	return e
-}
-
-const revalidateAfter = time.Second
-
-func newMemCache(limit int64) *memCache {
-	return &memCache{limit: limit}
-}
-
-// get returns the narinfo at rel in dir, from memory when it was checked
-// recently. It is keyed by rel, a slice of the request's path, so a hit
-// allocates nothing.
-func (mc *memCache) get(dir, rel string) (*memEntry, error) {
-	now := time.Now().UnixNano()
-	var e *memEntry
-	if v, ok := mc.m.Load(rel); ok {
-		e = v.(*memEntry)
+// serveFile answers a GET or HEAD through net/http (the write role).
+func (c *Cache) serveFile(w http.ResponseWriter, r *http.Request, t target) {
+	h := r.Header
+	q := query{
+		head: r.Method == http.MethodHead, rng: h.Get("Range"), ifRange: h.Get("If-Range"),
+		ifMatch: h.Get("If-Match"), ifUnmodifiedSince: h.Get("If-Unmodified-Since"),
+		ifNoneMatch: h.Get("If-None-Match"), ifModifiedSince: h.Get("If-Modified-Since"),
 	}
-	if e != nil && now-e.checked.Load() < int64(revalidateAfter) {
-		return e, nil
+	a := c.read(t, &q)
+	if a.file != nil {
+		defer a.file.Close()
 	}
-	path := filepath.Join(dir, rel)
-	fi, err := os.Stat(path)
-	if err != nil {
-		mc.drop(rel)
-		return nil, err
-	}
-	if e != nil && e.ino == inode(fi) && int64(len(e.data)) == fi.Size() && e.mod.Equal(fi.ModTime()) {
-		e.checked.Store(now)
-		return e, nil
-	}
-	data, err := os.ReadFile(path)
-	if err != nil {
-		mc.drop(rel)
-		return nil, err
-	}
-	e = newMemEntry(data, fi, now)
-	mc.put(rel, e)
-	return e, nil
-}
-
-// put stores e, evicting arbitrary entries beyond the limit.
-func (mc *memCache) put(rel string, e *memEntry) {
-	size := entrySize(rel, e)
-	if size > mc.limit {
+	if a.status >= 400 {
+		c.refuseRead(w, r, a)
 		return
 	}
-	mc.mu.Lock()
-	defer mc.mu.Unlock()
-	if old, ok := mc.m.LoadAndDelete(rel); ok {
-		mc.bytes -= entrySize(rel, old.(*memEntry))
+	wh := w.Header()
+	if a.ctype != "" {
+		wh.Set("Content-Type", a.ctype)
 	}
-	if mc.bytes+size > mc.limit {
-		mc.m.Range(func(k, v any) bool {
-			mc.m.Delete(k)
-			mc.bytes -= entrySize(k.(string), v.(*memEntry))
-			return mc.bytes+size > mc.limit
-		})
+	if a.etag != "" {
+		wh.Set("Etag", a.etag)
 	}
-	mc.m.Store(rel, e)
-	mc.bytes += size
+	if a.modified != "" {
+		wh.Set("Last-Modified", a.modified)
+	}
+	if a.status != http.StatusNotModified {
+		wh.Set("Accept-Ranges", "bytes")
+		wh.Set("Content-Length", strconv.FormatInt(a.length, 10))
+	}
+	if a.contentRange != "" {
+		wh.Set("Content-Range", a.contentRange)
+	}
+	if a.length > 1<<20 {
+		http.NewResponseController(w).SetWriteDeadline(time.Now().Add(sendDeadline(a.length)))
+	}
+	w.WriteHeader(a.status)
+	switch {
+	case a.file != nil:
+		// net/http's ResponseWriter copies an *os.File with sendfile.
+		io.Copy(w, io.LimitReader(a.file, a.length))
+	case a.data != nil:
+		w.Write(a.data)
+	}
 }
 
-func (mc *memCache) drop(rel string) {
-	mc.mu.Lock()
-	if old, ok := mc.m.LoadAndDelete(rel); ok {
-		mc.bytes -= entrySize(rel, old.(*memEntry))
+// refuseRead answers a read that failed: 404 quietly, 500 with a log
+// line, the rest as refusals.
+func (c *Cache) refuseRead(w http.ResponseWriter, r *http.Request, a answer) {
+	if a.contentRange != "" {
+		w.Header().Set("Content-Range", a.contentRange)
 	}
-	mc.mu.Unlock()
-}
-
-// entrySize is what an entry counts against the limit: its data, its key
-// and a rough overhead.
-func entrySize(rel string, e *memEntry) int64 { return int64(len(e.data)+len(rel)) + 256 }
-
-// stored records a narinfo this process just wrote at rel in dir, so the
-// next read needs no disk access.
-func (mc *memCache) stored(dir, rel string, data []byte) {
-	fi, err := os.Stat(filepath.Join(dir, rel))
-	if err != nil {
+	if a.err != nil {
+		c.log.WithFields(map[string]any{"method": r.Method, "path": r.URL.Path}).WithError(a.err).Error("request failed")
+	}
+	if a.status != http.StatusNotFound && a.err == nil {
+		c.refuse(w, r, a.status, "%s", a.msg)
 		return
 	}
-	mc.put(rel, newMemEntry(data, fi, time.Now().UnixNano()))
-}
-
-func inode(fi os.FileInfo) uint64 {
-	if st, ok := fi.Sys().(*syscall.Stat_t); ok {
-		return st.Ino
-	}
-	return 0
+	h := w.Header()
+	h.Set("Content-Type", "text/plain; charset=utf-8")
+	h.Set("X-Content-Type-Options", "nosniff")
+	h.Set("Content-Length", strconv.Itoa(len(a.msg)+1))
+	w.WriteHeader(a.status)
+	io.WriteString(w, a.msg+"\n")
 }

@@ -4,13 +4,13 @@ import (
 	"bufio"
 	"bytes"
 	"compress/gzip"
+	"context"
 	"crypto/sha256"
 	"fmt"
 	"io"
 	"io/fs"
 	"net"
 	"net/http"
-	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"sort"
@@ -35,11 +35,11 @@ const (
 type testCache struct {
 	*Cache
 	root, dir    string
-	read, write  *httptest.Server
+	read, write  *testServer
 	outsideFiles []string
 }
 
-func newTestCache(t *testing.T, edit func(*Config)) *testCache {
+func newTestCache(t testing.TB, edit func(*Config)) *testCache {
 	t.Helper()
 	root := t.TempDir()
 	dir := filepath.Join(root, "cache")
@@ -57,15 +57,47 @@ func newTestCache(t *testing.T, edit func(*Config)) *testCache {
 		t.Fatal(err)
 	}
 	tc := &testCache{Cache: c, root: root, dir: dir}
-	tc.read = httptest.NewServer(c.Handler(Read))
-	tc.write = httptest.NewServer(c.Handler(Write))
-	t.Cleanup(tc.read.Close)
-	t.Cleanup(tc.write.Close)
+	tc.read = startServer(t, c, Read)
+	tc.write = startServer(t, c, Write)
 	tc.outsideFiles = listTree(t, outside)
 	return tc
 }
 
-func listTree(t *testing.T, dir string) []string {
+// testServer is a Server on a loopback listener, with the parts of
+// httptest.Server the tests use.
+type testServer struct {
+	URL      string
+	Listener net.Listener
+	client   *http.Client
+}
+
+func (s *testServer) Client() *http.Client { return s.client }
+
+func startServer(t testing.TB, c *Cache, role Role) *testServer {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := c.NewServer(role, nil)
+	done := make(chan error, 1)
+	go func() { done <- srv.Serve(ln) }()
+	tr := &http.Transport{}
+	t.Cleanup(func() {
+		tr.CloseIdleConnections()
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if err := srv.Shutdown(ctx); err != nil {
+			t.Errorf("shutdown of the %s server: %v", role, err)
+		}
+		if err := <-done; err != nil {
+			t.Errorf("the %s server: %v", role, err)
+		}
+	})
+	return &testServer{URL: "http://" + ln.Addr().String(), Listener: ln, client: &http.Client{Transport: tr}}
+}
+
+func listTree(t testing.TB, dir string) []string {
 	var out []string
 	filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
 		if err == nil {
@@ -96,7 +128,7 @@ func (tc *testCache) checkNothingLeaked(t *testing.T) {
 }
 
 // do sends an HTTP request to srv and returns the response, body read.
-func do(t *testing.T, srv *httptest.Server, method, path string, body []byte, hdr ...string) (*http.Response, string) {
+func do(t testing.TB, srv *testServer, method, path string, body []byte, hdr ...string) (*http.Response, string) {
 	t.Helper()
 	req, err := http.NewRequest(method, srv.URL+path, bytes.NewReader(body))
 	if err != nil {
@@ -119,7 +151,7 @@ func do(t *testing.T, srv *httptest.Server, method, path string, body []byte, hd
 
 // raw sends bytes as they are (so that the path is not normalised) and
 // returns the status code.
-func raw(t *testing.T, srv *httptest.Server, request string) int {
+func raw(t *testing.T, srv *testServer, request string) int {
 	t.Helper()
 	conn, err := net.Dial("tcp", srv.Listener.Addr().String())
 	if err != nil {
@@ -148,7 +180,7 @@ func narInfo(hash, name, url string, refs ...string) string {
 }
 
 // upload puts a NAR and its narinfo, as nix copy does.
-func (tc *testCache) upload(t *testing.T, hash, name string, refs ...string) string {
+func (tc *testCache) upload(t testing.TB, hash, name string, refs ...string) string {
 	t.Helper()
 	content := []byte("nar of " + hash)
 	url := narName(content, "")
@@ -179,7 +211,7 @@ func TestHostileRequests(t *testing.T) {
 
 	tests := []struct {
 		name   string
-		srv    *httptest.Server
+		srv    *testServer
 		req    string // raw request, or:
 		method string
 		path   string

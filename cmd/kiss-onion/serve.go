@@ -2,10 +2,8 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"net"
-	"net/http"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -247,7 +245,7 @@ func serveMain(f serveFlags, log *logrus.Entry) error {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	errc := make(chan error, 4)
-	var servers []*http.Server
+	var servers []*serve.Server
 	defer func() {
 		shutCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
@@ -256,10 +254,10 @@ func serveMain(f serveFlags, log *logrus.Entry) error {
 		}
 	}()
 	serveOn := func(ln net.Listener, role serve.Role) {
-		srv := serve.NewServer(cache.Handler(role), log)
+		srv := cache.NewServer(role, log)
 		servers = append(servers, srv)
 		go func() {
-			if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			if err := srv.Serve(ln); err != nil {
 				errc <- fmt.Errorf("%s listener: %w", role, err)
 			}
 		}()
