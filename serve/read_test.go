@@ -1,6 +1,7 @@
 package serve
 
 import (
+	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -8,6 +9,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/valyala/fasthttp"
 )
 
 // TestReadAnswers sends each kind of GET and HEAD to both roles (the read
@@ -101,4 +104,37 @@ func TestReadAnswers(t *testing.T) {
 			}
 		}
 	}
+}
+
+// FuzzReadRequest sends arbitrary request targets and Range headers to the
+// read role's handler: it must not panic, must answer with a status a read
+// can get, and must never send a byte from outside the cache directory.
+func FuzzReadRequest(f *testing.F) {
+	tc := newTestCache(f, nil)
+	narURL := tc.upload(f, hashB, "dep")
+	for _, s := range []string{"/" + hashB + ".narinfo", "/" + narURL, "/nix-cache-info", "/../outside/secret", "/%2e%2e/outside/secret", "http://x/nar/../x", "*"} {
+		for _, r := range []string{"", "bytes=0-3", "bytes=-1", "bytes=9999-", "bytes=3-1"} {
+			f.Add(s, r)
+		}
+	}
+	conn, other := net.Pipe()
+	f.Cleanup(func() { conn.Close(); other.Close() })
+	f.Fuzz(func(t *testing.T, target, rng string) {
+		var ctx fasthttp.RequestCtx
+		ctx.Init2(conn, nil, false)
+		ctx.Request.Header.SetRequestURI(target)
+		if rng != "" {
+			ctx.Request.Header.Set("Range", rng)
+		}
+		tc.handleRead(&ctx)
+		defer ctx.Response.Reset() // closes a file body
+		switch st := ctx.Response.StatusCode(); st {
+		case 200, 206, 400, 404, 416:
+		default:
+			t.Fatalf("GET %q with Range %q: status %d", target, rng, st)
+		}
+		if strings.Contains(string(ctx.Response.Body()), "secret") {
+			t.Fatalf("GET %q sent a file from outside the cache", target)
+		}
+	})
 }
