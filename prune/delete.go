@@ -181,7 +181,7 @@ func (p *pruner) delete(ctx context.Context) error {
 	var narsLeft atomic.Int64 // candidates that stay (young, failed, still named)
 	narCh := make(chan int, 4096)
 	var narWorkers sync.WaitGroup
-	for w := 0; w < p.workers; w++ {
+	for w := 0; w < p.unlinkers; w++ {
 		narWorkers.Add(1)
 		go func() {
 			defer narWorkers.Done()
@@ -276,7 +276,7 @@ func (p *pruner) delete(ctx context.Context) error {
 		return true
 	}
 	var narinfoWorkers sync.WaitGroup
-	for w := 0; w < p.workers; w++ {
+	for w := 0; w < p.unlinkers; w++ {
 		narinfoWorkers.Add(1)
 		go func() {
 			defer narinfoWorkers.Done()

@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"io/fs"
+	"sync/atomic"
 
 	"golang.org/x/sys/unix"
 )
@@ -110,6 +111,10 @@ func (d *dir) stat(name string) (fileInfo, error) {
 	if err != nil {
 		return fileInfo{}, &fs.PathError{Op: "stat", Path: d.path + "/" + name, Err: err}
 	}
+	return infoOf(&st), nil
+}
+
+func infoOf(st *unix.Stat_t) fileInfo {
 	fi := fileInfo{
 		ino:   st.Ino,
 		size:  st.Size,
@@ -126,18 +131,87 @@ func (d *dir) stat(name string) (fileInfo, error) {
 	// cannot be set back by a user: with the inode, size and modification
 	// time it tells a rewritten file from the one seen before.
 	fi.ident = identOf(uint64(st.Dev), st.Ino, uint64(st.Size), uint64(st.Mtim.Nano()), uint64(st.Ctim.Nano()))
-	return fi, nil
+	return fi
+}
+
+// noAtime is cleared once opening with O_NOATIME is refused (the files are
+// not ours): reading would otherwise dirty every inode it touches (relatime
+// updates the access time of a file first read after a write), and writing
+// those inodes back competes with the deletions for the disk.
+var noAtime atomic.Bool
+
+func init() { noAtime.Store(true) }
+
+// openRead opens the entry name for reading, never following a symlink
+// (ELOOP) nor blocking on a FIFO.
+func (d *dir) openRead(name string) (int, error) {
+	flags := unix.O_RDONLY | unix.O_CLOEXEC | unix.O_NOFOLLOW | unix.O_NONBLOCK
+	for {
+		na := noAtime.Load()
+		f := flags
+		if na {
+			f |= unix.O_NOATIME
+		}
+		fd, err := unix.Openat(d.fd, name, f, 0)
+		switch {
+		case err == unix.EINTR:
+			continue
+		case err == unix.EPERM && na:
+			noAtime.Store(false)
+			continue
+		case err != nil:
+			return -1, &fs.PathError{Op: "open", Path: d.path + "/" + name, Err: err}
+		}
+		return fd, nil
+	}
 }
 
 // readFile reads the regular file name into buf (growing it), refusing
 // files over limit bytes. size is the file's size as stat saw it: with
 // room for one more byte, one read usually does.
 func (d *dir) readFile(name string, buf []byte, size int64, limit int) ([]byte, error) {
-	fd, err := unix.Openat(d.fd, name, unix.O_RDONLY|unix.O_CLOEXEC|unix.O_NOFOLLOW|unix.O_NONBLOCK, 0)
+	fd, err := d.openRead(name)
 	if err != nil {
-		return nil, &fs.PathError{Op: "open", Path: d.path + "/" + name, Err: err}
+		return nil, err
 	}
 	defer unix.Close(fd)
+	return d.readFD(fd, name, buf, size, limit)
+}
+
+// statRead opens the entry name and fstats it; if it is a regular file it
+// also reads it, as readFile does. One path lookup instead of two, and the
+// identity comes from the file read, taken before reading: the data is
+// never older than it. A symlink is reported as typeOther, without error.
+// On an open or stat failure fi is zero; on a read failure it is the
+// file's.
+func (d *dir) statRead(name string, buf []byte, limit int) (fi fileInfo, data []byte, err error) {
+	fd, err := d.openRead(name)
+	if errors.Is(err, unix.ELOOP) {
+		return fileInfo{typ: typeOther}, nil, nil
+	}
+	if err != nil {
+		return fileInfo{}, nil, err
+	}
+	defer unix.Close(fd)
+	var st unix.Stat_t
+	for {
+		err = unix.Fstat(fd, &st)
+		if err != unix.EINTR {
+			break
+		}
+	}
+	if err != nil {
+		return fileInfo{}, nil, &fs.PathError{Op: "stat", Path: d.path + "/" + name, Err: err}
+	}
+	fi = infoOf(&st)
+	if fi.typ != typeFile {
+		return fi, nil, nil
+	}
+	data, err = d.readFD(fd, name, buf, fi.size, limit)
+	return fi, data, err
+}
+
+func (d *dir) readFD(fd int, name string, buf []byte, size int64, limit int) ([]byte, error) {
 	buf = buf[:0]
 	for {
 		if len(buf) > limit {

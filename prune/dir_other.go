@@ -96,6 +96,17 @@ func (d *dir) readFile(name string, buf []byte, size int64, limit int) ([]byte, 
 	return data, nil
 }
 
+// statRead lstats the entry name and, if it is a regular file, reads it.
+// On a stat failure fi is zero; on a read failure it is the file's.
+func (d *dir) statRead(name string, buf []byte, limit int) (fi fileInfo, data []byte, err error) {
+	fi, err = d.stat(name)
+	if err != nil || fi.typ != typeFile {
+		return fi, nil, err
+	}
+	data, err = d.readFile(name, buf, fi.size, limit)
+	return fi, data, err
+}
+
 func (d *dir) remove(name string) error {
 	err := os.Remove(filepath.Join(d.path, name))
 	if errors.Is(err, fs.ErrNotExist) {

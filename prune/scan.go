@@ -29,6 +29,7 @@ type scanItem struct {
 	k       key
 	cached  uint64
 	hasData bool
+	regular bool // the listing said it is a regular file
 }
 
 // scanned is what a worker learned of a chunk of narinfos.
@@ -85,8 +86,9 @@ func (p *pruner) scanNarInfos(ctx context.Context) error {
 	}()
 
 	type pending struct {
-		k   key
-		ino uint64
+		k       key
+		ino     uint64
+		regular bool
 	}
 	var narinfos []pending
 	var listings []key
@@ -109,7 +111,7 @@ func (p *pruner) scanNarInfos(ctx context.Context) error {
 			p.listed = append(p.listed, n)
 			g.flags[n] |= fPresent
 			g.ino[n] = e.ino
-			chunk = append(chunk, scanItem{n: n, k: e.k, cached: g.ident[n], hasData: g.flags[n]&fData != 0})
+			chunk = append(chunk, scanItem{n: n, k: e.k, cached: g.ident[n], hasData: g.flags[n]&fData != 0, regular: e.regular})
 		}
 		for _, k := range listings {
 			g.flags[g.intern(k)] |= fLs
@@ -128,7 +130,7 @@ func (p *pruner) scanNarInfos(ctx context.Context) error {
 		switch {
 		case len(name) == nixcache.HashLen+len(narinfoExt) && bytes.HasSuffix(name, []byte(narinfoExt)):
 			if k, ok := parseKey(name[:nixcache.HashLen]); ok {
-				narinfos = append(narinfos, pending{k, ino})
+				narinfos = append(narinfos, pending{k, ino, typ == typeFile})
 			}
 		case len(name) == nixcache.HashLen+len(lsExt) && bytes.HasSuffix(name, []byte(lsExt)):
 			if k, ok := parseKey(name[:nixcache.HashLen]); ok {
@@ -157,15 +159,25 @@ func (p *pruner) scanNarInfos(ctx context.Context) error {
 // current, reads and parses it. buf is a reusable read buffer.
 func (p *pruner) checkNarInfo(it scanItem, res *scanned, buf []byte) []byte {
 	name := it.k.String() + narinfoExt
-	fi, err := p.top.stat(name)
-	if err == nil && fi.typ != typeFile {
-		err = fs.ErrNotExist // a symlink or a directory is not ours to judge
+	var fi fileInfo
+	var data []byte
+	var err error
+	if it.hasData || !it.regular {
+		// A stat may be all it takes; and what the listing did not call
+		// a regular file is not opened before a stat says it is one.
+		fi, err = p.top.stat(name)
+		if err == nil && fi.typ == typeFile && !(it.hasData && it.cached == fi.ident) {
+			fi, data, err = p.top.statRead(name, buf, maxNarInfoSize)
+		}
+	} else {
+		fi, data, err = p.top.statRead(name, buf, maxNarInfoSize)
 	}
-	if errors.Is(err, fs.ErrNotExist) {
+	if err == nil && fi.typ != typeFile || errors.Is(err, fs.ErrNotExist) {
+		// Gone, or a symlink or a directory: not ours to judge.
 		res.gone = append(res.gone, it.n)
 		return buf
 	}
-	if err != nil {
+	if err != nil && fi.typ != typeFile {
 		p.log.Warnf("keeping %s: %v", name, err)
 		p.c.malformed.Add(1)
 		res.parsed = append(res.parsed, parsedNarInfo{n: it.n, malformed: true})
@@ -178,11 +190,6 @@ func (p *pruner) checkNarInfo(it scanItem, res *scanned, buf []byte) []byte {
 		return buf
 	}
 	p.c.read.Add(1)
-	data, err := p.top.readFile(name, buf, fi.size, maxNarInfoSize)
-	if errors.Is(err, fs.ErrNotExist) {
-		res.gone = append(res.gone, it.n)
-		return buf
-	}
 	if data != nil {
 		buf = data
 	}

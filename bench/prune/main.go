@@ -20,6 +20,8 @@ import (
 	"syscall"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	pt "github.com/kiss-onion/kiss-onion/prune/prunetest"
 )
 
@@ -153,13 +155,17 @@ func run() error {
 		total, len(g.refs), gens, len(roots), keptCount, 100*float64(keptCount)/float64(total), total-keptCount)
 
 	if !*skipGen {
-		if err := os.RemoveAll(*workDir); err != nil {
+		start := time.Now()
+		if err := removeAll(*workDir); err != nil {
 			return err
+		}
+		if d := time.Since(start); d > time.Second {
+			fmt.Printf("removed the last run's files in %s\n", d.Round(time.Second))
 		}
 		if err := pt.Init(cache); err != nil {
 			return err
 		}
-		start := time.Now()
+		start = time.Now()
 		if err := writeCache(cache, g, roots); err != nil {
 			return err
 		}
@@ -192,12 +198,21 @@ func run() error {
 	fmt.Println()
 	fmt.Printf("machine: %d CPUs (GOMAXPROCS %d), %s, %s\n", runtime.NumCPU(), runtime.GOMAXPROCS(0), runtime.Version(), kernel())
 	fmt.Printf("command: %s prune --state-dir %s %s\n", bin, state, cache)
-	fmt.Printf("%-6s %10s %12s  %s\n", "prune", "wall", "peak RSS", "summary")
+	fmt.Printf("%-6s %10s %10s %10s %8s %12s  %s\n", "prune", "wall", "scan", "delete", "CPU", "peak RSS", "summary")
 	for _, r := range []struct {
 		what string
 		m    measurement
 	}{{"cold", cold}, {"warm", warm}} {
-		fmt.Printf("%-6s %9.2fs %9d MiB  %s\n", r.what, r.m.wall.Seconds(), r.m.maxRSS>>20, r.m.summary)
+		fmt.Printf("%-6s %9.2fs %9.2fs %9.2fs %7.1fs %8d MiB  %s\n", r.what, r.m.wall.Seconds(), r.m.scan.Seconds(),
+			(r.m.wall - r.m.scan).Seconds(), r.m.cpu.Seconds(), r.m.maxRSS>>20, r.m.summary)
+	}
+	for _, r := range []struct {
+		what string
+		m    measurement
+	}{{"cold", cold}, {"warm", warm}} {
+		if d := r.m.dev.String(); d != "" {
+			fmt.Printf("%-6s %s\n", r.what, d)
+		}
 	}
 	fmt.Printf("narinfos left: %d (expected %d)\n", left, keptCount)
 	if left != keptCount {
@@ -256,7 +271,10 @@ func writeCache(cache string, g *graph, roots []int32) error {
 
 type measurement struct {
 	wall    time.Duration
+	scan    time.Duration // until the first deletion; the whole wall time if none
 	maxRSS  int64
+	cpu     time.Duration // user and system time of the prune
+	dev     devDelta
 	summary string
 }
 
@@ -267,23 +285,143 @@ func measure(bin, cache, state string) (measurement, error) {
 	if err != nil {
 		return measurement{}, err
 	}
+	dev0 := readDevStat(cache)
 	start := time.Now()
 	if err := cmd.Start(); err != nil {
 		return measurement{}, err
 	}
+	stop := make(chan struct{})
+	firstDelete := make(chan time.Duration, 1)
+	go func() { firstDelete <- watchFirstDelete(cache, start, stop) }()
 	var summary string
 	sc := bufio.NewScanner(out)
 	for sc.Scan() {
 		summary = strings.TrimPrefix(sc.Text(), "kiss-onion: ")
 	}
-	if err := cmd.Wait(); err != nil {
+	err = cmd.Wait()
+	wall := time.Since(start)
+	close(stop)
+	scan := <-firstDelete
+	if err != nil {
 		return measurement{}, fmt.Errorf("prune: %w", err)
 	}
-	m := measurement{wall: time.Since(start), summary: summary}
+	m := measurement{wall: wall, scan: scan, summary: summary, dev: readDevStat(cache).minus(dev0)}
+	if scan == 0 {
+		m.scan = wall
+	}
 	if ru, ok := cmd.ProcessState.SysUsage().(*syscall.Rusage); ok {
 		m.maxRSS = ru.Maxrss << 10 // KiB on Linux
+		m.cpu = time.Duration(syscall.TimevalToNsec(ru.Utime) + syscall.TimevalToNsec(ru.Stime))
 	}
 	return m, nil
+}
+
+// watchFirstDelete returns how long after start the cache directory or
+// nar/ first changed (the prune's first unlink: it creates nothing there),
+// or 0 if neither did before stop. It polls, so it is late by up to the
+// polling interval.
+func watchFirstDelete(cache string, start time.Time, stop chan struct{}) time.Duration {
+	dirs := []string{cache, filepath.Join(cache, "nar")}
+	mtime := func(d string) int64 {
+		var st syscall.Stat_t
+		if syscall.Stat(d, &st) != nil {
+			return 0
+		}
+		return st.Mtim.Nano()
+	}
+	first := make([]int64, len(dirs))
+	for i, d := range dirs {
+		first[i] = mtime(d)
+	}
+	t := time.NewTicker(10 * time.Millisecond)
+	defer t.Stop()
+	for {
+		select {
+		case <-stop:
+			return 0
+		case <-t.C:
+		}
+		for i, d := range dirs {
+			if mtime(d) != first[i] {
+				return time.Since(start)
+			}
+		}
+	}
+}
+
+// devDelta is what the block device under the cache did during a prune,
+// from /sys/dev/block/M:m/stat (zero when it cannot be read).
+type devDelta struct {
+	writes, writeSectors, discards, discardMerges int64
+	busy                                          time.Duration // io_ticks: time with requests in flight
+	ok                                            bool
+}
+
+func (d devDelta) minus(e devDelta) devDelta {
+	return devDelta{d.writes - e.writes, d.writeSectors - e.writeSectors, d.discards - e.discards,
+		d.discardMerges - e.discardMerges, d.busy - e.busy, d.ok && e.ok}
+}
+
+func (d devDelta) String() string {
+	if !d.ok {
+		return ""
+	}
+	return fmt.Sprintf("device: %d discards (%d merged), %d writes (%d MiB), busy %.1fs",
+		d.discards, d.discardMerges, d.writes, d.writeSectors>>11, d.busy.Seconds())
+}
+
+func readDevStat(path string) devDelta {
+	var st syscall.Stat_t
+	if syscall.Stat(path, &st) != nil {
+		return devDelta{}
+	}
+	data, err := os.ReadFile(fmt.Sprintf("/sys/dev/block/%d:%d/stat", unix.Major(st.Dev), unix.Minor(st.Dev)))
+	if err != nil {
+		return devDelta{}
+	}
+	f := strings.Fields(string(data))
+	if len(f) < 15 {
+		return devDelta{}
+	}
+	num := func(i int) int64 {
+		var v int64
+		fmt.Sscan(f[i], &v)
+		return v
+	}
+	return devDelta{writes: num(4), writeSectors: num(6), discards: num(11), discardMerges: num(12),
+		busy: time.Duration(num(9)) * time.Millisecond, ok: true}
+}
+
+// removeAll removes dir like os.RemoveAll, emptying the two big
+// directories of a generated cache first on many goroutines: one unlink
+// at a time, a million files take minutes on a disk with discard.
+func removeAll(dir string) error {
+	for _, sub := range []string{"cache/nar", "cache"} {
+		d, err := os.Open(filepath.Join(dir, sub))
+		if err != nil {
+			continue
+		}
+		names, _ := d.Readdirnames(-1)
+		fd := int(d.Fd())
+		var next atomic.Int64
+		var wg sync.WaitGroup
+		for w := 0; w < 64; w++ {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for {
+					i := int(next.Add(1) - 1)
+					if i >= len(names) {
+						return
+					}
+					unix.Unlinkat(fd, names[i], 0) // directories fail here; RemoveAll takes them
+				}
+			}()
+		}
+		wg.Wait()
+		d.Close()
+	}
+	return os.RemoveAll(dir)
 }
 
 func countNarInfos(dir string) int {
