@@ -222,10 +222,7 @@ func (c *Cache) putStream(body io.Reader, t target) error {
 	if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
 		return err
 	}
-	f, err := atomicfile.Create(c.tmpDir, dst, 0o644)
-	if err != nil {
-		return err
-	}
+	tf := c.startTemp(dst)
 	var sum hash.Hash
 	want := ""
 	if t.kind == kindNar {
@@ -234,8 +231,12 @@ func (c *Cache) putStream(body io.Reader, t target) error {
 			sum = sha256.New()
 		}
 	}
-	if _, err := copyHashed(f, body, sum); err != nil {
-		f.Abort()
+	if _, err := copyHashed(tf, body, sum); err != nil {
+		tf.abort()
+		return err
+	}
+	f, err := tf.get()
+	if err != nil {
 		return err
 	}
 	if sum != nil {
@@ -280,6 +281,9 @@ func narNameHash(rel string) string {
 // connection's next request. Until it is done the narinfo is pending, and
 // a narinfo naming it, or a marker, waits for it.
 func (c *Cache) putNarInfo(body io.Reader, t target) (func(), error) {
+	dst := c.path(t)
+	tf := c.startTemp(dst)
+	defer tf.abort()
 	data, err := io.ReadAll(body)
 	if err != nil {
 		return nil, err
@@ -294,12 +298,10 @@ func (c *Cache) putNarInfo(body io.Reader, t target) (func(), error) {
 	if len(c.cfg.TrustedKeys) > 0 && !ni.VerifiedBy(c.cfg.StoreDir, c.cfg.TrustedKeys) {
 		return nil, refusef(http.StatusUnprocessableEntity, "%s: no valid signature by a trusted writer key", t.rel)
 	}
-	dst := c.path(t)
-	f, err := atomicfile.Create(c.tmpDir, dst, 0o644)
+	f, err := tf.get()
 	if err != nil {
 		return nil, err
 	}
-	defer f.Abort()
 	if _, err := f.Write(data); err != nil {
 		return nil, err
 	}
