@@ -16,18 +16,21 @@ import (
 // and its references' narinfos are durable.
 //
 // A file whose upload was acknowledged but whose name is not yet durable
-// is pending: whoever depends on it waits for it (see wait). Files that
-// were on disk before, and are not pending, count as durable.
+// is pending: whoever depends on it waits for it (see wait). A file found
+// on disk and not pending counts as durable once its directory has been
+// fsynced by this process: an earlier one may have stopped between a
+// rename and the directory's fsync.
 type durability struct {
 	mu      sync.Mutex
 	pending map[string]*commit // by path relative to the cache directory
+	settled map[string]bool    // directories fsynced since the start
 	dirs    map[string]*dirSync
 	// syncDir fsyncs a directory; tests replace it.
 	syncDir func(dir string) error
 }
 
 func newDurability() *durability {
-	return &durability{pending: map[string]*commit{}, dirs: map[string]*dirSync{}, syncDir: atomicfile.SyncDir}
+	return &durability{pending: map[string]*commit{}, settled: map[string]bool{}, dirs: map[string]*dirSync{}, syncDir: atomicfile.SyncDir}
 }
 
 // commit is the pending durability of one file under its final name.
@@ -79,7 +82,8 @@ func (cm *commit) wait() error {
 func (d *durability) wait(dir, rel string) error {
 	// Stat first: a pending file gets its name only after begin, so a file
 	// found on disk and not pending afterwards has ended its commit.
-	fi, statErr := os.Stat(filepath.Join(dir, filepath.FromSlash(rel)))
+	path := filepath.Join(dir, filepath.FromSlash(rel))
+	fi, statErr := os.Stat(path)
 	d.mu.Lock()
 	cm := d.pending[rel]
 	d.mu.Unlock()
@@ -91,7 +95,7 @@ func (d *durability) wait(dir, rel string) error {
 	}
 	if statErr != nil {
 		// Its commit may have ended between the stat and the look-up.
-		fi, statErr = os.Stat(filepath.Join(dir, filepath.FromSlash(rel)))
+		fi, statErr = os.Stat(path)
 		if statErr != nil {
 			return statErr
 		}
@@ -99,6 +103,23 @@ func (d *durability) wait(dir, rel string) error {
 	if !fi.Mode().IsRegular() {
 		return fs.ErrNotExist
 	}
+	return d.settle(filepath.Dir(path))
+}
+
+// settle fsyncs dir once in the life of the process.
+func (d *durability) settle(dir string) error {
+	d.mu.Lock()
+	done := d.settled[dir]
+	d.mu.Unlock()
+	if done {
+		return nil
+	}
+	if err := d.sync(dir); err != nil {
+		return err
+	}
+	d.mu.Lock()
+	d.settled[dir] = true
+	d.mu.Unlock()
 	return nil
 }
 

@@ -298,6 +298,15 @@ func TestDurabilityWait(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(dir, "visible-bad")); err == nil {
 		t.Error("a file whose commit failed is still visible")
 	}
+	// A file found on disk counts once its directory was fsynced, once.
+	var syncs []string
+	d.syncDir = func(dir string) error { syncs = append(syncs, dir); return nil }
+	d.settled = map[string]bool{}
+	d.wait(dir, "old.narinfo")
+	d.wait(dir, "pending-ok")
+	if len(syncs) != 1 || syncs[0] != dir {
+		t.Errorf("directory fsyncs for files found on disk: %v, want one of %s", syncs, dir)
+	}
 	// A new upload of the name replaces the failure.
 	again := d.begin("pending-bad")
 	os.WriteFile(filepath.Join(dir, "pending-bad"), []byte("x"), 0o644)
