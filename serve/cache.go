@@ -65,6 +65,7 @@ type Cache struct {
 	infoTime time.Time
 	locks    *prune.Locks
 	narinfos *memCache
+	durable  *durability
 	log      *logrus.Entry
 
 	// nix-cache-info's validators, computed once.
@@ -106,6 +107,7 @@ func New(cfg Config) (*Cache, error) {
 		locks:  prune.NewLocks(cfg.Dir),
 		log:    cfg.Log,
 	}
+	c.durable = newDurability()
 	if cfg.NarInfoMemory > 0 {
 		c.narinfos = newMemCache(cfg.NarInfoMemory)
 	}

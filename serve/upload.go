@@ -52,8 +52,18 @@ func (c *Cache) limitFor(k kind) int64 {
 }
 
 func (c *Cache) put(w http.ResponseWriter, r *http.Request, t target) {
-	err := c.putErr(w, r, t)
+	after, err := c.putErr(w, r, t)
 	if err == nil {
+		if after != nil {
+			// Answer first, then finish making the upload durable: the
+			// client goes on with its next path meanwhile, while this
+			// connection's next request, and a graceful shutdown, wait.
+			w.Header().Set("Content-Length", "0")
+			w.WriteHeader(http.StatusCreated)
+			http.NewResponseController(w).Flush()
+			after()
+			return
+		}
 		w.WriteHeader(http.StatusCreated)
 		return
 	}
@@ -79,14 +89,16 @@ func isDiskFull(err error) bool {
 	return errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT)
 }
 
-func (c *Cache) putErr(w http.ResponseWriter, r *http.Request, t target) error {
+// putErr stores an upload. It may return work to do after the answer,
+// which the upload's durability needs (see putNarInfo).
+func (c *Cache) putErr(w http.ResponseWriter, r *http.Request, t target) (after func(), err error) {
 	limit := c.limitFor(t.kind)
 	if r.ContentLength > limit {
-		return refusef(http.StatusRequestEntityTooLarge, "body of %d bytes is over the limit of %d for %s", r.ContentLength, limit, t.rel)
+		return nil, refusef(http.StatusRequestEntityTooLarge, "body of %d bytes is over the limit of %d for %s", r.ContentLength, limit, t.rel)
 	}
 	body, err := c.body(w, r, limit)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	defer body.Close()
 
@@ -95,19 +107,19 @@ func (c *Cache) putErr(w http.ResponseWriter, r *http.Request, t target) error {
 		// The cache's own settings win; a client PUTs one only when it
 		// found none, which cannot happen here. Take it and keep ours.
 		_, err := io.Copy(io.Discard, body)
-		return err
+		return nil, err
 	case kindNarInfo:
 		return c.putNarInfo(body, t)
 	case kindRoot:
-		return c.putMarker(body, t)
+		return nil, c.putMarker(body, t)
 	case kindLock:
 		data, err := io.ReadAll(body)
 		if err != nil {
-			return err
+			return nil, err
 		}
-		return c.locks.Acquire(t.name, data)
+		return nil, c.locks.Acquire(t.name, data)
 	}
-	return c.putStream(body, t)
+	return nil, c.putStream(body, t)
 }
 
 // body returns the request body, decoded per Content-Encoding, refusing
@@ -198,16 +210,19 @@ func (b *limitedBody) Close() error {
 
 // putStream stores a body of any size under its final name, atomically.
 // A NAR named after its file hash (nar/<nix32 sha256>.nar...) must match it.
+//
+// A NAR is acknowledged before it is durable: the answer promises that
+// its content matched its name and that it becomes visible, whole, once
+// durable, moments later. A narinfo that names it waits for that (see
+// putNarInfo). Should the server stop first, the NAR is lost and a narinfo
+// naming it is refused, as if the NAR had never come. Other files are
+// durable when acknowledged.
 func (c *Cache) putStream(body io.Reader, t target) error {
 	dst := c.path(t)
 	if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
 		return err
 	}
-	f, err := atomicfile.Create(c.tmpDir, dst, 0o644)
-	if err != nil {
-		return err
-	}
-	defer f.Abort()
+	tf := c.startTemp(dst)
 	var sum hash.Hash
 	want := ""
 	if t.kind == kindNar {
@@ -216,19 +231,37 @@ func (c *Cache) putStream(body io.Reader, t target) error {
 			sum = sha256.New()
 		}
 	}
-	var wr io.Writer = f
-	if sum != nil {
-		wr = io.MultiWriter(f, sum)
+	if _, err := copyHashed(tf, body, sum); err != nil {
+		tf.abort()
+		return err
 	}
-	if _, err := io.Copy(wr, body); err != nil {
+	f, err := tf.get()
+	if err != nil {
 		return err
 	}
 	if sum != nil {
 		if got := nixcache.Base32(sum.Sum(nil)); got != want {
+			f.Abort()
 			return refusef(http.StatusBadRequest, "%s: content has sha256 %s, not the hash in its name", t.rel, got)
 		}
 	}
-	return f.Commit()
+	if t.kind != kindNar {
+		return f.Commit()
+	}
+	cm := c.durable.begin(t.rel)
+	go func() {
+		err := f.Rename()
+		visible := ""
+		if err == nil {
+			visible = dst
+			err = c.durable.sync(filepath.Dir(dst))
+		}
+		if err != nil {
+			c.log.WithField("path", t.rel).WithError(err).Error("storing an acknowledged NAR failed")
+		}
+		cm.end(err, visible)
+	}()
+	return nil
 }
 
 // narNameHash returns the nixbase32 sha256 that Nix names a NAR file after
@@ -242,54 +275,82 @@ func narNameHash(rel string) string {
 	return h
 }
 
-func (c *Cache) putNarInfo(body io.Reader, t target) error {
+// putNarInfo stores a narinfo once its NAR and references are durable.
+// The answer comes once it is visible; the fsync that makes its name
+// durable comes after (the returned func), before the server reads the
+// connection's next request. Until it is done the narinfo is pending, and
+// a narinfo naming it, or a marker, waits for it.
+func (c *Cache) putNarInfo(body io.Reader, t target) (func(), error) {
+	dst := c.path(t)
+	tf := c.startTemp(dst)
+	defer tf.abort()
 	data, err := io.ReadAll(body)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	ni, err := nixcache.ParseNarInfo(data)
 	if err != nil {
-		return refusef(http.StatusBadRequest, "%s: %v", t.rel, err)
+		return nil, refusef(http.StatusBadRequest, "%s: %v", t.rel, err)
 	}
 	if err := ni.Validate(c.cfg.StoreDir, t.name); err != nil {
-		return refusef(http.StatusBadRequest, "%s: %v", t.rel, err)
+		return nil, refusef(http.StatusBadRequest, "%s: %v", t.rel, err)
 	}
 	if len(c.cfg.TrustedKeys) > 0 && !ni.VerifiedBy(c.cfg.StoreDir, c.cfg.TrustedKeys) {
-		return refusef(http.StatusUnprocessableEntity, "%s: no valid signature by a trusted writer key", t.rel)
+		return nil, refusef(http.StatusUnprocessableEntity, "%s: no valid signature by a trusted writer key", t.rel)
 	}
-	dst := c.path(t)
-	f, err := atomicfile.Create(c.tmpDir, dst, 0o644)
+	f, err := tf.get()
 	if err != nil {
-		return err
+		return nil, err
 	}
-	defer f.Abort()
 	if _, err := f.Write(data); err != nil {
-		return err
+		return nil, err
+	}
+	// While the NAR's own commit is still running.
+	if err := f.Flush(); err != nil {
+		return nil, err
 	}
 	// Under the guard no prune deletes anything, so what we check here is
 	// still there when the narinfo appears.
+	var cm *commit
 	err = c.locks.Guard(func() error {
-		if err := c.exists(ni.URL); err != nil {
-			return refusef(http.StatusConflict, "%s: its URL %s was not uploaded first", t.rel, ni.URL)
+		if err := c.durable.wait(c.cfg.Dir, ni.URL); err != nil {
+			if errors.Is(err, fs.ErrNotExist) {
+				return refusef(http.StatusConflict, "%s: its URL %s was not uploaded first", t.rel, ni.URL)
+			}
+			return refusef(http.StatusConflict, "%s: its URL %v", t.rel, err)
 		}
 		self := t.name
 		for _, ref := range ni.References {
 			if ref[:nixcache.HashLen] == self {
 				continue
 			}
-			if err := c.exists(ref[:nixcache.HashLen] + ".narinfo"); err != nil {
-				return refusef(http.StatusConflict, "%s: reference %s is not in the cache (upload references first)", t.rel, ref)
+			if err := c.durable.wait(c.cfg.Dir, ref[:nixcache.HashLen]+".narinfo"); err != nil {
+				if errors.Is(err, fs.ErrNotExist) {
+					return refusef(http.StatusConflict, "%s: reference %s is not in the cache (upload references first)", t.rel, ref)
+				}
+				return refusef(http.StatusConflict, "%s: reference %v", t.rel, err)
 			}
 		}
-		return f.Commit()
+		cm = c.durable.begin(t.rel)
+		if err := f.Rename(); err != nil {
+			cm.end(err, "")
+			return err
+		}
+		return nil
 	})
 	if err != nil {
-		return err
+		return nil, err
 	}
 	if c.narinfos != nil {
 		c.narinfos.stored(c.cfg.Dir, t.rel, data)
 	}
-	return nil
+	return func() {
+		err := c.durable.sync(c.cfg.Dir)
+		if err != nil {
+			c.log.WithField("path", t.rel).WithError(err).Error("making an acknowledged narinfo durable failed")
+		}
+		cm.end(err, dst)
+	}, nil
 }
 
 func (c *Cache) putMarker(body io.Reader, t target) error {
@@ -301,6 +362,9 @@ func (c *Cache) putMarker(body io.Reader, t target) error {
 	if err != nil {
 		return refusef(http.StatusBadRequest, "%s: %v", t.rel, err)
 	}
+	// A marker's answer promises that all it names is durable: all that
+	// was acknowledged before it.
+	c.durable.barrier()
 	dst := c.path(t)
 	if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
 		return err
@@ -315,23 +379,12 @@ func (c *Cache) putMarker(body io.Reader, t target) error {
 	}
 	return c.locks.Guard(func() error {
 		for _, root := range roots {
-			if err := c.exists(root[:nixcache.HashLen] + ".narinfo"); err != nil {
+			if err := c.durable.wait(c.cfg.Dir, root[:nixcache.HashLen]+".narinfo"); err != nil {
 				return refusef(http.StatusConflict, "%s: %s is not in the cache", t.rel, root)
 			}
 		}
 		return f.Commit()
 	})
-}
-
-func (c *Cache) exists(rel string) error {
-	fi, err := os.Stat(filepath.Join(c.cfg.Dir, filepath.FromSlash(rel)))
-	if err != nil {
-		return err
-	}
-	if !fi.Mode().IsRegular() {
-		return fs.ErrNotExist
-	}
-	return nil
 }
 
 func (c *Cache) delete(w http.ResponseWriter, r *http.Request, t target) {

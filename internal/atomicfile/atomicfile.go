@@ -14,8 +14,9 @@ import (
 // File is a temporary file that becomes its final name on Commit.
 type File struct {
 	*os.File
-	path string
-	done bool
+	path    string
+	done    bool
+	flushed bool
 }
 
 // Create opens a new temporary file in tmpDir (which must be on the same
@@ -33,14 +34,28 @@ func Create(tmpDir, path string, perm os.FileMode) (*File, error) {
 	return &File{File: f, path: path}, nil
 }
 
-// Commit flushes the file to disk and renames it into place.
+// Commit flushes the file to disk, renames it into place and makes the
+// new name durable.
 func (f *File) Commit() error {
+	if err := f.Rename(); err != nil {
+		return err
+	}
+	return SyncDir(filepath.Dir(f.path))
+}
+
+// Rename flushes the file to disk and renames it into place, but leaves
+// the fsync of the directory to the caller: until then, a crash may lose
+// the new name (never the content behind it).
+func (f *File) Rename() error {
 	if f.done {
 		return errors.New("atomicfile: commit after commit or abort")
 	}
 	f.done = true
 	tmp := f.Name()
-	err := f.Sync()
+	var err error
+	if !f.flushed {
+		err = f.Sync()
+	}
 	if cerr := f.Close(); err == nil {
 		err = cerr
 	}
@@ -49,10 +64,20 @@ func (f *File) Commit() error {
 	}
 	if err != nil {
 		os.Remove(tmp)
-		return err
 	}
-	return SyncDir(filepath.Dir(f.path))
+	return err
 }
+
+// Flush fsyncs what was written so far, so that a Rename or Commit right
+// after need not. Nothing may be written after it.
+func (f *File) Flush() error {
+	err := f.Sync()
+	f.flushed = err == nil
+	return err
+}
+
+// Path returns the final name the file gets on Commit or Rename.
+func (f *File) Path() string { return f.path }
 
 // Abort discards the temporary file. It is a no-op after Commit, so it can
 // be deferred.

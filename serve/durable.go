@@ -1,0 +1,196 @@
+package serve
+
+import (
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"sync"
+
+	"github.com/kiss-onion/kiss-onion/internal/atomicfile"
+)
+
+// durability orders the work that makes uploads durable, so that it can
+// run off the requests' critical path without ever breaking the cache's
+// rule: a narinfo becomes visible only after its NAR (content and name)
+// and its references' narinfos are durable.
+//
+// A file whose upload was acknowledged but whose name is not yet durable
+// is pending: whoever depends on it waits for it (see wait). A file found
+// on disk and not pending counts as durable once its directory has been
+// fsynced by this process: an earlier one may have stopped between a
+// rename and the directory's fsync.
+type durability struct {
+	mu      sync.Mutex
+	pending map[string]*commit // by path relative to the cache directory
+	settled map[string]bool    // directories fsynced since the start
+	dirs    map[string]*dirSync
+	// syncDir fsyncs a directory; tests replace it.
+	syncDir func(dir string) error
+}
+
+func newDurability() *durability {
+	return &durability{pending: map[string]*commit{}, settled: map[string]bool{}, dirs: map[string]*dirSync{}, syncDir: atomicfile.SyncDir}
+}
+
+// commit is the pending durability of one file under its final name.
+type commit struct {
+	d    *durability
+	rel  string
+	done chan struct{}
+	err  error
+}
+
+// begin registers rel as pending. It must be called before the file gets
+// its final name, so that anyone who sees the name also sees the commit.
+func (d *durability) begin(rel string) *commit {
+	cm := &commit{d: d, rel: rel, done: make(chan struct{})}
+	d.mu.Lock()
+	d.pending[rel] = cm
+	d.mu.Unlock()
+	return cm
+}
+
+// end records the outcome: nil once the file and its name are durable.
+// A failed commit stays pending, failed, until the next upload of its
+// name, so that nothing counts on it; visible names the file when it
+// already has its final name, which then goes, as if never uploaded, so
+// that the client uploads it again.
+func (cm *commit) end(err error, visible string) {
+	cm.err = err
+	cm.d.mu.Lock()
+	if cm.d.pending[cm.rel] == cm {
+		if err == nil {
+			delete(cm.d.pending, cm.rel)
+		} else if visible != "" {
+			// Under the lock: no later upload of the name can be renamed
+			// into place in between.
+			os.Remove(visible)
+		}
+	}
+	cm.d.mu.Unlock()
+	close(cm.done)
+}
+
+func (cm *commit) wait() error {
+	<-cm.done
+	return cm.err
+}
+
+// wait returns nil once rel (relative to dir) exists and is durable, or
+// fs.ErrNotExist when it exists neither on disk nor as a pending commit.
+func (d *durability) wait(dir, rel string) error {
+	// Stat first: a pending file gets its name only after begin, so a file
+	// found on disk and not pending afterwards has ended its commit.
+	path := filepath.Join(dir, filepath.FromSlash(rel))
+	fi, statErr := os.Stat(path)
+	d.mu.Lock()
+	cm := d.pending[rel]
+	d.mu.Unlock()
+	if cm != nil {
+		if err := cm.wait(); err != nil {
+			return fmt.Errorf("%s was not stored: %w", rel, err)
+		}
+		return nil
+	}
+	if statErr != nil {
+		// Its commit may have ended between the stat and the look-up.
+		fi, statErr = os.Stat(path)
+		if statErr != nil {
+			return statErr
+		}
+	}
+	if !fi.Mode().IsRegular() {
+		return fs.ErrNotExist
+	}
+	return d.settle(filepath.Dir(path))
+}
+
+// settle fsyncs dir once in the life of the process.
+func (d *durability) settle(dir string) error {
+	d.mu.Lock()
+	done := d.settled[dir]
+	d.mu.Unlock()
+	if done {
+		return nil
+	}
+	if err := d.sync(dir); err != nil {
+		return err
+	}
+	d.mu.Lock()
+	d.settled[dir] = true
+	d.mu.Unlock()
+	return nil
+}
+
+// barrier waits for every commit pending when it is called. Failed ones
+// do not matter here: nothing that waited for them was committed.
+func (d *durability) barrier() {
+	d.mu.Lock()
+	all := make([]*commit, 0, len(d.pending))
+	for _, cm := range d.pending {
+		all = append(all, cm)
+	}
+	d.mu.Unlock()
+	for _, cm := range all {
+		cm.wait()
+	}
+}
+
+// dirSync is a group commit of one directory's fsyncs: a caller needs a
+// sync that starts after its own rename; concurrent callers share one.
+type dirSync struct {
+	mu       sync.Mutex
+	cond     *sync.Cond
+	asked    uint64 // tickets handed out
+	synced   uint64 // tickets covered by a finished sync
+	running  bool
+	failures []syncFailure
+}
+
+type syncFailure struct {
+	from, to uint64 // tickets (from, to] that a failed sync covered
+	err      error
+}
+
+// sync makes durable every change made to dir before the call.
+func (d *durability) sync(dir string) error {
+	d.mu.Lock()
+	ds := d.dirs[dir]
+	if ds == nil {
+		ds = &dirSync{}
+		ds.cond = sync.NewCond(&ds.mu)
+		d.dirs[dir] = ds
+	}
+	d.mu.Unlock()
+
+	ds.mu.Lock()
+	defer ds.mu.Unlock()
+	ds.asked++
+	ticket := ds.asked
+	for ds.synced < ticket {
+		if ds.running {
+			ds.cond.Wait()
+			continue
+		}
+		// No sync running: start one that covers every ticket so far,
+		// since all of them were handed out after their renames.
+		ds.running = true
+		from, to := ds.synced, ds.asked
+		ds.mu.Unlock()
+		err := d.syncDir(dir)
+		ds.mu.Lock()
+		ds.running = false
+		ds.synced = to
+		if err != nil {
+			ds.failures = append(ds.failures, syncFailure{from, to, err})
+		}
+		ds.cond.Broadcast()
+	}
+	for _, f := range ds.failures {
+		if f.from < ticket && ticket <= f.to {
+			return f.err
+		}
+	}
+	return nil
+}

@@ -1,0 +1,7 @@
+//go:build !linux
+
+package serve
+
+import "os"
+
+func startWriteback(f *os.File, off, n int64) {}
