@@ -2,12 +2,17 @@
 // that is, at every instant, a valid file:// Nix binary cache, and accepts
 // what `nix copy --to http://...` uploads, GC-root markers and upload locks.
 //
-// A Cache hands out one http.Handler per Role: the read role answers GET and
-// HEAD; the write role also takes PUT (and DELETE for gcroots/). Which role a
-// client gets is decided outside, by which listener or onion it reached.
+// A Cache hands out one Server per Role: the read role (on fasthttp, for
+// the rate of narinfo GETs) answers GET and HEAD; the write role (on
+// net/http, for streamed uploads) also takes PUT, and DELETE for gcroots/.
+// Both answer reads the same way (read.go). Which role a client gets is
+// decided outside, by which listener or onion it reached.
 //
-// Uploads are streamed to .tmp/, fsynced and renamed into place, so a reader
-// never sees a partial file. A narinfo is refused until the NAR it names and
-// the narinfos of its references are there, so the cache stays closed under
-// references. serve knows nothing of Tor and does not prune.
+// Uploads are streamed to .tmp/ and renamed into place only once whole and
+// durable, so a reader never sees a partial file. A NAR is acknowledged when
+// it has arrived and matched its name's hash, and made durable and visible
+// just after; a narinfo becomes visible only once its NAR and the narinfos
+// of its references are durable (durable.go), so the cache stays closed
+// under references, also across a crash. serve knows nothing of Tor and
+// does not prune.
 package serve
