@@ -72,6 +72,11 @@ func route(u *url.URL) (target, error) {
 		if seg == "" || seg == "." || seg == ".." {
 			return target{}, badPath("empty, '.' or '..' segment in path")
 		}
+		if len(seg) > 255 {
+			// No file system takes a longer name; open would fail with
+			// ENAMETOOLONG, a 500 for what is the client's mistake.
+			return target{}, badPath("path segment longer than 255 bytes")
+		}
 		if !more {
 			break
 		}

@@ -2,6 +2,7 @@ package serve
 
 import (
 	"net/url"
+	"strings"
 	"testing"
 )
 
@@ -31,6 +32,8 @@ func TestRoute(t *testing.T) {
 		{raw: "/etc/passwd", status: 404},
 		{raw: "/../etc/passwd", status: 400},
 		{raw: "/nar/../nix-cache-info", status: 400},
+		{raw: "/nar/" + strings.Repeat("0", 256) + ".nar", status: 400},
+		{raw: "/log/" + strings.Repeat("a", 256), status: 400},
 		{raw: "/%2e%2e/etc/passwd", status: 400},
 		{raw: "/nar%2f..%2f..%2fetc%2fpasswd", status: 400},
 		{raw: "/nar/..%2Fx", status: 400},
