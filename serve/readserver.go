@@ -17,8 +17,8 @@ import (
 // each), and net/http's fixed cost per request (a Request with its header
 // map, a goroutine for its background read, the Date header) held narinfo
 // GETs to about 0.65 of nginx's rate; fasthttp reuses its request state
-// and answers at or above nginx's (docs/benchmarks.md). Uploads stream
-// bodies of gigabytes and stay on net/http.
+// and reaches 0.9-1.1 of it (docs/benchmarks.md). Uploads stream bodies of
+// gigabytes and stay on net/http.
 
 // newReadServer returns the fasthttp server of the read role.
 func (c *Cache) newReadServer(l *logrus.Entry) *fasthttp.Server {
