@@ -213,6 +213,11 @@ func (c *Cache) refuse(w http.ResponseWriter, r *http.Request, status int, forma
 	if c.log.Logger.IsLevelEnabled(logrus.InfoLevel) {
 		c.log.WithFields(logrus.Fields{"method": r.Method, "path": r.URL.Path, "status": status, "remote": r.RemoteAddr}).Info("refused: " + msg)
 	}
+	writePlain(w, status, msg)
+}
+
+// writePlain answers status with msg as a line of plain text.
+func writePlain(w http.ResponseWriter, status int, msg string) {
 	h := w.Header()
 	h.Set("Content-Type", "text/plain; charset=utf-8")
 	h.Set("X-Content-Type-Options", "nosniff")
@@ -221,11 +226,13 @@ func (c *Cache) refuse(w http.ResponseWriter, r *http.Request, status int, forma
 	io.WriteString(w, msg+"\n")
 }
 
-// contentType is the media type each kind of file is served as. Setting it
-// also keeps http.ServeContent from sniffing the file.
+// narInfoType is a narinfo's media type, used on its own by the hot path.
+const narInfoType = "text/x-nix-narinfo"
+
+// contentType is the media type each kind of file is served as.
 var contentType = map[kind]string{
 	kindCacheInfo:   "text/x-nix-cache-info",
-	kindNarInfo:     "text/x-nix-narinfo",
+	kindNarInfo:     narInfoType,
 	kindListing:     "application/json",
 	kindNar:         "application/x-nix-nar",
 	kindLog:         "text/plain; charset=utf-8",

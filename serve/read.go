@@ -61,7 +61,7 @@ func (c *Cache) read(t target, q *query) answer {
 			e, err := c.narinfos.get(c.cfg.Dir, t.rel)
 			switch {
 			case err == nil:
-				return respond(q, contentType[kindNarInfo], e.etag, e.modified, e.mod, e.data, nil)
+				return respond(q, narInfoType, e.etag, e.modified, e.mod, e.data, nil)
 			case errors.Is(err, fs.ErrNotExist):
 				return notFound
 			default:
@@ -299,17 +299,13 @@ func (c *Cache) refuseRead(w http.ResponseWriter, r *http.Request, a answer) {
 	if a.contentRange != "" {
 		w.Header().Set("Content-Range", a.contentRange)
 	}
-	if a.err != nil {
+	switch {
+	case a.err != nil:
 		c.log.WithFields(map[string]any{"method": r.Method, "path": r.URL.Path}).WithError(a.err).Error("request failed")
-	}
-	if a.status != http.StatusNotFound && a.err == nil {
+		writePlain(w, a.status, a.msg)
+	case a.status == http.StatusNotFound:
+		writePlain(w, a.status, a.msg)
+	default:
 		c.refuse(w, r, a.status, "%s", a.msg)
-		return
 	}
-	h := w.Header()
-	h.Set("Content-Type", "text/plain; charset=utf-8")
-	h.Set("X-Content-Type-Options", "nosniff")
-	h.Set("Content-Length", strconv.Itoa(len(a.msg)+1))
-	w.WriteHeader(a.status)
-	io.WriteString(w, a.msg+"\n")
 }

@@ -80,7 +80,7 @@ func (c *Cache) handleRead(ctx *fasthttp.RequestCtx) {
 	if c.narinfos != nil && len(uri) == narInfoPathLen && uri[0] == '/' && isNarInfoName(uri[1:]) {
 		// The common case, answered from memory without a single allocation.
 		if e := c.narinfos.fresh(uri[1:], ctx.Time().UnixNano()); e != nil {
-			c.writeFast(ctx, respond(&q, contentType[kindNarInfo], e.etag, e.modified, e.mod, e.data, nil))
+			c.writeFast(ctx, respond(&q, narInfoType, e.etag, e.modified, e.mod, e.data, nil))
 			return
 		}
 	}
