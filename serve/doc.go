@@ -11,8 +11,10 @@
 // Uploads are streamed to .tmp/ and renamed into place only once whole and
 // durable, so a reader never sees a partial file. A NAR is acknowledged when
 // it has arrived and matched its name's hash, and made durable and visible
-// just after; a narinfo becomes visible only once its NAR and the narinfos
-// of its references are durable (durable.go), so the cache stays closed
-// under references, also across a crash. serve knows nothing of Tor and
-// does not prune.
+// just after. A narinfo is acknowledged once it is well formed and its NAR
+// and references are in the cache; it becomes visible only once they and
+// it are durable (durable.go), so the cache stays closed under references,
+// also across a crash. Until then reads of it wait, so a client that got a
+// 2xx reads what it wrote; a marker's 2xx means that everything acknowledged
+// before it is durable. serve knows nothing of Tor and does not prune.
 package serve

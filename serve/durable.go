@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"time"
 
 	"github.com/kiss-onion/kiss-onion/internal/atomicfile"
 )
@@ -80,6 +81,74 @@ func (cm *commit) wait() error {
 // wait returns nil once rel (relative to dir) exists and is durable, or
 // fs.ErrNotExist when it exists neither on disk nor as a pending commit.
 func (d *durability) wait(dir, rel string) error {
+	cm, err := d.find(dir, rel)
+	if err != nil {
+		return err
+	}
+	if cm != nil {
+		if err := cm.wait(); err != nil {
+			return fmt.Errorf("%s was not stored: %w", rel, err)
+		}
+		return nil
+	}
+	return d.settle(filepath.Dir(filepath.Join(dir, filepath.FromSlash(rel))))
+}
+
+// dependency is a file that a new upload needs durable before it may
+// become visible: a commit pending when the upload came, or a file then
+// on disk.
+type dependency struct {
+	rel string
+	cm  *commit
+}
+
+// need returns rel (relative to dir) as a dependency, without waiting:
+// fs.ErrNotExist when it exists neither on disk nor as a pending commit,
+// an error when its commit failed. Because a dependency is taken before
+// the dependent's own commit begins, waits only ever go to older commits,
+// and never in a circle.
+func (d *durability) need(dir, rel string) (dependency, error) {
+	cm, err := d.find(dir, rel)
+	if err != nil {
+		return dependency{}, err
+	}
+	if cm != nil {
+		select {
+		case <-cm.done:
+			if cm.err != nil {
+				return dependency{}, fmt.Errorf("%s was not stored: %w", rel, cm.err)
+			}
+		default:
+		}
+	}
+	return dependency{rel: rel, cm: cm}, nil
+}
+
+// ready waits until dep is durable and checks that it is still there (a
+// prune may have run since). The caller holds the prune guard.
+func (d *durability) ready(dir string, dep dependency) error {
+	path := filepath.Join(dir, filepath.FromSlash(dep.rel))
+	if dep.cm != nil {
+		if err := dep.cm.wait(); err != nil {
+			return fmt.Errorf("%s was not stored: %w", dep.rel, err)
+		}
+	}
+	fi, err := os.Stat(path)
+	if err != nil {
+		return err
+	}
+	if !fi.Mode().IsRegular() {
+		return fs.ErrNotExist
+	}
+	if dep.cm != nil {
+		return nil
+	}
+	return d.settle(filepath.Dir(path))
+}
+
+// find returns rel's pending commit or, when it has none, nil if rel is a
+// file on disk and fs.ErrNotExist if not.
+func (d *durability) find(dir, rel string) (*commit, error) {
 	// Stat first: a pending file gets its name only after begin, so a file
 	// found on disk and not pending afterwards has ended its commit.
 	path := filepath.Join(dir, filepath.FromSlash(rel))
@@ -88,22 +157,39 @@ func (d *durability) wait(dir, rel string) error {
 	cm := d.pending[rel]
 	d.mu.Unlock()
 	if cm != nil {
-		if err := cm.wait(); err != nil {
-			return fmt.Errorf("%s was not stored: %w", rel, err)
-		}
-		return nil
+		return cm, nil
 	}
 	if statErr != nil {
 		// Its commit may have ended between the stat and the look-up.
 		fi, statErr = os.Stat(path)
 		if statErr != nil {
-			return statErr
+			return nil, statErr
 		}
 	}
 	if !fi.Mode().IsRegular() {
-		return fs.ErrNotExist
+		return nil, fs.ErrNotExist
 	}
-	return d.settle(filepath.Dir(path))
+	return nil, nil
+}
+
+// visible waits, for at most max, until a pending rel has ended its
+// commit. It reports whether rel was pending: a reader that did not find
+// it should look again.
+func (d *durability) visible(rel string, max time.Duration) bool {
+	d.mu.Lock()
+	cm := d.pending[rel]
+	d.mu.Unlock()
+	if cm == nil {
+		return false
+	}
+	t := time.NewTimer(max)
+	defer t.Stop()
+	select {
+	case <-cm.done:
+		return cm.err == nil
+	case <-t.C:
+		return false
+	}
 }
 
 // settle fsyncs dir once in the life of the process.

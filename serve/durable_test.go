@@ -56,6 +56,24 @@ type request struct {
 	held bool // must not be answered while the syncs are held
 }
 
+// getWaits GETs path from the read role, which must answer only after the
+// syncs are released, with 200.
+func getWaits(t *testing.T, tc *testCache, path string) chan int {
+	t.Helper()
+	done := make(chan int, 1)
+	go func() {
+		resp, err := http.Get(tc.read.URL + "/" + path)
+		if err != nil {
+			t.Errorf("GET %s: %v", path, err)
+			done <- 0
+			return
+		}
+		resp.Body.Close()
+		done <- resp.StatusCode
+	}()
+	return done
+}
+
 func TestDurabilityOrder(t *testing.T) {
 	narB := []byte("nar of " + hashB)
 	narA := []byte("nar of " + hashA)
@@ -66,27 +84,28 @@ func TestDurabilityOrder(t *testing.T) {
 		name     string
 		hold     []string // directories whose fsyncs wait
 		requests []request
-		// hidden are not visible while the syncs are held; all requests
-		// answer 201 once released.
+		// hidden are not visible while the syncs are held, and reads of
+		// them wait; all requests answer 201 once released, and all the
+		// files are there once durable.
 		hidden []string
 	}{
 		{
-			name: "NAR answered before its name is durable, narinfo waits for it",
+			name: "NAR and narinfo answered before they are durable, narinfo visible after the NAR",
 			hold: []string{"nar"},
 			requests: []request{
 				{path: urlB, body: string(narB)},
-				{path: hashB + ".narinfo", body: niB, held: true},
+				{path: hashB + ".narinfo", body: niB},
 			},
 			hidden: []string{hashB + ".narinfo"},
 		},
 		{
-			name: "narinfo waits for its reference's name",
+			name: "narinfo visible after its reference's name is durable",
 			hold: []string{"."},
 			requests: []request{
 				{path: urlB, body: string(narB)},
 				{path: hashB + ".narinfo", body: niB},
 				{path: urlA, body: string(narA)},
-				{path: hashA + ".narinfo", body: niA, held: true},
+				{path: hashA + ".narinfo", body: niA},
 			},
 			hidden: []string{hashA + ".narinfo"},
 		},
@@ -154,9 +173,21 @@ func TestDurabilityOrder(t *testing.T) {
 					t.Errorf("PUT %s answered while the syncs are held", r.path)
 				}
 			}
+			var reads []chan int
 			for _, p := range tt.hidden {
 				if _, err := os.Stat(filepath.Join(tc.dir, p)); err == nil {
 					t.Errorf("%s visible while the syncs are held", p)
+				}
+				if !strings.HasPrefix(p, "gcroots/") {
+					reads = append(reads, getWaits(t, tc, p))
+				}
+			}
+			time.Sleep(100 * time.Millisecond)
+			for i, done := range reads {
+				if len(done) > 0 {
+					code := <-done
+					t.Errorf("GET %s answered %d while it is not visible", tt.hidden[i], code)
+					done <- code
 				}
 			}
 			h.release()
@@ -169,36 +200,73 @@ func TestDurabilityOrder(t *testing.T) {
 				case <-time.After(5 * time.Second):
 					t.Fatalf("PUT %s not answered after the release", r.path)
 				}
-				if _, err := os.Stat(filepath.Join(tc.dir, r.path)); err != nil {
-					t.Errorf("%s not visible after the release: %v", r.path, err)
+			}
+			for i, done := range reads {
+				select {
+				case code := <-done:
+					if code != 200 {
+						t.Errorf("GET %s: %d after the release", tt.hidden[i], code)
+					}
+				case <-time.After(5 * time.Second):
+					t.Fatalf("GET %s not answered after the release", tt.hidden[i])
 				}
 			}
 			tc.durable.barrier()
+			for _, r := range tt.requests {
+				if _, err := os.Stat(filepath.Join(tc.dir, r.path)); err != nil {
+					t.Errorf("%s not there once durable: %v", r.path, err)
+				}
+			}
 			tc.checkNothingLeaked(t)
 		})
 	}
 }
 
-func TestFailedNARCommitRefusesItsNarInfo(t *testing.T) {
-	tc := newTestCache(t, nil)
-	narDir := filepath.Join(tc.dir, "nar")
-	tc.durable.syncDir = func(dir string) error {
-		if dir == narDir {
-			return errors.New("disk on fire")
-		}
-		return nil
-	}
-	content := []byte("nar of " + hashB)
-	url := narName(content, "")
-	if resp, body := do(t, tc.write, "PUT", "/"+url, content); resp.StatusCode != 201 {
-		t.Fatalf("PUT NAR: %d %s", resp.StatusCode, body)
-	}
-	resp, body := do(t, tc.write, "PUT", "/"+hashB+".narinfo", []byte(narInfo(hashB, "dep", url)))
-	if resp.StatusCode != 409 || !strings.Contains(body, "disk on fire") {
-		t.Errorf("narinfo of a NAR that failed to be stored: %d %s", resp.StatusCode, body)
-	}
-	if _, err := os.Stat(filepath.Join(tc.dir, hashB+".narinfo")); err == nil {
-		t.Error("narinfo visible although its NAR failed")
+// TestFailedNARCommit: a narinfo never becomes visible without its NAR.
+// One that comes after the NAR failed is refused; one acknowledged before
+// the failure stays invisible, and its readers get 404.
+func TestFailedNARCommit(t *testing.T) {
+	for _, after := range []bool{true, false} {
+		name := map[bool]string{true: "narinfo after the failure", false: "narinfo before the failure"}[after]
+		t.Run(name, func(t *testing.T) {
+			tc := newTestCache(t, nil)
+			narDir := filepath.Join(tc.dir, "nar")
+			fail := make(chan struct{})
+			tc.durable.syncDir = func(dir string) error {
+				if dir == narDir {
+					<-fail
+					return errors.New("disk on fire")
+				}
+				return nil
+			}
+			content := []byte("nar of " + hashB)
+			url := narName(content, "")
+			if resp, body := do(t, tc.write, "PUT", "/"+url, content); resp.StatusCode != 201 {
+				t.Fatalf("PUT NAR: %d %s", resp.StatusCode, body)
+			}
+			if after {
+				close(fail)
+				tc.durable.barrier()
+			}
+			resp, body := do(t, tc.write, "PUT", "/"+hashB+".narinfo", []byte(narInfo(hashB, "dep", url)))
+			switch {
+			case after && (resp.StatusCode != 409 || !strings.Contains(body, "disk on fire")):
+				t.Errorf("narinfo of a NAR that failed to be stored: %d %s", resp.StatusCode, body)
+			case !after && resp.StatusCode != 201:
+				t.Errorf("narinfo of a NAR not yet durable: %d %s", resp.StatusCode, body)
+			}
+			if !after {
+				close(fail)
+			}
+			if resp, _ := do(t, tc.read, "GET", "/"+hashB+".narinfo", nil); resp.StatusCode != 404 {
+				t.Errorf("GET of a narinfo whose NAR failed: %d", resp.StatusCode)
+			}
+			tc.durable.barrier()
+			if _, err := os.Stat(filepath.Join(tc.dir, hashB+".narinfo")); err == nil {
+				t.Error("narinfo visible although its NAR failed")
+			}
+			tc.checkNothingLeaked(t)
+		})
 	}
 }
 

@@ -51,8 +51,21 @@ type answer struct {
 
 var notFound = answer{status: http.StatusNotFound, msg: "not found"}
 
-// read answers a GET or HEAD of t.
+// pendingWait is how long a read of an upload that was acknowledged but is
+// not yet visible waits for it, before answering 404.
+const pendingWait = 5 * time.Second
+
+// read answers a GET or HEAD of t. A file acknowledged to a writer is
+// there for readers, even while it waits to become visible.
 func (c *Cache) read(t target, q *query) answer {
+	a := c.readNow(t, q)
+	if a.status == http.StatusNotFound && c.durable.visible(t.rel, pendingWait) {
+		a = c.readNow(t, q)
+	}
+	return a
+}
+
+func (c *Cache) readNow(t target, q *query) answer {
 	switch t.kind {
 	case kindCacheInfo:
 		return respond(q, contentType[kindCacheInfo], c.infoETag, c.infoModified, c.infoTime, c.info, nil)

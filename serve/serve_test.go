@@ -190,6 +190,8 @@ func (tc *testCache) upload(t testing.TB, hash, name string, refs ...string) str
 	if resp, body := do(t, tc.write, "PUT", "/"+hash+".narinfo", []byte(narInfo(hash, name, url, refs...))); resp.StatusCode != 201 {
 		t.Fatalf("PUT narinfo: %d %s", resp.StatusCode, body)
 	}
+	// The narinfo was acknowledged; the tests look at the files.
+	tc.durable.barrier()
 	return url
 }
 

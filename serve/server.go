@@ -20,6 +20,7 @@ import (
 type Server struct {
 	read  *fasthttp.Server // the read role
 	write *http.Server     // the write role
+	cache *Cache
 }
 
 // NewServer returns the server of role for c; l receives what the HTTP
@@ -29,7 +30,7 @@ func (c *Cache) NewServer(role Role, l *logrus.Entry) *Server {
 		l = c.log
 	}
 	if role == Read {
-		return &Server{read: c.newReadServer(l)}
+		return &Server{read: c.newReadServer(l), cache: c}
 	}
 	return &Server{write: &http.Server{
 		Handler:           c.handler(Write),
@@ -37,7 +38,7 @@ func (c *Cache) NewServer(role Role, l *logrus.Entry) *Server {
 		IdleTimeout:       2 * time.Minute,
 		MaxHeaderBytes:    64 << 10,
 		ErrorLog:          log.New(l.WriterLevel(logrus.DebugLevel), "", 0),
-	}}
+	}, cache: c}
 }
 
 // Serve answers the connections ln accepts until Shutdown, when it
@@ -53,10 +54,26 @@ func (s *Server) Serve(ln net.Listener) error {
 }
 
 // Shutdown stops accepting connections and waits, until ctx ends, for the
-// requests in flight.
+// requests in flight, then for the uploads they acknowledged to become
+// durable.
 func (s *Server) Shutdown(ctx context.Context) error {
+	var err error
 	if s.read != nil {
-		return s.read.ShutdownWithContext(ctx)
+		err = s.read.ShutdownWithContext(ctx)
+	} else {
+		err = s.write.Shutdown(ctx)
 	}
-	return s.write.Shutdown(ctx)
+	done := make(chan struct{})
+	go func() {
+		s.cache.durable.barrier()
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-ctx.Done():
+		if err == nil {
+			err = ctx.Err()
+		}
+	}
+	return err
 }

@@ -52,18 +52,8 @@ func (c *Cache) limitFor(k kind) int64 {
 }
 
 func (c *Cache) put(w http.ResponseWriter, r *http.Request, t target) {
-	after, err := c.putErr(w, r, t)
+	err := c.putErr(w, r, t)
 	if err == nil {
-		if after != nil {
-			// Answer first, then finish making the upload durable: the
-			// client goes on with its next path meanwhile, while this
-			// connection's next request, and a graceful shutdown, wait.
-			w.Header().Set("Content-Length", "0")
-			w.WriteHeader(http.StatusCreated)
-			http.NewResponseController(w).Flush()
-			after()
-			return
-		}
 		w.WriteHeader(http.StatusCreated)
 		return
 	}
@@ -89,16 +79,15 @@ func isDiskFull(err error) bool {
 	return errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT)
 }
 
-// putErr stores an upload. It may return work to do after the answer,
-// which the upload's durability needs (see putNarInfo).
-func (c *Cache) putErr(w http.ResponseWriter, r *http.Request, t target) (after func(), err error) {
+// putErr stores an upload.
+func (c *Cache) putErr(w http.ResponseWriter, r *http.Request, t target) error {
 	limit := c.limitFor(t.kind)
 	if r.ContentLength > limit {
-		return nil, refusef(http.StatusRequestEntityTooLarge, "body of %d bytes is over the limit of %d for %s", r.ContentLength, limit, t.rel)
+		return refusef(http.StatusRequestEntityTooLarge, "body of %d bytes is over the limit of %d for %s", r.ContentLength, limit, t.rel)
 	}
 	body, err := c.body(w, r, limit)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	defer body.Close()
 
@@ -107,19 +96,19 @@ func (c *Cache) putErr(w http.ResponseWriter, r *http.Request, t target) (after 
 		// The cache's own settings win; a client PUTs one only when it
 		// found none, which cannot happen here. Take it and keep ours.
 		_, err := io.Copy(io.Discard, body)
-		return nil, err
+		return err
 	case kindNarInfo:
 		return c.putNarInfo(body, t)
 	case kindRoot:
-		return nil, c.putMarker(body, t)
+		return c.putMarker(body, t)
 	case kindLock:
 		data, err := io.ReadAll(body)
 		if err != nil {
-			return nil, err
+			return err
 		}
-		return nil, c.locks.Acquire(t.name, data)
+		return c.locks.Acquire(t.name, data)
 	}
-	return nil, c.putStream(body, t)
+	return c.putStream(body, t)
 }
 
 // body returns the request body, decoded per Content-Encoding, refusing
@@ -275,19 +264,50 @@ func narNameHash(rel string) string {
 	return h
 }
 
-// putNarInfo stores a narinfo once its NAR and references are durable.
-// The answer comes once it is visible; the fsync that makes its name
-// durable comes after (the returned func), before the server reads the
-// connection's next request. Until it is done the narinfo is pending, and
-// a narinfo naming it, or a marker, waits for it.
-func (c *Cache) putNarInfo(body io.Reader, t target) (func(), error) {
-	dst := c.path(t)
-	tf := c.startTemp(dst)
-	defer tf.abort()
+// putNarInfo takes a narinfo whose NAR and references are in the cache,
+// and answers before it is visible: it becomes visible once they are
+// durable and its own content is, and durable just after (commitNarInfo).
+// Until then it is pending: reads of it wait for it, as do a narinfo
+// naming it, a marker and a graceful shutdown. Nix uploads one path at a
+// time, so the fsyncs of one path overlap the transfer of the next.
+func (c *Cache) putNarInfo(body io.Reader, t target) error {
+	tf := c.startTemp(c.path(t))
 	data, err := io.ReadAll(body)
 	if err != nil {
-		return nil, err
+		tf.abort()
+		return err
 	}
+	deps, err := c.checkNarInfo(data, t)
+	if err != nil {
+		tf.abort()
+		return err
+	}
+	f, err := tf.get()
+	if err != nil {
+		return err
+	}
+	if _, err := f.Write(data); err != nil {
+		f.Abort()
+		return err
+	}
+	cm := c.durable.begin(t.rel)
+	go func() {
+		visible, err := c.commitNarInfo(f, t, data, deps)
+		if err != nil {
+			c.log.WithField("path", t.rel).WithError(err).Error("storing an acknowledged narinfo failed")
+			if c.narinfos != nil {
+				c.narinfos.drop(t.rel)
+			}
+		}
+		cm.end(err, visible)
+	}()
+	return nil
+}
+
+// checkNarInfo refuses a narinfo that is malformed, names another path,
+// lacks a trusted signature, or names a NAR or references that are not in
+// the cache. It returns what the narinfo must wait for.
+func (c *Cache) checkNarInfo(data []byte, t target) ([]dependency, error) {
 	ni, err := nixcache.ParseNarInfo(data)
 	if err != nil {
 		return nil, refusef(http.StatusBadRequest, "%s: %v", t.rel, err)
@@ -298,59 +318,54 @@ func (c *Cache) putNarInfo(body io.Reader, t target) (func(), error) {
 	if len(c.cfg.TrustedKeys) > 0 && !ni.VerifiedBy(c.cfg.StoreDir, c.cfg.TrustedKeys) {
 		return nil, refusef(http.StatusUnprocessableEntity, "%s: no valid signature by a trusted writer key", t.rel)
 	}
-	f, err := tf.get()
-	if err != nil {
-		return nil, err
+	deps := make([]dependency, 0, 1+len(ni.References))
+	dep, err := c.durable.need(c.cfg.Dir, ni.URL)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, refusef(http.StatusConflict, "%s: its URL %s was not uploaded first", t.rel, ni.URL)
+	} else if err != nil {
+		return nil, refusef(http.StatusConflict, "%s: its URL %v", t.rel, err)
 	}
-	if _, err := f.Write(data); err != nil {
-		return nil, err
+	deps = append(deps, dep)
+	for _, ref := range ni.References {
+		if ref[:nixcache.HashLen] == t.name {
+			continue
+		}
+		dep, err := c.durable.need(c.cfg.Dir, ref[:nixcache.HashLen]+".narinfo")
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil, refusef(http.StatusConflict, "%s: reference %s is not in the cache (upload references first)", t.rel, ref)
+		} else if err != nil {
+			return nil, refusef(http.StatusConflict, "%s: reference %v", t.rel, err)
+		}
+		deps = append(deps, dep)
 	}
-	// While the NAR's own commit is still running.
+	return deps, nil
+}
+
+// commitNarInfo makes an acknowledged narinfo visible once its content
+// and deps are durable, then makes its name durable. It returns the path
+// it became visible at, if it did.
+func (c *Cache) commitNarInfo(f *atomicfile.File, t target, data []byte, deps []dependency) (visible string, err error) {
+	defer f.Abort()
 	if err := f.Flush(); err != nil {
-		return nil, err
+		return "", err
 	}
 	// Under the guard no prune deletes anything, so what we check here is
 	// still there when the narinfo appears.
-	var cm *commit
 	err = c.locks.Guard(func() error {
-		if err := c.durable.wait(c.cfg.Dir, ni.URL); err != nil {
-			if errors.Is(err, fs.ErrNotExist) {
-				return refusef(http.StatusConflict, "%s: its URL %s was not uploaded first", t.rel, ni.URL)
-			}
-			return refusef(http.StatusConflict, "%s: its URL %v", t.rel, err)
-		}
-		self := t.name
-		for _, ref := range ni.References {
-			if ref[:nixcache.HashLen] == self {
-				continue
-			}
-			if err := c.durable.wait(c.cfg.Dir, ref[:nixcache.HashLen]+".narinfo"); err != nil {
-				if errors.Is(err, fs.ErrNotExist) {
-					return refusef(http.StatusConflict, "%s: reference %s is not in the cache (upload references first)", t.rel, ref)
-				}
-				return refusef(http.StatusConflict, "%s: reference %v", t.rel, err)
+		for _, dep := range deps {
+			if err := c.durable.ready(c.cfg.Dir, dep); err != nil {
+				return fmt.Errorf("%s needs %s: %w", t.rel, dep.rel, err)
 			}
 		}
-		cm = c.durable.begin(t.rel)
-		if err := f.Rename(); err != nil {
-			cm.end(err, "")
-			return err
-		}
-		return nil
+		return f.Rename()
 	})
 	if err != nil {
-		return nil, err
+		return "", err
 	}
 	if c.narinfos != nil {
 		c.narinfos.stored(c.cfg.Dir, t.rel, data)
 	}
-	return func() {
-		err := c.durable.sync(c.cfg.Dir)
-		if err != nil {
-			c.log.WithField("path", t.rel).WithError(err).Error("making an acknowledged narinfo durable failed")
-		}
-		cm.end(err, dst)
-	}, nil
+	return f.Path(), c.durable.sync(c.cfg.Dir)
 }
 
 func (c *Cache) putMarker(body io.Reader, t target) error {
