@@ -3,6 +3,7 @@ package serve
 import (
 	"bufio"
 	"io"
+	"net"
 	"net/http"
 	"net/url"
 	"os"
@@ -141,7 +142,7 @@ func (c *Cache) writeFast(ctx *fasthttp.RequestCtx, a answer) {
 	h.Set("Accept-Ranges", "bytes")
 	switch {
 	case a.file != nil:
-		ctx.SetBodyStream(&fileBody{f: a.file, n: a.length}, int(a.length))
+		ctx.SetBodyStream(&fileBody{f: a.file, n: a.length, conn: ctx.Conn()}, int(a.length))
 	case a.data != nil:
 		ctx.SetBody(a.data)
 	default: // HEAD
@@ -173,8 +174,9 @@ func (c *Cache) refuseFast(ctx *fasthttp.RequestCtx, a answer) {
 // closes it once sent; WriteTo hands the file to the connection's ReadFrom,
 // which sends it with sendfile.
 type fileBody struct {
-	f *os.File
-	n int64
+	f    *os.File
+	n    int64
+	conn net.Conn
 }
 
 func (b *fileBody) Read(p []byte) (int, error) {
@@ -193,6 +195,9 @@ func (b *fileBody) WriteTo(w io.Writer) (int64, error) {
 	// bufio.Writer passes a ReadFrom on to the connection only when it is
 	// empty; a small file rather goes out in one write with the headers.
 	if bw, ok := w.(*bufio.Writer); ok && b.n > 64<<10 {
+		// Corked, the head leaves with the first pages of the file.
+		cork(b.conn, true)
+		defer cork(b.conn, false)
 		if err := bw.Flush(); err != nil {
 			return 0, err
 		}

@@ -1,0 +1,7 @@
+//go:build !linux
+
+package serve
+
+import "net"
+
+func cork(c net.Conn, on bool) {}
