@@ -206,7 +206,7 @@ func TestDeploy(t *testing.T) {
 		t.Logf("nix copy of %d paths through the gateway: %v", len(closure), time.Since(began).Round(time.Millisecond))
 		for _, p := range closure {
 			hash := strings.TrimPrefix(p, "/nix/store/")[:32]
-			if _, err := os.Stat(filepath.Join(cacheDir, hash+".narinfo")); err != nil {
+			if _, err := visibleFile(t, cacheDir, hash+".narinfo"); err != nil {
 				t.Errorf("%s not in the cache after nix copy", p)
 			}
 		}

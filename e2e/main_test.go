@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"net"
 	"net/http"
 	"os"
@@ -202,6 +203,22 @@ func runKissOnion(t testing.TB, args ...string) (string, int) {
 		t.Fatalf("run kiss-onion %v: %v", args, err)
 	}
 	return string(out), 0
+}
+
+// visibleFile returns the content of a cache file that an upload was
+// acknowledged for. A narinfo is acknowledged before it is visible and
+// becomes visible once durable, moments later (serve/doc.go), so the last
+// one of a nix copy may not be there yet when nix exits.
+func visibleFile(t testing.TB, cacheDir, rel string) ([]byte, error) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		b, err := os.ReadFile(filepath.Join(cacheDir, rel))
+		if err == nil || !errors.Is(err, fs.ErrNotExist) || time.Now().After(deadline) {
+			return b, err
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 }
 
 func httpDo(t testing.TB, method, url string, body io.Reader) (int, string) {

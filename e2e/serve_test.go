@@ -32,7 +32,7 @@ func TestNixRoundTrip(t *testing.T) {
 
 			for _, p := range closure {
 				hash := strings.TrimPrefix(p, "/nix/store/")[:32]
-				b, err := os.ReadFile(filepath.Join(srv.cacheDir, hash+".narinfo"))
+				b, err := visibleFile(t, srv.cacheDir, hash+".narinfo")
 				if err != nil {
 					t.Fatalf("no narinfo for %s after nix copy: %v", p, err)
 				}
@@ -75,7 +75,7 @@ func TestNixRefusesWhatIsWrong(t *testing.T) {
 		top, _ := src.buildClosure(64)
 		src.must("nix", "copy", "--to", srv.writeURL+"?compression=none&secret-key="+key.secretFile, top)
 		hash := strings.TrimPrefix(top, "/nix/store/")[:32]
-		ni, _ := os.ReadFile(filepath.Join(srv.cacheDir, hash+".narinfo"))
+		ni, _ := visibleFile(t, srv.cacheDir, hash+".narinfo")
 		url := ""
 		for _, l := range strings.Split(string(ni), "\n") {
 			if u, ok := strings.CutPrefix(l, "URL: "); ok {

@@ -173,8 +173,8 @@ func (d *durability) find(dir, rel string) (*commit, error) {
 }
 
 // visible waits, for at most max, until a pending rel has ended its
-// commit. It reports whether rel was pending: a reader that did not find
-// it should look again.
+// commit. It reports whether rel was pending and has since become
+// visible: a reader that did not find it should look again.
 func (d *durability) visible(rel string, max time.Duration) bool {
 	d.mu.Lock()
 	cm := d.pending[rel]
