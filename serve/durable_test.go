@@ -383,3 +383,39 @@ func TestDurabilityWait(t *testing.T) {
 		t.Errorf("wait after a new upload: %v", err)
 	}
 }
+
+// TestCircularReuploads: narinfos that name each other (which Nix never
+// uploads, but a writer may) become visible once the syncs go on, instead
+// of each waiting for the other for good: a narinfo waits only for what
+// was there when it came.
+func TestCircularReuploads(t *testing.T) {
+	tc := newTestCache(t, nil)
+	urlB := tc.upload(t, hashB, "dep")
+	urlA := tc.upload(t, hashA, "app", hashB+"-dep")
+	h := holdSyncs(tc.Cache, ".")
+	for _, r := range []struct{ hash, name, url, ref string }{
+		{hashB, "dep", urlB, hashA + "-app"},
+		{hashA, "app", urlA, hashB + "-dep"},
+	} {
+		if resp, body := do(t, tc.write, "PUT", "/"+r.hash+".narinfo", []byte(narInfo(r.hash, r.name, r.url, r.ref))); resp.StatusCode != 201 {
+			t.Fatalf("PUT %s.narinfo naming %s: %d %s", r.hash, r.ref, resp.StatusCode, body)
+		}
+	}
+	h.release()
+	done := make(chan struct{})
+	go func() {
+		tc.durable.barrier()
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the re-uploads still pending 5 s after the syncs went on")
+	}
+	for _, p := range []struct{ hash, ref string }{{hashB, hashA}, {hashA, hashB}} {
+		b, err := os.ReadFile(filepath.Join(tc.dir, p.hash+".narinfo"))
+		if err != nil || !strings.Contains(string(b), "References: "+p.ref) {
+			t.Errorf("%s.narinfo after the re-upload: %v %q", p.hash, err, b)
+		}
+	}
+}
