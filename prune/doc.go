@@ -1,6 +1,6 @@
 // Package prune deletes from a kiss-onion cache directory what no GC root
-// reaches, and holds the lock protocol that keeps prunes and uploads from
-// racing.
+// reaches, under the lock protocol of package cachelock that keeps prunes
+// and uploads from racing.
 //
 // Run keeps the closure of the roots (the store paths named by the
 // markers under gcroots/ and any extra root directories) through
@@ -23,8 +23,8 @@
 // size, modification and change times): a narinfo whose stat is unchanged
 // is not read again; one changed, replaced or deleted since is.
 //
-// Locks coordinates with uploads across processes through files in
-// gcroots/.lock/ (see Locks). A prune marks the cache as held, waits for
+// It coordinates with uploads across processes through the files in
+// gcroots/.lock/ (package cachelock). A prune marks the cache as held, waits for
 // the upload locks to go, and deletes only while no Guard runs; before
 // deleting it re-reads the markers and every narinfo that appeared during
 // the prune, and keeps what they reach.

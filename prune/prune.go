@@ -13,6 +13,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/kiss-onion/kiss-onion/cachelock"
 	"github.com/sirupsen/logrus"
 )
 
@@ -142,7 +143,7 @@ var errTooBig = errors.New("file too large")
 type pruner struct {
 	opt       Options
 	log       *logrus.Entry
-	locks     *Locks
+	locks     *cachelock.Locks
 	workers   int // reading
 	unlinkers int // deleting, per directory
 
@@ -175,7 +176,7 @@ func Run(ctx context.Context, opt Options) (Stats, error) {
 	if opt.StoreDir == "" {
 		opt.StoreDir = DefaultStoreDir
 	}
-	p := &pruner{opt: opt, log: opt.Log, locks: NewLocks(opt.CacheDir), workers: opt.Workers, unlinkers: opt.Workers}
+	p := &pruner{opt: opt, log: opt.Log, locks: cachelock.New(opt.CacheDir), workers: opt.Workers, unlinkers: opt.Workers}
 	if p.log == nil {
 		p.log = logrus.NewEntry(logrus.StandardLogger())
 	}
@@ -262,7 +263,7 @@ func (p *pruner) run(ctx context.Context) error {
 	if !p.opt.DryRun {
 		p.c.phase.Store(PhaseWaiting)
 		lastLog := time.Time{}
-		h, err := p.locks.hold(ctx, p.opt.LockWait, func(names []string) {
+		h, err := p.locks.Hold(ctx, p.opt.LockWait, func(names []string) {
 			if time.Since(lastLog) > 10*time.Second {
 				lastLog = time.Now()
 				p.log.Infof("waiting for %d upload lock(s) to be released: %v", len(names), names)
@@ -271,7 +272,7 @@ func (p *pruner) run(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
-		defer h.release(p.locks)
+		defer h.Release()
 	}
 	p.c.phase.Store(PhaseScanning)
 	p.t0 = time.Now()
@@ -323,7 +324,7 @@ func (p *pruner) run(ctx context.Context) error {
 	if p.opt.DryRun {
 		err = p.delete(ctx)
 	} else {
-		err = p.locks.exclusive(func() error {
+		err = p.locks.Exclusive(func() error {
 			if err := p.recheck(ctx); err != nil {
 				return err
 			}
@@ -450,14 +451,5 @@ func (p *pruner) cleanTmp() {
 	if p.opt.DryRun {
 		return
 	}
-	ents, _ := os.ReadDir(p.locks.Dir())
-	for _, e := range ents {
-		switch n := e.Name(); {
-		case n == guardFile || n == admitFile || n == pruneFile || n[0] != '.' || !e.Type().IsRegular():
-			continue
-		}
-		if fi, err := e.Info(); err == nil && fi.ModTime().Before(old) {
-			os.Remove(filepath.Join(p.locks.Dir(), e.Name()))
-		}
-	}
+	p.locks.RemoveTemp(old)
 }

@@ -14,6 +14,7 @@ import (
 
 	"github.com/sirupsen/logrus"
 
+	"github.com/kiss-onion/kiss-onion/cachelock"
 	pt "github.com/kiss-onion/kiss-onion/prune/prunetest"
 )
 
@@ -308,7 +309,7 @@ func TestPruneKeepsExactlyTheClosure(t *testing.T) {
 			goneFiles: []string{".tmp/.y.nar.456"},
 			opts: func(dir string, o *Options) {
 				// The upload lock is stale: the prune goes on.
-				old := time.Now().Add(-StaleAfter - time.Minute)
+				old := time.Now().Add(-cachelock.StaleAfter - time.Minute)
 				os.Chtimes(filepath.Join(dir, "gcroots/.lock/ci"), old, old)
 			},
 		}},

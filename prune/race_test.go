@@ -17,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kiss-onion/kiss-onion/cachelock"
 	pt "github.com/kiss-onion/kiss-onion/prune/prunetest"
 )
 
@@ -110,7 +111,7 @@ func markerClosureProblems(dir string) []string {
 // there.
 type uploader struct {
 	dir   string
-	locks *Locks
+	locks *cachelock.Locks
 }
 
 var errRefused = errors.New("refused")
@@ -168,7 +169,7 @@ func (u *uploader) marker(name string, roots ...string) error {
 }
 
 // acquire takes the lock, retrying while a prune holds the cache.
-func acquire(t *testing.T, l *Locks, name string, deadline time.Duration) {
+func acquire(t *testing.T, l *cachelock.Locks, name string, deadline time.Duration) {
 	t.Helper()
 	end := time.Now().Add(deadline)
 	for {
@@ -176,7 +177,7 @@ func acquire(t *testing.T, l *Locks, name string, deadline time.Duration) {
 		if err == nil {
 			return
 		}
-		if !errors.Is(err, ErrBusy) || time.Now().After(end) {
+		if !errors.Is(err, cachelock.ErrBusy) || time.Now().After(end) {
 			t.Fatalf("acquire %s: %v", name, err)
 		}
 		time.Sleep(time.Duration(5+rand.Intn(20)) * time.Millisecond)
@@ -191,7 +192,7 @@ func TestUploadsAndPrunesRace(t *testing.T) {
 	dir := t.TempDir()
 	must(t, pt.Init(dir))
 	must(t, os.MkdirAll(filepath.Join(dir, ".tmp"), 0o755))
-	locks := NewLocks(dir)
+	locks := cachelock.New(dir)
 	up := &uploader{dir: dir, locks: locks}
 	rng := rand.New(rand.NewSource(1))
 	base := randomClosure(rng, "base", 20)
@@ -218,7 +219,7 @@ func TestUploadsAndPrunesRace(t *testing.T) {
 				case err == nil:
 					prunes.Add(1)
 					time.Sleep(time.Duration(rand.Intn(20)) * time.Millisecond)
-				case errors.Is(err, ErrPruneRunning), strings.Contains(err.Error(), "upload locks still held"):
+				case errors.Is(err, cachelock.ErrPruneRunning), errors.Is(err, cachelock.ErrLocksHeld):
 					busy.Add(1)
 					time.Sleep(time.Millisecond)
 				default:
@@ -434,10 +435,10 @@ func TestKilledPrune(t *testing.T) {
 			t.Errorf("round %d: %s", round, pr)
 		}
 		// A killed prune does not hold the cache.
-		if err := NewLocks(dir).Acquire("after", nil); err != nil {
+		if err := cachelock.New(dir).Acquire("after", nil); err != nil {
 			t.Fatalf("round %d: %v", round, err)
 		}
-		NewLocks(dir).Release("after")
+		cachelock.New(dir).Release("after")
 		// The next prune finishes the job.
 		runHelper(time.Minute, false)
 		if n := countNarInfos(); n != len(want) {

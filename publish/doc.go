@@ -15,7 +15,7 @@
 //     set the profile and activate it.
 //
 // It does not serve the cache (package serve), does not take the lock on
-// the server side (package prune), and does not parse key files or bundles
+// the server side (packages serve and cachelock), and does not parse key files or bundles
 // (package clientauth). It runs nix, nix-store and nix-env rather than
 // speaking to the Nix daemon itself.
 package publish

@@ -20,18 +20,14 @@ import (
 
 	"github.com/sirupsen/logrus"
 
+	"github.com/kiss-onion/kiss-onion/cachelock"
 	"github.com/kiss-onion/kiss-onion/internal/atomicfile"
 	"github.com/kiss-onion/kiss-onion/internal/nixcache"
-	"github.com/kiss-onion/kiss-onion/prune"
 )
 
 // ErrLockLost is the error (wrapped) of a refresh that the cache refused:
 // the lock went stale or was released, and a prune may have run since.
 var ErrLockLost = errors.New("the upload lock was lost")
-
-// ErrCacheBusy is the error (wrapped) of a lock refused because a prune
-// holds the cache, after retrying for as long as allowed.
-var ErrCacheBusy = errors.New("a prune holds the cache")
 
 // MarkerURL is a GC-root marker of a cache: gcroots/<Name> on a cache's
 // write role over HTTP, or in a local cache directory. Its upload locks
@@ -40,10 +36,10 @@ type MarkerURL struct {
 	// Name is the marker's name under gcroots/, like "web1" or "hosts/web1".
 	Name string
 
-	base     *url.URL     // HTTP: the cache's base URL, without a trailing '/'
-	client   *http.Client // HTTP
-	cacheDir string       // local
-	locks    *prune.Locks // local
+	base     *url.URL         // HTTP: the cache's base URL, without a trailing '/'
+	client   *http.Client     // HTTP
+	cacheDir string           // local
+	locks    *cachelock.Locks // local
 }
 
 // ParseMarkerURL parses a marker's location: http(s)://HOST[/PREFIX]/gcroots/NAME,
@@ -89,7 +85,7 @@ func ParseMarkerURL(s, proxy string) (*MarkerURL, error) {
 	if _, err := os.Stat(filepath.Join(dir, "nix-cache-info")); err != nil {
 		return nil, fmt.Errorf("marker path %q: %s is not a binary cache (no nix-cache-info)", s, dir)
 	}
-	return &MarkerURL{Name: name, cacheDir: dir, locks: prune.NewLocks(dir)}, nil
+	return &MarkerURL{Name: name, cacheDir: dir, locks: cachelock.New(dir)}, nil
 }
 
 // splitMarkerPath splits ".../gcroots/NAME" at its last "/gcroots/" into
@@ -185,7 +181,7 @@ func statusError(what string, status int, msg string) error {
 }
 
 // TryLock takes or refreshes the lock once: nil when held, an error
-// wrapping prune.ErrBusy when a prune holds the cache.
+// wrapping cachelock.ErrBusy when a prune holds the cache.
 func (m *MarkerURL) TryLock(ctx context.Context, name string, body []byte) error {
 	if m.locks != nil {
 		return m.locks.Acquire(name, body)
@@ -198,7 +194,7 @@ func (m *MarkerURL) TryLock(ctx context.Context, name string, body []byte) error
 	case err != nil:
 		return fmt.Errorf("lock %s: %w", name, err)
 	case status == http.StatusServiceUnavailable:
-		return fmt.Errorf("lock %s: %w", name, prune.ErrBusy)
+		return fmt.Errorf("lock %s: %w", name, cachelock.ErrBusy)
 	case status/100 != 2:
 		return statusError("lock "+name, status, msg)
 	}
@@ -215,7 +211,7 @@ func (m *MarkerURL) Lock(ctx context.Context, name string, body []byte, wait tim
 		if err == nil {
 			return nil
 		}
-		busy := errors.Is(err, prune.ErrBusy)
+		busy := errors.Is(err, cachelock.ErrBusy)
 		var ue *url.Error
 		transient := busy || errors.As(err, &ue)
 		if !transient {
@@ -223,7 +219,7 @@ func (m *MarkerURL) Lock(ctx context.Context, name string, body []byte, wait tim
 		}
 		if !time.Now().Add(delay).Before(deadline) {
 			if busy {
-				return fmt.Errorf("lock %s: %w; gave up after %s", name, ErrCacheBusy, wait)
+				return fmt.Errorf("lock %s: %w; gave up after %s", name, cachelock.ErrBusy, wait)
 			}
 			return fmt.Errorf("%w; gave up after %s", err, wait)
 		}
@@ -298,7 +294,7 @@ type WithLockOptions struct {
 	// the cache; 30 minutes when 0.
 	LockWait time.Duration
 	// Refresh is how often the lock is refreshed; 5 minutes when 0. It
-	// must stay well under prune.StaleAfter.
+	// must stay well under cachelock.StaleAfter.
 	Refresh time.Duration
 	// Stdin, Stdout and Stderr are the command's; the process's when nil.
 	Stdin          io.Reader
@@ -400,8 +396,8 @@ func (m *MarkerURL) Hold(ctx context.Context, holder string, lockWait, refresh t
 	name := m.NewLockName()
 	host, _ := os.Hostname()
 	body := []byte(fmt.Sprintf("%s, pid %d on %s, since %s\n", holder, os.Getpid(), host, time.Now().UTC().Format(time.RFC3339)))
-	if len(body) > prune.MaxLockBody {
-		body = body[:prune.MaxLockBody]
+	if len(body) > cachelock.MaxLockBody {
+		body = body[:cachelock.MaxLockBody]
 	}
 	log.Infof("take the upload lock %s", name)
 	if err := m.Lock(ctx, name, body, lockWait, log); err != nil {
@@ -413,7 +409,7 @@ func (m *MarkerURL) Hold(ctx context.Context, holder string, lockWait, refresh t
 		uctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 		defer cancel()
 		if err := m.Unlock(uctx, name); err != nil {
-			log.Warnf("%v (it goes stale in %s)", err, prune.StaleAfter)
+			log.Warnf("%v (it goes stale in %s)", err, cachelock.StaleAfter)
 		}
 	}()
 
@@ -437,13 +433,13 @@ func (m *MarkerURL) Hold(ctx context.Context, holder string, lockWait, refresh t
 			case err == nil:
 				lastOK = time.Now()
 				continue
-			case errors.Is(err, prune.ErrBusy):
+			case errors.Is(err, cachelock.ErrBusy):
 				lostErr = fmt.Errorf("%w: refreshing it was refused while a prune holds the cache", ErrLockLost)
 			case isDefinite(err) && !strings.Contains(err.Error(), GatewayErrorPrefix):
 				// The cache's answer; a gateway's own answer only says the
 				// onion was out of reach for a moment.
 				lostErr = fmt.Errorf("%w: %v", ErrLockLost, err)
-			case time.Since(lastOK) > prune.StaleAfter-2*refresh:
+			case time.Since(lastOK) > cachelock.StaleAfter-2*refresh:
 				lostErr = fmt.Errorf("%w: not refreshed since %s: %v", ErrLockLost, lastOK.Format(time.RFC3339), err)
 			default:
 				log.Warnf("refresh the upload lock: %v (will retry)", err)

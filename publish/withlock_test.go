@@ -14,17 +14,16 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kiss-onion/kiss-onion/cachelock"
 	"github.com/sirupsen/logrus"
-
-	"github.com/kiss-onion/kiss-onion/prune"
 )
 
 // fakeCache answers the lock and marker requests of a cache's write role,
-// keeping locks with prune.Locks in a directory, as serve does.
+// keeping locks with cachelock.Locks in a directory, as serve does.
 type fakeCache struct {
 	t     *testing.T
 	dir   string
-	locks *prune.Locks
+	locks *cachelock.Locks
 
 	mu       sync.Mutex
 	busy     int  // PUTs of a lock to answer 503 before taking it
@@ -36,7 +35,7 @@ type fakeCache struct {
 func newFakeCache(t *testing.T) (*fakeCache, *httptest.Server) {
 	dir := t.TempDir()
 	os.WriteFile(filepath.Join(dir, "nix-cache-info"), []byte("StoreDir: /nix/store\n"), 0o644)
-	fc := &fakeCache{t: t, dir: dir, locks: prune.NewLocks(dir), marker: map[string]string{}}
+	fc := &fakeCache{t: t, dir: dir, locks: cachelock.New(dir), marker: map[string]string{}}
 	srv := httptest.NewServer(fc)
 	t.Cleanup(srv.Close)
 	return fc, srv
@@ -167,8 +166,8 @@ func TestWithLockGivesUpOnABusyCache(t *testing.T) {
 		Marker: m, StorePath: storePath, Command: []string{"touch", ran},
 		LockWait: 1500 * time.Millisecond, Log: quiet(),
 	})
-	if !errors.Is(err, ErrCacheBusy) {
-		t.Errorf("error = %v, want ErrCacheBusy", err)
+	if !errors.Is(err, cachelock.ErrBusy) {
+		t.Errorf("error = %v, want cachelock.ErrBusy", err)
 	}
 	if _, err := os.Stat(ran); err == nil {
 		t.Error("the command ran without the lock")
@@ -226,7 +225,7 @@ func TestWithLockOnALocalCache(t *testing.T) {
 	if !strings.HasPrefix(string(seen), "hosts:web1.") {
 		t.Errorf("lock while the command ran: %q, want hosts:web1.<random>", seen)
 	}
-	if ls, _ := prune.NewLocks(dir).List(); len(ls) != 0 {
+	if ls, _ := cachelock.New(dir).List(); len(ls) != 0 {
 		t.Errorf("locks left: %v", ls)
 	}
 	// A path the cache lacks is not written.

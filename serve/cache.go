@@ -11,9 +11,9 @@ import (
 
 	"github.com/sirupsen/logrus"
 
+	"github.com/kiss-onion/kiss-onion/cachelock"
 	"github.com/kiss-onion/kiss-onion/internal/atomicfile"
 	"github.com/kiss-onion/kiss-onion/internal/nixcache"
-	"github.com/kiss-onion/kiss-onion/prune"
 )
 
 // Role is what a listener lets its clients do.
@@ -63,7 +63,7 @@ type Cache struct {
 	tmpDir   string
 	info     []byte // nix-cache-info
 	infoTime time.Time
-	locks    *prune.Locks
+	locks    *cachelock.Locks
 	narinfos *memCache
 	durable  *durability
 	log      *logrus.Entry
@@ -104,7 +104,7 @@ func New(cfg Config) (*Cache, error) {
 	c := &Cache{
 		cfg:    cfg,
 		tmpDir: filepath.Join(cfg.Dir, ".tmp"),
-		locks:  prune.NewLocks(cfg.Dir),
+		locks:  cachelock.New(cfg.Dir),
 		log:    cfg.Log,
 	}
 	c.durable = newDurability()

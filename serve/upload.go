@@ -19,9 +19,9 @@ import (
 	"github.com/klauspost/compress/zstd"
 	"github.com/ulikunitz/xz"
 
+	"github.com/kiss-onion/kiss-onion/cachelock"
 	"github.com/kiss-onion/kiss-onion/internal/atomicfile"
 	"github.com/kiss-onion/kiss-onion/internal/nixcache"
-	"github.com/kiss-onion/kiss-onion/prune"
 )
 
 // httpError is a refusal with its status, raised inside an upload.
@@ -61,7 +61,7 @@ func (c *Cache) put(w http.ResponseWriter, r *http.Request, t target) {
 	switch {
 	case errors.As(err, &he):
 		c.refuse(w, r, he.status, "%s", he.msg)
-	case errors.Is(err, prune.ErrBusy):
+	case errors.Is(err, cachelock.ErrBusy):
 		c.refuse(w, r, http.StatusServiceUnavailable, "%v", err)
 	case isDiskFull(err):
 		// No room: the partial file is already gone. 507 says the server,

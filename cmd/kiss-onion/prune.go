@@ -8,13 +8,13 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
-	"strings"
 	"sync"
 	"syscall"
 	"time"
 
 	"github.com/sirupsen/logrus"
 
+	"github.com/kiss-onion/kiss-onion/cachelock"
 	"github.com/kiss-onion/kiss-onion/prune"
 )
 
@@ -109,10 +109,10 @@ func runPrune(args []string) error {
 	st, err := prune.Run(ctx, opt)
 	status.clear()
 	if err != nil {
-		if errors.Is(err, prune.ErrPruneRunning) {
+		if errors.Is(err, cachelock.ErrPruneRunning) {
 			return withHint(fmt.Errorf("prune %s: %w", cacheDir, err), "wait for it to finish, or stop it")
 		}
-		if strings.Contains(err.Error(), "upload locks still held") {
+		if errors.Is(err, cachelock.ErrLocksHeld) {
 			return withHint(fmt.Errorf("prune %s: %w", cacheDir, err), "retry later, or raise --lock-wait")
 		}
 		if st.Deleted > 0 {

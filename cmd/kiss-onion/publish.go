@@ -12,6 +12,7 @@ import (
 
 	"github.com/sirupsen/logrus"
 
+	"github.com/kiss-onion/kiss-onion/cachelock"
 	"github.com/kiss-onion/kiss-onion/internal/nixcache"
 	"github.com/kiss-onion/kiss-onion/publish"
 )
@@ -116,7 +117,7 @@ func runPublish(args []string) error {
 		LockWait:     *lockWait,
 		Log:          log,
 	})
-	if errors.Is(err, publish.ErrCacheBusy) {
+	if errors.Is(err, cachelock.ErrBusy) {
 		return withHint(err, "a prune is running on the cache; retry later or raise --lock-wait")
 	}
 	return err

@@ -8,6 +8,7 @@ import (
 
 	"github.com/sirupsen/logrus"
 
+	"github.com/kiss-onion/kiss-onion/cachelock"
 	"github.com/kiss-onion/kiss-onion/internal/nixcache"
 	"github.com/kiss-onion/kiss-onion/publish"
 )
@@ -76,7 +77,7 @@ func runWithLock(args []string) error {
 		Log:       logrus.NewEntry(log),
 	})
 	if err != nil {
-		if errors.Is(err, publish.ErrCacheBusy) {
+		if errors.Is(err, cachelock.ErrBusy) {
 			return withHint(err, "a prune is running on %s; retry later or raise --lock-wait", marker)
 		}
 		if status == 0 {

@@ -1,4 +1,4 @@
-package prune
+package cachelock
 
 import (
 	"context"
@@ -12,7 +12,7 @@ import (
 )
 
 func TestAcquireRefreshRelease(t *testing.T) {
-	l := NewLocks(t.TempDir())
+	l := New(t.TempDir())
 	if err := l.Acquire("ci", []byte("one")); err != nil {
 		t.Fatal(err)
 	}
@@ -32,7 +32,7 @@ func TestAcquireRefreshRelease(t *testing.T) {
 }
 
 func TestAcquireRefusesBadInput(t *testing.T) {
-	l := NewLocks(t.TempDir())
+	l := New(t.TempDir())
 	for _, tc := range []struct {
 		name string
 		body []byte
@@ -49,25 +49,25 @@ func TestAcquireRefusesBadInput(t *testing.T) {
 }
 
 func TestHoldMakesAcquireBusy(t *testing.T) {
-	l := NewLocks(t.TempDir())
-	h, err := l.hold(context.Background(), 0, nil)
+	l := New(t.TempDir())
+	h, err := l.Hold(context.Background(), 0, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if err := l.Acquire("late", nil); !errors.Is(err, ErrBusy) {
 		t.Errorf("Acquire during a prune = %v, want ErrBusy", err)
 	}
-	if _, err := l.hold(context.Background(), 0, nil); !errors.Is(err, ErrPruneRunning) {
+	if _, err := l.Hold(context.Background(), 0, nil); !errors.Is(err, ErrPruneRunning) {
 		t.Errorf("second prune = %v, want ErrPruneRunning", err)
 	}
-	h.release(l)
+	h.Release()
 	if err := l.Acquire("late", nil); err != nil {
 		t.Errorf("Acquire after the prune: %v", err)
 	}
 }
 
 func TestKilledPruneMarkerHoldsNothing(t *testing.T) {
-	l := NewLocks(t.TempDir())
+	l := New(t.TempDir())
 	os.MkdirAll(l.Dir(), 0o755)
 	// A marker left behind by a killed prune: present, but nobody flocks it.
 	os.WriteFile(filepath.Join(l.Dir(), pruneFile), []byte("pid 1\n"), 0o644)
@@ -75,15 +75,15 @@ func TestKilledPruneMarkerHoldsNothing(t *testing.T) {
 		t.Errorf("Acquire beside a dead prune's marker: %v", err)
 	}
 	l.Release("ci")
-	h, err := l.hold(context.Background(), 0, nil)
+	h, err := l.Hold(context.Background(), 0, nil)
 	if err != nil {
 		t.Fatalf("prune beside a dead prune's marker: %v", err)
 	}
-	h.release(l)
+	h.Release()
 }
 
 func TestHoldWaitsForFreshLocks(t *testing.T) {
-	l := NewLocks(t.TempDir())
+	l := New(t.TempDir())
 	if err := l.Acquire("uploader", nil); err != nil {
 		t.Fatal(err)
 	}
@@ -102,11 +102,11 @@ func TestHoldWaitsForFreshLocks(t *testing.T) {
 		waited.Store(true)
 		l.Release("uploader")
 	}()
-	h, err := l.hold(context.Background(), 10*time.Second, nil)
+	h, err := l.Hold(context.Background(), 10*time.Second, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer h.release(l)
+	defer h.Release()
 	if !waited.Load() {
 		t.Error("the prune went on while a fresh lock was held")
 	}
@@ -117,9 +117,9 @@ func TestHoldWaitsForFreshLocks(t *testing.T) {
 }
 
 func TestHoldGivesUp(t *testing.T) {
-	l := NewLocks(t.TempDir())
+	l := New(t.TempDir())
 	l.Acquire("ci-7", nil)
-	_, err := l.hold(context.Background(), 300*time.Millisecond, nil)
+	_, err := l.Hold(context.Background(), 300*time.Millisecond, nil)
 	if err == nil || !strings.Contains(err.Error(), "ci-7") {
 		t.Fatalf("hold = %v, want an error naming ci-7", err)
 	}
@@ -130,7 +130,7 @@ func TestHoldGivesUp(t *testing.T) {
 }
 
 func TestGuardExcludesDeletion(t *testing.T) {
-	l := NewLocks(t.TempDir())
+	l := New(t.TempDir())
 	var inGuard, overlap atomic.Int32
 	start := make(chan struct{})
 	done := make(chan struct{})
@@ -149,7 +149,7 @@ func TestGuardExcludesDeletion(t *testing.T) {
 	if err := l.Guard(func() error { return nil }); err != nil {
 		t.Fatal(err)
 	}
-	l.exclusive(func() error {
+	l.Exclusive(func() error {
 		if inGuard.Load() != 0 {
 			overlap.Add(1)
 		}

@@ -1,4 +1,4 @@
-package prune
+package cachelock
 
 import (
 	"context"
@@ -21,6 +21,10 @@ var ErrBusy = errors.New("a prune holds the cache")
 // ErrPruneRunning is the error (wrapped) of a prune that finds another
 // prune holding the cache.
 var ErrPruneRunning = errors.New("another prune is running on this cache")
+
+// ErrLocksHeld is the error (wrapped) of a Hold that gave up waiting for
+// the fresh upload locks to go.
+var ErrLocksHeld = errors.New("upload locks still held")
 
 // StaleAfter is the age (by modification time) after which a shared lock
 // no longer counts: its holder died or stopped refreshing it.
@@ -54,9 +58,9 @@ type Locks struct {
 	dir string // <cache>/gcroots/.lock
 }
 
-// NewLocks returns the locks of the cache directory cacheDir. It touches
+// New returns the locks of the cache directory cacheDir. It touches
 // nothing on disk.
-func NewLocks(cacheDir string) *Locks {
+func New(cacheDir string) *Locks {
 	return &Locks{dir: filepath.Join(cacheDir, "gcroots", lockDirName)}
 }
 
@@ -209,8 +213,8 @@ func (l *Locks) Guard(fn func() error) error {
 	return fn()
 }
 
-// exclusive runs fn with no Guard running: a prune's deletion phase.
-func (l *Locks) exclusive(fn func() error) error {
+// Exclusive runs fn with no Guard running: a prune's deletion phase.
+func (l *Locks) Exclusive(fn func() error) error {
 	f, err := l.flockFile(guardFile, syscall.LOCK_EX)
 	if err != nil {
 		return fmt.Errorf("lock %s exclusively: %w", guardFile, err)
@@ -251,25 +255,27 @@ func (l *Locks) List() ([]LockInfo, error) {
 	return out, nil
 }
 
-// hold is a prune's hold on the cache: while it lasts, Acquire of a new
+// Hold is a prune's hold on the cache: while it lasts, Acquire of a new
 // lock fails with ErrBusy.
-type hold struct {
+type Hold struct {
+	l    *Locks
 	f    *os.File
 	path string
 	stop chan struct{}
 	done chan struct{}
 }
 
-// hold marks the cache as held by a prune, then waits up to wait for the
+// Hold marks the cache as held by a prune, then waits up to wait for the
 // fresh shared locks to go. Giving up, it un-marks the cache and fails
-// with an error naming the locks. The hold refreshes its marker until
-// released. waiting, if not nil, is called with the fresh locks while it
-// waits.
-func (l *Locks) hold(ctx context.Context, wait time.Duration, waiting func([]string)) (*hold, error) {
+// with an error wrapping ErrLocksHeld and naming the locks (or
+// ErrPruneRunning when another prune holds the cache). The hold refreshes
+// its marker until released. waiting, if not nil, is called with the fresh
+// locks while it waits.
+func (l *Locks) Hold(ctx context.Context, wait time.Duration, waiting func([]string)) (*Hold, error) {
 	if err := l.mkdir(); err != nil {
 		return nil, err
 	}
-	h := &hold{path: filepath.Join(l.dir, pruneFile)}
+	h := &Hold{l: l, path: filepath.Join(l.dir, pruneFile)}
 	err := l.admit(func() error {
 		f, err := os.OpenFile(h.path, os.O_RDWR|os.O_CREATE, 0o644)
 		if err != nil {
@@ -315,8 +321,8 @@ func (l *Locks) hold(ctx context.Context, wait time.Duration, waiting func([]str
 			return h, nil
 		}
 		if err == nil && !time.Now().Before(deadline) {
-			err = fmt.Errorf("upload locks still held after waiting %s: %s (uploads hold them; a lock counts until released or %s old)",
-				wait, strings.Join(fresh, ", "), StaleAfter)
+			err = fmt.Errorf("%w after waiting %s: %s (uploads hold them; a lock counts until released or %s old)",
+				ErrLocksHeld, wait, strings.Join(fresh, ", "), StaleAfter)
 		}
 		if err == nil {
 			if waiting != nil {
@@ -332,7 +338,7 @@ func (l *Locks) hold(ctx context.Context, wait time.Duration, waiting func([]str
 			delay = min(delay*2, time.Second)
 		}
 		if err != nil {
-			h.release(l)
+			h.Release()
 			return nil, err
 		}
 	}
@@ -340,7 +346,7 @@ func (l *Locks) hold(ctx context.Context, wait time.Duration, waiting func([]str
 
 // refresh touches the marker while the hold lasts, so that it shows as
 // live to whoever reads its modification time.
-func (h *hold) refresh() {
+func (h *Hold) refresh() {
 	defer close(h.done)
 	t := time.NewTicker(markerRefresh)
 	defer t.Stop()
@@ -354,13 +360,13 @@ func (h *hold) refresh() {
 	}
 }
 
-// release removes the marker and drops the hold. It does both under the
+// Release removes the marker and drops the hold. It does both under the
 // admission mutex, so that another prune never flocks a marker that is
 // being removed.
-func (h *hold) release(l *Locks) {
+func (h *Hold) Release() {
 	close(h.stop)
 	<-h.done
-	err := l.admit(func() error {
+	err := h.l.admit(func() error {
 		os.Remove(h.path)
 		return h.f.Close()
 	})
@@ -368,5 +374,21 @@ func (h *hold) release(l *Locks) {
 		// Without the mutex, still drop the flock: a marker nobody
 		// flocks holds nothing.
 		h.f.Close()
+	}
+}
+
+// RemoveTemp removes the temporary files that writes of lock files left in
+// the lock directory (names starting with '.', other than the protocol's
+// own files) last modified before old: a writer killed mid-write.
+func (l *Locks) RemoveTemp(old time.Time) {
+	ents, _ := os.ReadDir(l.dir)
+	for _, e := range ents {
+		switch n := e.Name(); {
+		case n == guardFile || n == admitFile || n == pruneFile || n[0] != '.' || !e.Type().IsRegular():
+			continue
+		}
+		if fi, err := e.Info(); err == nil && fi.ModTime().Before(old) {
+			os.Remove(filepath.Join(l.dir, e.Name()))
+		}
 	}
 }
