@@ -115,7 +115,7 @@ func TestPublish(t *testing.T) {
 	t.Run("an unsigned marker names the paths", func(t *testing.T) {
 		_, calls := fakeNix(t)
 		c, url := newMarkerCache(t)
-		_, err := Publish(context.Background(), PublishOptions{Cache: url, Name: "web1", Paths: []string{sysA}, Nix: Nix{Output: io.Discard}, Log: testLog()})
+		_, err := Publish(context.Background(), Options{Cache: url, Name: "web1", Paths: []string{sysA}, Nix: Nix{Output: io.Discard}, Log: quiet()})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -134,8 +134,8 @@ func TestPublish(t *testing.T) {
 		c, url := newMarkerCache(t)
 		// A marker from a clock far ahead.
 		c.set("web1", string(FormatMarker("web1", 1<<62, []string{sysB}, &key)))
-		p, err := Publish(context.Background(), PublishOptions{Cache: url, Name: "web1", Paths: []string{sysA}, SigningKey: &key,
-			CacheKeyFile: "/etc/nix/key.sec", Nix: Nix{Output: io.Discard}, Log: testLog()})
+		p, err := Publish(context.Background(), Options{Cache: url, Name: "web1", Paths: []string{sysA}, SigningKey: &key,
+			CacheKeyFile: "/etc/nix/key.sec", Nix: Nix{Output: io.Discard}, Log: quiet()})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -154,7 +154,7 @@ func TestPublish(t *testing.T) {
 		failNix(t, dir, "nix")
 		c, url := newMarkerCache(t)
 		c.set("web1", sysB+"\n")
-		_, err := Publish(context.Background(), PublishOptions{Cache: url, Name: "web1", Paths: []string{sysA}, Nix: Nix{Output: io.Discard}, Log: testLog()})
+		_, err := Publish(context.Background(), Options{Cache: url, Name: "web1", Paths: []string{sysA}, Nix: Nix{Output: io.Discard}, Log: quiet()})
 		if err == nil || !strings.Contains(err.Error(), "the marker was not written") {
 			t.Errorf("error %v", err)
 		}
@@ -247,7 +247,7 @@ func TestUpdate(t *testing.T) {
 					c.set("web1", s.marker)
 				}
 				o := UpdateOptions{Cache: url, Action: "switch", Marker: "web1", Profile: profile, StateDir: stateDir,
-					Nix: Nix{Store: root, Output: io.Discard}, Log: testLog(), AllowUnsigned: !s.key}
+					Nix: Nix{Store: root, Output: io.Discard}, Log: quiet(), AllowUnsigned: !s.key}
 				if s.key {
 					o.PublisherKey = &pub
 				}

@@ -14,8 +14,8 @@ import (
 	"github.com/kiss-onion/kiss-onion/internal/nixcache"
 )
 
-// PublishOptions configure Publish.
-type PublishOptions struct {
+// Options configure Publish.
+type Options struct {
 	// Cache is the URL of the cache's write role: a Gateway's URL, or a
 	// local write listener.
 	Cache string
@@ -41,8 +41,8 @@ type PublishOptions struct {
 	Log *logrus.Entry
 }
 
-// Published is what Publish wrote.
-type Published struct {
+// Result is what Publish wrote.
+type Result struct {
 	Marker     string // the marker's location
 	Generation uint64 // 0 for an unsigned marker
 	Content    []byte // what the marker now holds
@@ -53,7 +53,7 @@ type Published struct {
 // the lock next to the marker, runs `nix copy --to CACHE?compression=zstd`
 // while refreshing the lock, and only when the copy succeeded and the lock
 // held throughout writes the marker. The lock is always dropped.
-func Publish(ctx context.Context, o PublishOptions) (Published, error) {
+func Publish(ctx context.Context, o Options) (Result, error) {
 	log := o.Log
 	if log == nil {
 		log = logrus.NewEntry(logrus.StandardLogger())
@@ -71,21 +71,21 @@ func Publish(ctx context.Context, o PublishOptions) (Published, error) {
 		o.Refresh = 5 * time.Minute
 	}
 	if len(o.Paths) == 0 {
-		return Published{}, errors.New("publish: no store path")
+		return Result{}, errors.New("publish: no store path")
 	}
 	for _, p := range o.Paths {
 		if _, err := nixcache.BaseName(o.StoreDir, p); err != nil {
-			return Published{}, fmt.Errorf("publish: %w", err)
+			return Result{}, fmt.Errorf("publish: %w", err)
 		}
 	}
 	cache := strings.TrimSuffix(o.Cache, "/")
 	m, err := ParseMarkerURL(cache+"/gcroots/"+o.Name, "")
 	if err != nil {
-		return Published{}, fmt.Errorf("publish: %w", err)
+		return Result{}, fmt.Errorf("publish: %w", err)
 	}
 	to, err := copyURL(cache, o.Compression, o.CacheKeyFile)
 	if err != nil {
-		return Published{}, fmt.Errorf("publish: %w", err)
+		return Result{}, fmt.Errorf("publish: %w", err)
 	}
 
 	var gen uint64
@@ -97,7 +97,7 @@ func Publish(ctx context.Context, o PublishOptions) (Published, error) {
 		switch {
 		case errors.Is(err, ErrNoMarker):
 		case err != nil:
-			return Published{}, fmt.Errorf("publish: %w", err)
+			return Result{}, fmt.Errorf("publish: %w", err)
 		default:
 			if cur, err := ParseMarker(data, o.StoreDir); err == nil && cur.Generation() >= gen {
 				gen = cur.Generation() + 1
@@ -117,14 +117,14 @@ func Publish(ctx context.Context, o PublishOptions) (Published, error) {
 		return putMarker(ctx, m, content)
 	})
 	if err != nil {
-		return Published{}, fmt.Errorf("publish %s: %w; the marker was not written", o.Name, err)
+		return Result{}, fmt.Errorf("publish %s: %w; the marker was not written", o.Name, err)
 	}
 	if gen != 0 {
 		log.Infof("marker %s now names %s (signed, generation %d)", o.Name, strings.Join(o.Paths, " "), gen)
 	} else {
 		log.Infof("marker %s now names %s", o.Name, strings.Join(o.Paths, " "))
 	}
-	return Published{Marker: m.String(), Generation: gen, Content: content}, nil
+	return Result{Marker: m.String(), Generation: gen, Content: content}, nil
 }
 
 // copyURL returns the store URL nix copy uploads to.
@@ -162,7 +162,7 @@ func getMarker(ctx context.Context, client *http.Client, base, name string) ([]b
 	case resp.StatusCode == http.StatusNotFound:
 		return nil, fmt.Errorf("read marker %s: %w", name, ErrNoMarker)
 	case resp.StatusCode != http.StatusOK:
-		return nil, statusError("read marker "+name, resp.StatusCode, strings.TrimSpace(string(data[:min(len(data), 512)])))
+		return nil, newStatusError("read marker "+name, resp, data[:min(len(data), 512)])
 	case err != nil:
 		return nil, fmt.Errorf("read marker %s: %w", name, err)
 	case len(data) > maxMarkerSize:
@@ -173,12 +173,5 @@ func getMarker(ctx context.Context, client *http.Client, base, name string) ([]b
 
 // putMarker writes the marker m.
 func putMarker(ctx context.Context, m *MarkerURL, content []byte) error {
-	status, msg, err := m.request(ctx, http.MethodPut, "gcroots/"+m.Name, content)
-	switch {
-	case err != nil:
-		return fmt.Errorf("write marker %s: %w", m.Name, err)
-	case status/100 != 2:
-		return statusError("write marker "+m.Name, status, msg)
-	}
-	return nil
+	return m.request(ctx, "write marker "+m.Name, http.MethodPut, "gcroots/"+m.Name, content)
 }

@@ -21,6 +21,7 @@ import (
 	"github.com/sirupsen/logrus"
 
 	"github.com/kiss-onion/kiss-onion/cachelock"
+	"github.com/kiss-onion/kiss-onion/gateway"
 	"github.com/kiss-onion/kiss-onion/internal/atomicfile"
 	"github.com/kiss-onion/kiss-onion/internal/nixcache"
 )
@@ -147,8 +148,9 @@ func (m *MarkerURL) NewLockName() string {
 }
 
 // request sends method to the file rel of the cache, with body if not
-// nil, and returns the status and the start of the answer's body.
-func (m *MarkerURL) request(ctx context.Context, method, rel string, body []byte) (int, string, error) {
+// nil. An answer other than 2xx is a *StatusError; op says what was being
+// done, for the error.
+func (m *MarkerURL) request(ctx context.Context, op, method, rel string, body []byte) error {
 	var r io.Reader
 	if body != nil {
 		r = bytes.NewReader(body)
@@ -159,25 +161,54 @@ func (m *MarkerURL) request(ctx context.Context, method, rel string, body []byte
 	}
 	req, err := http.NewRequestWithContext(ctx, method, m.base.String()+"/"+strings.Join(segs, "/"), r)
 	if err != nil {
-		return 0, "", err
+		return fmt.Errorf("%s: %w", op, err)
 	}
 	if body != nil {
 		req.Header.Set("Content-Type", "text/plain; charset=utf-8")
 	}
 	resp, err := m.client.Do(req)
 	if err != nil {
-		return 0, "", err
+		return fmt.Errorf("%s: %w", op, err)
 	}
 	defer resp.Body.Close()
+	if resp.StatusCode/100 == 2 {
+		return nil
+	}
 	msg, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
-	return resp.StatusCode, strings.TrimSpace(string(msg)), nil
+	return newStatusError(op, resp, msg)
 }
 
-func statusError(what string, status int, msg string) error {
-	if msg != "" {
-		return fmt.Errorf("%s: %s: %s", what, http.StatusText(status), msg)
+// StatusError is an answer other than 2xx to a request to the cache.
+type StatusError struct {
+	Op      string // what was being done, like "lock web1.1a2b3c4d"
+	Status  int
+	Message string // the start of the answer's body
+	// FromGateway is set when a local gateway made the answer itself
+	// because the onion could not take the request: it says nothing of
+	// what the cache holds.
+	FromGateway bool
+}
+
+func newStatusError(op string, resp *http.Response, body []byte) *StatusError {
+	return &StatusError{
+		Op:          op,
+		Status:      resp.StatusCode,
+		Message:     strings.TrimSpace(string(body)),
+		FromGateway: resp.Header.Get(gateway.ErrorHeader) != "",
 	}
-	return fmt.Errorf("%s: %d %s", what, status, http.StatusText(status))
+}
+
+func (e *StatusError) Error() string {
+	if e.Message != "" {
+		return fmt.Sprintf("%s: %s: %s", e.Op, http.StatusText(e.Status), e.Message)
+	}
+	return fmt.Sprintf("%s: %d %s", e.Op, e.Status, http.StatusText(e.Status))
+}
+
+// cacheSaid reports whether err is the cache's own answer with status.
+func cacheSaid(err error, status int) bool {
+	var se *StatusError
+	return errors.As(err, &se) && !se.FromGateway && se.Status == status
 }
 
 // TryLock takes or refreshes the lock once: nil when held, an error
@@ -189,16 +220,11 @@ func (m *MarkerURL) TryLock(ctx context.Context, name string, body []byte) error
 	if body == nil {
 		body = []byte{}
 	}
-	status, msg, err := m.request(ctx, http.MethodPut, "gcroots/.lock/"+name, body)
-	switch {
-	case err != nil:
-		return fmt.Errorf("lock %s: %w", name, err)
-	case status == http.StatusServiceUnavailable:
+	err := m.request(ctx, "lock "+name, http.MethodPut, "gcroots/.lock/"+name, body)
+	if cacheSaid(err, http.StatusServiceUnavailable) {
 		return fmt.Errorf("lock %s: %w", name, cachelock.ErrBusy)
-	case status/100 != 2:
-		return statusError("lock "+name, status, msg)
 	}
-	return nil
+	return err
 }
 
 // Lock takes the lock, retrying while a prune holds the cache (and on
@@ -244,28 +270,18 @@ func (m *MarkerURL) Unlock(ctx context.Context, name string) error {
 	if m.locks != nil {
 		return m.locks.Release(name)
 	}
-	status, msg, err := m.request(ctx, http.MethodDelete, "gcroots/.lock/"+name, nil)
-	switch {
-	case err != nil:
-		return fmt.Errorf("unlock %s: %w", name, err)
-	case status/100 != 2 && status != http.StatusNotFound:
-		return statusError("unlock "+name, status, msg)
+	err := m.request(ctx, "unlock "+name, http.MethodDelete, "gcroots/.lock/"+name, nil)
+	if cacheSaid(err, http.StatusNotFound) {
+		return nil
 	}
-	return nil
+	return err
 }
 
 // Put writes the marker: the store path and a newline.
 func (m *MarkerURL) Put(ctx context.Context, storePath string) error {
 	body := []byte(storePath + "\n")
 	if m.locks == nil {
-		status, msg, err := m.request(ctx, http.MethodPut, "gcroots/"+m.Name, body)
-		switch {
-		case err != nil:
-			return fmt.Errorf("write marker %s: %w", m.Name, err)
-		case status/100 != 2:
-			return statusError("write marker "+m.Name, status, msg)
-		}
-		return nil
+		return m.request(ctx, "write marker "+m.Name, http.MethodPut, "gcroots/"+m.Name, body)
 	}
 	// Local: as serve does, refuse a marker naming a path the cache lacks.
 	i := strings.LastIndexByte(storePath, '/')
@@ -435,9 +451,7 @@ func (m *MarkerURL) Hold(ctx context.Context, holder string, lockWait, refresh t
 				continue
 			case errors.Is(err, cachelock.ErrBusy):
 				lostErr = fmt.Errorf("%w: refreshing it was refused while a prune holds the cache", ErrLockLost)
-			case isDefinite(err) && !strings.Contains(err.Error(), GatewayErrorPrefix):
-				// The cache's answer; a gateway's own answer only says the
-				// onion was out of reach for a moment.
+			case isDefinite(err):
 				lostErr = fmt.Errorf("%w: %v", ErrLockLost, err)
 			case time.Since(lastOK) > cachelock.StaleAfter-2*refresh:
 				lostErr = fmt.Errorf("%w: not refreshed since %s: %v", ErrLockLost, lastOK.Format(time.RFC3339), err)
@@ -469,10 +483,12 @@ func (m *MarkerURL) Hold(ctx context.Context, holder string, lockWait, refresh t
 }
 
 // isDefinite reports whether a lock error is the cache's answer rather
-// than a failure to reach it.
+// than a failure to reach it: a gateway's own answer only says that the
+// onion was out of reach for a moment.
 func isDefinite(err error) bool {
 	var ue *url.Error
-	return !errors.As(err, &ue)
+	var se *StatusError
+	return !errors.As(err, &ue) && !(errors.As(err, &se) && se.FromGateway)
 }
 
 // exitStatus returns a finished command's status, 128+n for signal n.

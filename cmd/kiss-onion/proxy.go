@@ -14,7 +14,7 @@ import (
 	"github.com/sirupsen/logrus"
 
 	"github.com/kiss-onion/kiss-onion/clientauth"
-	"github.com/kiss-onion/kiss-onion/publish"
+	"github.com/kiss-onion/kiss-onion/gateway"
 )
 
 func init() {
@@ -63,12 +63,12 @@ func (g *gatewayFlags) add(fs *flag.FlagSet, stateDir, stateUse string) {
 	fs.StringVar(&g.stateDir, "state-dir", stateDir, "`directory` for "+stateUse+" (created 0700)")
 	fs.StringVar(&g.torConfig, "tor-config", "", "extra torrc lines for tor from this `file` (a private network's DirAuthority lines, for one)")
 	fs.StringVar(&g.torBinary, "tor-binary", "tor", "the tor `program`")
-	fs.IntVar(&g.circuits, "circuits", publish.DefaultCircuits, "spread requests over this `many` isolated Tor circuits")
+	fs.IntVar(&g.circuits, "circuits", gateway.DefaultCircuits, "spread requests over this `many` isolated Tor circuits")
 }
 
 // start loads the bundle and starts a gateway to its read onion (the
 // write onion with write) on listen.
-func (g *gatewayFlags) start(ctx context.Context, write bool, listen string, log, torLog *logrus.Entry) (*publish.Gateway, error) {
+func (g *gatewayFlags) start(ctx context.Context, write bool, listen string, log, torLog *logrus.Entry) (*gateway.Gateway, error) {
 	if g.circuits < 1 {
 		return nil, usagef("--circuits must be at least 1")
 	}
@@ -95,7 +95,7 @@ func (g *gatewayFlags) start(ctx context.Context, write bool, listen string, log
 	if write {
 		role = "write"
 	}
-	return publish.StartGateway(ctx, publish.GatewayConfig{
+	return gateway.Start(ctx, gateway.Config{
 		Bundle:     b,
 		Write:      write,
 		Listen:     listen,

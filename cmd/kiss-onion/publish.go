@@ -105,7 +105,7 @@ func runPublish(args []string) error {
 		return err
 	}
 	defer done()
-	_, err = publish.Publish(ctx, publish.PublishOptions{
+	_, err = publish.Publish(ctx, publish.Options{
 		Cache:        cache,
 		Name:         name,
 		Paths:        paths,

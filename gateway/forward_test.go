@@ -1,4 +1,4 @@
-package publish
+package gateway
 
 import (
 	"bufio"
@@ -264,7 +264,7 @@ func TestForwarderAnswers502UntilTheOnionIsReachable(t *testing.T) {
 	defer gw.Close()
 
 	status, body := get(t, gw.URL+"/nix-cache-info")
-	if status != 502 || !strings.Contains(body, "descriptor not found") || !strings.HasPrefix(body, GatewayErrorPrefix) {
+	if status != 502 || !strings.Contains(body, "descriptor not found") || !strings.HasPrefix(body, errorPrefix) {
 		t.Errorf("while unreachable: %d %q, want 502 naming the reason", status, body)
 	}
 	// A write gets a 4xx: Nix 2.8 would retry a 5xx with an empty body.
@@ -277,6 +277,9 @@ func TestForwarderAnswers502UntilTheOnionIsReachable(t *testing.T) {
 	resp.Body.Close()
 	if resp.StatusCode != 421 || !strings.Contains(string(b), "descriptor not found") {
 		t.Errorf("PUT while unreachable: %d %q, want 421 naming the reason", resp.StatusCode, b)
+	}
+	if got := resp.Header.Get(ErrorHeader); got != "unreachable" {
+		t.Errorf("PUT while unreachable: %s = %q, want \"unreachable\": a client must tell the gateway's refusal from the cache's", ErrorHeader, got)
 	}
 	var h Health
 	status, body = get(t, gw.URL+HealthPath)

@@ -1,4 +1,4 @@
-package publish
+package gateway
 
 import (
 	"context"
@@ -259,9 +259,13 @@ func (f *Forwarder) received(resp *http.Response) error {
 	return nil
 }
 
-// GatewayErrorPrefix starts the body of every answer the gateway makes
-// itself because the onion could not take a request.
-const GatewayErrorPrefix = "kiss-onion gateway: "
+// ErrorHeader is set, to "unreachable", on every answer the gateway makes
+// itself because the onion could not take a request, so that a client can
+// tell the gateway's refusal from the cache's.
+const ErrorHeader = "Kiss-Onion-Gateway-Error"
+
+// errorPrefix starts the body of those answers, for people.
+const errorPrefix = "kiss-onion gateway: "
 
 // fail answers a request the onion could not take, with the reason: 502
 // for a read; 421 (Misdirected Request) for a write, because Nix 2.8
@@ -274,7 +278,7 @@ func (f *Forwarder) fail(w http.ResponseWriter, r *http.Request, err error) {
 	}
 	f.down(err)
 	h := f.Health()
-	msg := fmt.Sprintf("%s%s is unreachable: %v", GatewayErrorPrefix, f.target, err)
+	msg := fmt.Sprintf("%s%s is unreachable: %v", errorPrefix, f.target, err)
 	if !h.Reachable && !h.Since.IsZero() {
 		msg += fmt.Sprintf(" (unreachable since %s)", h.Since.UTC().Format(time.RFC3339))
 	}
@@ -285,6 +289,7 @@ func (f *Forwarder) fail(w http.ResponseWriter, r *http.Request, err error) {
 	f.log.WithFields(logrus.Fields{"method": r.Method, "path": r.URL.Path}).Debugf("%d: %v", status, err)
 	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 	w.Header().Set("Cache-Control", "no-store")
+	w.Header().Set(ErrorHeader, "unreachable")
 	w.WriteHeader(status)
 	io.WriteString(w, msg+"\n")
 }

@@ -1,4 +1,4 @@
-package publish
+package gateway
 
 import (
 	"context"
@@ -16,8 +16,8 @@ import (
 	"github.com/kiss-onion/kiss-onion/onion"
 )
 
-// GatewayConfig configures StartGateway.
-type GatewayConfig struct {
+// Config configures Start.
+type Config struct {
 	// Bundle holds the client key and the onion addresses; its Key is
 	// required.
 	Bundle clientauth.Bundle
@@ -53,11 +53,11 @@ type Gateway struct {
 	errc chan error
 }
 
-// StartGateway listens, starts serving (502 until the onion answers),
+// Start listens, starts serving (502 until the onion answers),
 // starts a client tor with the bundle's key and returns once tor has
 // bootstrapped. The onion may not be reachable yet: see WaitReachable.
 // ctx bounds only the start.
-func StartGateway(ctx context.Context, cfg GatewayConfig) (*Gateway, error) {
+func Start(ctx context.Context, cfg Config) (*Gateway, error) {
 	b := cfg.Bundle
 	if b.Key == nil {
 		return nil, errors.New("start gateway: the bundle has no private key (client.key)")
