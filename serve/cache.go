@@ -87,7 +87,7 @@ func New(cfg Config) (*Cache, error) {
 		return nil, fmt.Errorf("cache directory not set")
 	}
 	if cfg.StoreDir == "" {
-		cfg.StoreDir = "/nix/store"
+		cfg.StoreDir = nixcache.DefaultStoreDir
 	}
 	if cfg.MaxUploadSize <= 0 {
 		cfg.MaxUploadSize = 8 << 30
@@ -211,7 +211,7 @@ func (h *handler) refuseMethod(w http.ResponseWriter, r *http.Request, t target)
 func (c *Cache) refuse(w http.ResponseWriter, r *http.Request, status int, format string, args ...any) {
 	msg := fmt.Sprintf(format, args...)
 	if c.log.Logger.IsLevelEnabled(logrus.InfoLevel) {
-		c.log.WithFields(logrus.Fields{"method": r.Method, "path": r.URL.Path, "status": status, "remote": r.RemoteAddr}).Info("refused: " + msg)
+		c.log.WithFields(logrus.Fields{"method": r.Method, "path": r.URL.Path, "status": status, "remote": r.RemoteAddr, "reason": msg}).Info("refused")
 	}
 	writePlain(w, status, msg)
 }

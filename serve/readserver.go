@@ -158,7 +158,7 @@ func (c *Cache) refuseFast(ctx *fasthttp.RequestCtx, a answer) {
 		c.log.WithFields(logrus.Fields{"method": string(ctx.Method()), "path": string(ctx.Path())}).WithError(a.err).Error("request failed")
 	case a.status != http.StatusNotFound && c.log.Logger.IsLevelEnabled(logrus.InfoLevel):
 		c.log.WithFields(logrus.Fields{"method": string(ctx.Method()), "path": string(ctx.Path()), "status": a.status,
-			"remote": ctx.RemoteAddr().String()}).Info("refused: " + a.msg)
+			"remote": ctx.RemoteAddr().String(), "reason": a.msg}).Info("refused")
 	}
 	h := &ctx.Response.Header
 	h.SetStatusCode(a.status)

@@ -1,7 +1,6 @@
 package serve
 
 import (
-	"errors"
 	"net/url"
 	"strings"
 
@@ -30,9 +29,6 @@ type target struct {
 	rel  string // the file's path relative to the cache directory
 	name string // narinfo/listing: the hash part; lock: the lock's name
 }
-
-// maxRootDepth bounds how deep gcroots/ markers may nest.
-const maxRootDepth = 8
 
 // routeError is a path the cache refuses, with the HTTP status to answer.
 type routeError struct {
@@ -116,60 +112,33 @@ func route(u *url.URL) (target, error) {
 		return target{kind: kindLog, rel: p}, nil
 	case "realisations":
 		id, ok := strings.CutSuffix(rest, ".doi")
-		if !ok || checkName(id) != nil || strings.Contains(rest, "/") {
+		if !ok || nixcache.CheckName(id) != nil || strings.Contains(rest, "/") {
 			return target{}, badPath("realisation name must be <id>.doi")
 		}
 		return target{kind: kindRealisation, rel: p}, nil
 	case "build-trace-v2":
 		drv, out, ok := strings.Cut(rest, "/")
 		outName, isDoi := strings.CutSuffix(out, ".doi")
-		if !ok || !isDoi || nixcache.CheckBaseName(drv) != nil || checkName(outName) != nil || strings.Contains(out, "/") {
+		if !ok || !isDoi || nixcache.CheckBaseName(drv) != nil || nixcache.CheckName(outName) != nil || strings.Contains(out, "/") {
 			return target{}, badPath("build trace name must be <drv>/<output>.doi")
 		}
 		return target{kind: kindBuildTrace, rel: p}, nil
 	case "debuginfo":
-		if err := checkName(rest); err != nil || strings.Contains(rest, "/") {
+		if err := nixcache.CheckName(rest); err != nil || strings.Contains(rest, "/") {
 			return target{}, badPath("debuginfo name must be a build id")
 		}
 		return target{kind: kindDebugInfo, rel: p}, nil
 	case "gcroots":
 		if name, ok := strings.CutPrefix(rest, ".lock/"); ok {
-			if err := checkName(name); err != nil || strings.Contains(name, "/") {
+			if err := nixcache.CheckName(name); err != nil || strings.Contains(name, "/") {
 				return target{}, badPath("lock name: must be one name of letters, digits and -_.+=:! not starting with '.'")
 			}
 			return target{kind: kindLock, rel: p, name: name}, nil
 		}
-		segs := strings.Split(rest, "/")
-		if len(segs) > maxRootDepth {
-			return target{}, badPath("marker name nested too deep")
-		}
-		for _, s := range segs {
-			if err := checkName(s); err != nil {
-				return target{}, badPath("marker name: " + err.Error())
-			}
+		if err := nixcache.CheckMarkerName(rest); err != nil {
+			return target{}, badPath(err.Error())
 		}
 		return target{kind: kindRoot, rel: p}, nil
 	}
 	return target{}, errNotFound
-}
-
-// checkName checks one path segment of a file name the cache stores: at
-// most 255 bytes of letters, digits and -_.+=:!?, not starting with '.'.
-func checkName(s string) error {
-	if s == "" || len(s) > 255 {
-		return errors.New("name must be 1 to 255 bytes")
-	}
-	if s[0] == '.' {
-		return errors.New("name must not start with '.'")
-	}
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		switch {
-		case c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z', c >= '0' && c <= '9':
-		case strings.IndexByte("-_.+=:!?", c) >= 0:
-		default:
-			return errors.New("name has a character other than letters, digits and -_.+=:!?")
-		}
-	}
-	return nil
 }

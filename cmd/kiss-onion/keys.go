@@ -102,27 +102,6 @@ func keysFlagSet(sub string) (*flag.FlagSet, *string) {
 	return flags, stateDir
 }
 
-// keysParseArgs parses args into fs, allowing flags after the arguments
-// ("keys add NAME --role reader"), and returns the arguments. Everything
-// after "--" is an argument.
-func keysParseArgs(flags *flag.FlagSet, args []string) ([]string, error) {
-	var pos []string
-	for {
-		if err := parseFlags(flags, args); err != nil {
-			return nil, err
-		}
-		rest := flags.Args()
-		if len(rest) == 0 {
-			return pos, nil
-		}
-		if consumed := len(args) - len(rest); consumed > 0 && args[consumed-1] == "--" {
-			return append(pos, rest...), nil
-		}
-		pos = append(pos, rest[0])
-		args = rest[1:]
-	}
-}
-
 // keysOneName checks that the arguments are one valid client name.
 func keysOneName(sub string, args []string) (string, error) {
 	switch {
@@ -140,12 +119,11 @@ func keysOneName(sub string, args []string) (string, error) {
 // keysCheckOut refuses a bundle directory inside the state directory,
 // which must never hold a private client key.
 func keysCheckOut(out, stateDir string) error {
-	absOut, err1 := filepath.Abs(out)
-	absState, err2 := filepath.Abs(stateDir)
-	if err1 != nil || err2 != nil {
-		return nil
+	in, err := inside(out, stateDir)
+	if err != nil {
+		return usagef("--out: %v", err)
 	}
-	if rel, err := filepath.Rel(absState, absOut); err == nil && rel != ".." && !strings.HasPrefix(rel, ".."+string(filepath.Separator)) {
+	if in {
 		return usagef("--out %s is inside the state directory, where no private key may live", out)
 	}
 	return nil
@@ -193,7 +171,7 @@ func keysAdd(args []string) error {
 	roleFlag := flags.String("role", "", "the client's `role`: reader or writer (required)")
 	out := flags.String("out", "", "write the bundle to this `directory` (default ./NAME.bundle)")
 	pubFlag := flags.String("public-key", "", "register this public `key`, made elsewhere, instead of minting one")
-	pos, err := keysParseArgs(flags, args)
+	pos, err := parseArgs(flags, args)
 	if err != nil {
 		return err
 	}
@@ -295,7 +273,7 @@ func keysExport(args []string) error {
 	flags, stateDir := keysFlagSet("export")
 	out := flags.String("out", "", "write the bundle to this `directory` (default ./NAME.bundle)")
 	keyFile := flags.String("key", "", "the client's private key `file` (like a bundle's client.key)")
-	pos, err := keysParseArgs(flags, args)
+	pos, err := parseArgs(flags, args)
 	if err != nil {
 		return err
 	}
@@ -349,7 +327,7 @@ func keysExport(args []string) error {
 
 func keysList(args []string) error {
 	flags, stateDir := keysFlagSet("list")
-	pos, err := keysParseArgs(flags, args)
+	pos, err := parseArgs(flags, args)
 	if err != nil {
 		return err
 	}
@@ -379,7 +357,7 @@ func keysList(args []string) error {
 
 func keysRevoke(args []string) error {
 	flags, stateDir := keysFlagSet("revoke")
-	pos, err := keysParseArgs(flags, args)
+	pos, err := parseArgs(flags, args)
 	if err != nil {
 		return err
 	}

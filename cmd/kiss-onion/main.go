@@ -127,10 +127,17 @@ type exitError struct{ code int }
 
 func (e *exitError) Error() string { return fmt.Sprintf("exit status %d", e.code) }
 
+// flagSetMade, when set, sees every FlagSet that newFlagSet makes: a test
+// checks with it that a command's usage lists all of its flags.
+var flagSetMade func(*flag.FlagSet)
+
 // newFlagSet returns a FlagSet whose usage prints usage (a text with an
 // "Arguments:" part) followed by the flags.
 func newFlagSet(name, usage string) *flag.FlagSet {
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	if flagSetMade != nil {
+		flagSetMade(fs)
+	}
 	fs.SetOutput(stderr)
 	fs.Usage = func() {
 		// fs.Output, not stderr: parseFlags silences it for flag errors,
@@ -155,4 +162,25 @@ func parseFlags(fs *flag.FlagSet, args []string) error {
 		return usagef("%s", err)
 	}
 	return nil
+}
+
+// parseArgs parses args into fs, allowing flags anywhere among the
+// arguments ("prune /srv/cache --dry-run"), and returns the arguments.
+// Everything after "--" is an argument.
+func parseArgs(fs *flag.FlagSet, args []string) ([]string, error) {
+	var pos []string
+	for {
+		if err := parseFlags(fs, args); err != nil {
+			return nil, err
+		}
+		rest := fs.Args()
+		if len(rest) == 0 {
+			return pos, nil
+		}
+		if consumed := len(args) - len(rest); consumed > 0 && args[consumed-1] == "--" {
+			return append(pos, rest...), nil
+		}
+		pos = append(pos, rest[0])
+		args = rest[1:]
+	}
 }

@@ -120,13 +120,9 @@ func (g *gatewayFlags) openCache(ctx context.Context, cacheURL string, write boo
 	case g.bundle == "":
 		return "", nil, usagef("give --bundle DIR (or --cache URL)")
 	}
-	torLog := logrus.New()
-	torLog.SetOutput(stderr)
-	torLog.SetFormatter(cliFormatter{})
 	// tor's warnings (running as root, a private network) are noise here;
 	// why the onion cannot be reached comes from the gateway.
-	torLog.SetLevel(logrus.ErrorLevel)
-	gw, err := g.start(ctx, write, "", log, logrus.NewEntry(torLog))
+	gw, err := g.start(ctx, write, "", log, quieter(log, logrus.ErrorLevel))
 	if err != nil {
 		return "", nil, err
 	}
@@ -145,13 +141,14 @@ func runProxy(args []string) error {
 	g.add(fs, "/var/lib/kiss-onion-proxy", "tor's data")
 	listen := fs.String("listen", "127.0.0.1:37510", "serve on this loopback `address`")
 	write := fs.Bool("write", false, "forward to the write onion (a writer's bundle): nix copy --to then uploads")
-	logFormat := fs.String("log-format", "text", "log `format`: text or json")
-	logLevel := fs.String("log-level", "info", "log `level`: debug, info, warn or error")
-	if err := parseFlags(fs, args); err != nil {
+	var lf logFlags
+	lf.add(fs)
+	rest, err := parseArgs(fs, args)
+	if err != nil {
 		return err
 	}
-	if fs.NArg() > 0 {
-		return usagef("proxy takes no arguments, got %q", fs.Arg(0))
+	if len(rest) > 0 {
+		return usagef("proxy takes no arguments, got %q", rest[0])
 	}
 	if g.bundle == "" {
 		return usagef("proxy needs --bundle DIR")
@@ -159,9 +156,9 @@ func runProxy(args []string) error {
 	if err := checkListenAddr("listen", *listen, false); err != nil {
 		return err
 	}
-	log, err := newLogger(*logFormat, *logLevel)
+	log, err := lf.daemon(os.Stderr)
 	if err != nil {
-		return usagef("%v", err)
+		return err
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()

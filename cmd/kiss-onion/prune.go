@@ -12,9 +12,8 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/sirupsen/logrus"
-
 	"github.com/kiss-onion/kiss-onion/cachelock"
+	"github.com/kiss-onion/kiss-onion/internal/nixcache"
 	"github.com/kiss-onion/kiss-onion/prune"
 )
 
@@ -49,31 +48,34 @@ Examples:
 func runPrune(args []string) error {
 	var roots stringList
 	fs := newFlagSet("prune", pruneUsage)
+	var lf logFlags
+	lf.add(fs)
 	dryRun := fs.Bool("dry-run", false, "delete nothing; print what would be deleted")
 	lockWait := fs.Duration("lock-wait", 5*time.Minute, "how long to wait for upload locks to be released")
 	maxAge := fs.Duration("max-root-age", 0, "markers older than this (by modification time) no longer count; 0: no limit")
 	grace := fs.Duration("grace", 0, "keep files modified less than this before the prune (uploads made without with-lock)")
 	fs.Var(&roots, "gcroots", "another `directory` of markers (repeatable)")
 	stateDir := fs.String("state-dir", defaultPruneStateDir(), "`directory` of the metadata cache that makes the next prune fast; empty for none")
-	storeDir := fs.String("store-dir", prune.DefaultStoreDir, "the Nix store `directory` the cache is for")
-	if err := parseFlags(fs, args); err != nil {
+	storeDir := fs.String("store-dir", nixcache.DefaultStoreDir, "the Nix store `directory` the cache is for")
+	rest, err := parseArgs(fs, args)
+	if err != nil {
 		return err
 	}
-	switch fs.NArg() {
+	switch len(rest) {
 	case 1:
 	case 0:
 		return usagef("prune needs the cache directory")
 	default:
-		return usagef("prune takes one cache directory, got %d arguments", fs.NArg())
+		return usagef("prune takes one cache directory, got %d arguments", len(rest))
 	}
-	cacheDir := fs.Arg(0)
+	cacheDir := rest[0]
 
 	term := isTerminal(os.Stderr)
 	status := &statusLine{w: stderr, term: term}
-	log := logrus.New()
-	log.SetOutput(status)
-	log.SetFormatter(cliFormatter{})
-	log.SetLevel(logrus.InfoLevel)
+	log, err := lf.cli(status)
+	if err != nil {
+		return err
+	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
@@ -87,7 +89,7 @@ func runPrune(args []string) error {
 		DryRun:     *dryRun,
 		LockWait:   *lockWait,
 		StoreDir:   *storeDir,
-		Log:        logrus.NewEntry(log),
+		Log:        log,
 	}
 	if term {
 		opt.Progress = func(st prune.Stats) {
@@ -179,19 +181,4 @@ func (s *statusLine) clearLocked() {
 		fmt.Fprint(s.w, "\r\033[K")
 		s.shown = false
 	}
-}
-
-// cliFormatter prints log entries in the house style:
-// "kiss-onion: warning: ..." for warnings and errors, "kiss-onion: ..."
-// for the rest.
-type cliFormatter struct{}
-
-func (cliFormatter) Format(e *logrus.Entry) ([]byte, error) {
-	switch e.Level {
-	case logrus.WarnLevel:
-		return []byte("kiss-onion: warning: " + e.Message + "\n"), nil
-	case logrus.ErrorLevel, logrus.FatalLevel, logrus.PanicLevel:
-		return []byte("kiss-onion: error: " + e.Message + "\n"), nil
-	}
-	return []byte("kiss-onion: " + e.Message + "\n"), nil
 }

@@ -10,8 +10,6 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/sirupsen/logrus"
-
 	"github.com/kiss-onion/kiss-onion/cachelock"
 	"github.com/kiss-onion/kiss-onion/internal/nixcache"
 	"github.com/kiss-onion/kiss-onion/publish"
@@ -50,6 +48,8 @@ Examples:
 
 func runPublish(args []string) error {
 	fs := newFlagSet("publish", publishUsage)
+	var lf logFlags
+	lf.add(fs)
 	var g gatewayFlags
 	g.add(fs, "/var/lib/kiss-onion-publish", "tor's data")
 	cacheURL := fs.String("cache", "", "the cache's write `URL` (a running 'proxy --write', or serve's --listen-write) instead of a gateway from --bundle")
@@ -58,21 +58,22 @@ func runPublish(args []string) error {
 	compression := fs.String("compression", "zstd", "the NARs' `compression` (zstd, xz, none, ...)")
 	wait := fs.Duration("wait", 5*time.Minute, "how long to wait for the onion to answer")
 	lockWait := fs.Duration("lock-wait", 30*time.Minute, "how long to retry the lock while a prune holds the cache")
-	storeDir := fs.String("store-dir", "/nix/store", "the Nix store `directory`")
+	storeDir := fs.String("store-dir", nixcache.DefaultStoreDir, "the Nix store `directory`")
 	nix := nixFlags(fs)
-	if err := parseFlags(fs, args); err != nil {
+	rest, err := parseArgs(fs, args)
+	if err != nil {
 		return err
 	}
-	if fs.NArg() < 2 {
+	if len(rest) < 2 {
 		return usagef("publish needs NAME and at least one STORE_PATH")
 	}
-	name, paths := fs.Arg(0), fs.Args()[1:]
+	name, paths := rest[0], rest[1:]
 	for _, p := range paths {
 		if _, err := nixcache.BaseName(*storeDir, p); err != nil {
 			return usagef("STORE_PATH: %v", err)
 		}
 	}
-	if _, err := publish.ParseMarkerURL("http://cache/gcroots/"+name, ""); err != nil {
+	if err := nixcache.CheckMarkerName(name); err != nil {
 		return usagef("NAME: %v", err)
 	}
 	var key *nixcache.SecretKey
@@ -97,7 +98,10 @@ func runPublish(args []string) error {
 		return err
 	}
 
-	log := cliLogger()
+	log, err := lf.cli(stderr)
+	if err != nil {
+		return err
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	cache, done, err := g.openCache(ctx, *cacheURL, true, *wait, log)
@@ -141,14 +145,4 @@ func nixFlags(fs *flag.FlagSet) func() (publish.Nix, error) {
 		}
 		return n, nil
 	}
-}
-
-// cliLogger returns the logger of a one-shot command: "kiss-onion: ..." lines
-// on stderr.
-func cliLogger() *logrus.Entry {
-	l := logrus.New()
-	l.SetOutput(stderr)
-	l.SetFormatter(cliFormatter{})
-	l.SetLevel(logrus.InfoLevel)
-	return logrus.NewEntry(l)
 }

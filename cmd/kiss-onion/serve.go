@@ -6,7 +6,6 @@ import (
 	"net"
 	"os"
 	"os/signal"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
@@ -116,7 +115,7 @@ func runServe(args []string) error {
 	fs.StringVar(&f.torMode, "tor", "public", "`mode`: public (the Tor network), local (a private offline Tor network) or off")
 	fs.IntVar(&f.priority, "priority", 30, "cache `priority` in nix-cache-info (lower is preferred)")
 	fs.BoolVar(&f.wantMassQuery, "want-mass-query", true, "advertise WantMassQuery in nix-cache-info")
-	fs.StringVar(&f.storeDir, "store-dir", "/nix/store", "the Nix store `directory` the cache is for")
+	fs.StringVar(&f.storeDir, "store-dir", nixcache.DefaultStoreDir, "the Nix store `directory` the cache is for")
 	fs.Var(&f.trustedKeys, "trusted-writer-key", "accept only narinfos signed by this `name:base64` key (repeatable)")
 	fs.Var(&f.maxUpload, "max-upload-size", "largest upload `size` accepted (like 512M or 8G)")
 	fs.StringVar(&f.torBinary, "tor-binary", "tor", "the tor `program`")
@@ -128,42 +127,23 @@ func runServe(args []string) error {
 	fs.DurationVar(&f.maxRootAge, "max-root-age", 0, "scheduled prunes ignore markers older than this `age` (0: markers never expire)")
 	fs.StringVar(&f.logFormat, "log-format", "text", "log `format`: text or json")
 	fs.StringVar(&f.logLevel, "log-level", "info", "log `level`: debug, info, warn or error")
-	if err := parseFlags(fs, args); err != nil {
+	rest, err := parseArgs(fs, args)
+	if err != nil {
 		return err
 	}
-	if fs.NArg() > 0 {
-		return usagef("serve takes no arguments, got %q", fs.Arg(0))
+	if len(rest) > 0 {
+		return usagef("serve takes no arguments, got %q", rest[0])
 	}
 	if *config != "" {
 		if err := applyConfigFile(fs, *config); err != nil {
 			return err
 		}
 	}
-	log, err := newLogger(f.logFormat, f.logLevel)
+	log, err := logFlags{f.logFormat, f.logLevel}.daemon(os.Stderr)
 	if err != nil {
-		return usagef("%v", err)
+		return err
 	}
 	return serveMain(f, log)
-}
-
-// newLogger returns the daemon's logger, on stderr.
-func newLogger(format, level string) (*logrus.Entry, error) {
-	l := logrus.New()
-	l.SetOutput(os.Stderr)
-	switch format {
-	case "text":
-		l.SetFormatter(&logrus.TextFormatter{DisableColors: true, FullTimestamp: true})
-	case "json":
-		l.SetFormatter(&logrus.JSONFormatter{})
-	default:
-		return nil, fmt.Errorf("--log-format must be text or json, not %q", format)
-	}
-	lvl, err := logrus.ParseLevel(level)
-	if err != nil {
-		return nil, fmt.Errorf("--log-level: %v", err)
-	}
-	l.SetLevel(lvl)
-	return logrus.NewEntry(l), nil
 }
 
 // checkListenAddr refuses an address that is not on loopback, unless
@@ -295,17 +275,14 @@ func serveMain(f serveFlags, log *logrus.Entry) error {
 // checkApart refuses a state directory inside the cache directory, where
 // readers could fetch the keys, and a cache inside the state directory.
 func checkApart(cacheDir, stateDir string) error {
-	c, err1 := filepath.Abs(cacheDir)
-	s, err2 := filepath.Abs(stateDir)
-	if err1 != nil || err2 != nil {
-		return usagef("bad --cache-dir or --state-dir")
-	}
-	within := func(dir, parent string) bool {
-		rel, err := filepath.Rel(parent, dir)
-		return err == nil && rel != ".." && !strings.HasPrefix(rel, "../")
-	}
-	if within(s, c) || within(c, s) {
-		return usagef("--state-dir %s and --cache-dir %s must not contain each other: the state holds secrets, the cache is public to readers", stateDir, cacheDir)
+	for _, pair := range [][2]string{{stateDir, cacheDir}, {cacheDir, stateDir}} {
+		in, err := inside(pair[0], pair[1])
+		if err != nil {
+			return usagef("--state-dir or --cache-dir: %v", err)
+		}
+		if in {
+			return usagef("--state-dir %s and --cache-dir %s must not contain each other: the state holds secrets, the cache is public to readers", stateDir, cacheDir)
+		}
 	}
 	return nil
 }

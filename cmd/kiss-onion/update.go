@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"errors"
-	"flag"
 	"os"
 	"os/signal"
 	"syscall"
@@ -48,16 +47,8 @@ Examples:
 
 func runUpdate(args []string) error {
 	fs := newFlagSet("update", updateUsage)
-	switch {
-	case len(args) == 0:
-		return usagef("update needs an action: switch or boot")
-	case args[0] == "-h" || args[0] == "-help" || args[0] == "--help":
-		fs.Usage()
-		return flag.ErrHelp
-	case args[0] != "switch" && args[0] != "boot":
-		return usagef("update: unknown action %q: want switch or boot", args[0])
-	}
-	action := args[0]
+	var lf logFlags
+	lf.add(fs)
 	var g gatewayFlags
 	g.add(fs, "/var/lib/kiss-onion-update", "the generation applied last and tor's data")
 	cacheURL := fs.String("cache", "", "the cache's read `URL` (a running 'kiss-onion proxy') instead of a gateway from --bundle")
@@ -67,18 +58,25 @@ func runUpdate(args []string) error {
 	publisherKey := fs.String("publisher-key", "", "accept only markers signed by this `NAME:BASE64` key, never an older generation")
 	allowUnsigned := fs.Bool("allow-unsigned", false, "accept plain markers (whoever can write the marker decides what runs here)")
 	wait := fs.Duration("wait", 5*time.Minute, "how long to wait for the onion to answer")
-	storeDir := fs.String("store-dir", "/nix/store", "the Nix store `directory`")
+	storeDir := fs.String("store-dir", nixcache.DefaultStoreDir, "the Nix store `directory`")
 	nix := nixFlags(fs)
-	if err := parseFlags(fs, args[1:]); err != nil {
+	rest, err := parseArgs(fs, args)
+	if err != nil {
 		return err
 	}
-	if fs.NArg() > 0 {
-		return usagef("update takes one action, then flags; got %q", fs.Arg(0))
+	switch {
+	case len(rest) == 0:
+		return usagef("update needs an action: switch or boot")
+	case rest[0] != "switch" && rest[0] != "boot":
+		return usagef("update: unknown action %q: want switch or boot", rest[0])
+	case len(rest) > 1:
+		return usagef("update takes one action; got %q", rest)
 	}
+	action := rest[0]
 	if *marker == "" {
 		return usagef("give --marker NAME (the host name is unknown)")
 	}
-	if _, err := publish.ParseMarkerURL("http://cache/gcroots/"+*marker, ""); err != nil {
+	if err := nixcache.CheckMarkerName(*marker); err != nil {
 		return usagef("--marker: %v", err)
 	}
 	var key *nixcache.PublicKey
@@ -99,7 +97,10 @@ func runUpdate(args []string) error {
 		return err
 	}
 
-	log := cliLogger()
+	log, err := lf.cli(stderr)
+	if err != nil {
+		return err
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	cache, done, err := g.openCache(ctx, *cacheURL, false, *wait, log)

@@ -4,9 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
-
-	"github.com/sirupsen/logrus"
 
 	"github.com/kiss-onion/kiss-onion/cachelock"
 	"github.com/kiss-onion/kiss-onion/internal/nixcache"
@@ -44,20 +43,27 @@ Examples:
 
 func runWithLock(args []string) error {
 	fs := newFlagSet("with-lock", withLockUsage)
+	var lf logFlags
+	lf.add(fs)
 	proxy := fs.String("proxy", "", "HTTP proxy `URL` for the cache (http://, socks5h:// for Tor)")
 	lockWait := fs.Duration("lock-wait", 30*time.Minute, "how long to retry the lock while a prune holds the cache")
-	storeDir := fs.String("store-dir", "/nix/store", "the Nix store `directory`")
-	if err := parseFlags(fs, args); err != nil {
+	storeDir := fs.String("store-dir", nixcache.DefaultStoreDir, "the Nix store `directory`")
+	// The command after "--" is COMMAND's own, flags and all.
+	dashes := slices.Index(args, "--")
+	if dashes < 0 {
+		dashes = len(args)
+	}
+	rest, err := parseArgs(fs, args[:dashes])
+	if err != nil {
 		return err
 	}
-	rest := fs.Args()
 	switch {
-	case len(rest) < 2:
+	case len(rest) != 2:
 		return usagef("with-lock needs MARKER_URL, STORE_PATH, -- and a command")
-	case len(rest) < 4 || rest[2] != "--":
+	case dashes+1 >= len(args):
 		return usagef(`with-lock needs "--" and a command after STORE_PATH`)
 	}
-	markerArg, storePath, command := rest[0], rest[1], rest[3:]
+	markerArg, storePath, command := rest[0], rest[1], args[dashes+1:]
 	if _, err := nixcache.BaseName(*storeDir, storePath); err != nil {
 		return usagef("STORE_PATH: %v", err)
 	}
@@ -66,15 +72,16 @@ func runWithLock(args []string) error {
 		return usagef("%v", err)
 	}
 
-	log := logrus.New()
-	log.SetOutput(stderr)
-	log.SetFormatter(cliFormatter{})
+	log, err := lf.cli(stderr)
+	if err != nil {
+		return err
+	}
 	status, err := publish.WithLock(context.Background(), publish.WithLockOptions{
 		Marker:    marker,
 		StorePath: storePath,
 		Command:   command,
 		LockWait:  *lockWait,
-		Log:       logrus.NewEntry(log),
+		Log:       log,
 	})
 	if err != nil {
 		if errors.Is(err, cachelock.ErrBusy) {
