@@ -286,7 +286,7 @@ func (f *Forwarder) fail(w http.ResponseWriter, r *http.Request, err error) {
 	if r.Method != http.MethodGet && r.Method != http.MethodHead {
 		status = http.StatusMisdirectedRequest
 	}
-	f.log.WithFields(logrus.Fields{"method": r.Method, "path": r.URL.Path}).Debugf("%d: %v", status, err)
+	f.log.WithFields(logrus.Fields{"method": r.Method, "path": r.URL.Path, "status": status}).WithError(err).Debug("onion unreachable: answered by the gateway")
 	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 	w.Header().Set("Cache-Control", "no-store")
 	w.Header().Set(ErrorHeader, "unreachable")
@@ -307,7 +307,7 @@ func (f *Forwarder) up() {
 	f.health.Reachable, f.health.Since = true, now
 	close(f.upc)
 	f.rewarm.Store(true)
-	f.log.Infof("%s reachable (after %v)", f.target, now.Sub(was).Round(time.Millisecond))
+	f.log.WithFields(logrus.Fields{"target": f.target.String(), "after": now.Sub(was).Round(time.Millisecond)}).Info("onion reachable")
 	select {
 	case f.kick <- struct{}{}: // warm the other circuits up
 	default:
@@ -325,7 +325,7 @@ func (f *Forwarder) down(err error) {
 	}
 	f.health.Reachable, f.health.Since = false, now
 	f.upc = make(chan struct{})
-	f.log.Warnf("%s unreachable: %v", f.target, err)
+	f.log.WithField("target", f.target.String()).WithError(err).Warn("onion unreachable")
 	select {
 	case f.kick <- struct{}{}:
 	default:
@@ -342,7 +342,7 @@ func (rt roundTripper) RoundTrip(req *http.Request) (*http.Response, error) {
 	resp, err := c.roundTrip(req)
 	if err != nil && retryable(req, err) && req.Context().Err() == nil {
 		// A circuit that failed to build says little of the others.
-		f.log.WithField("circuit", c.n).Debugf("retry on another circuit: %v", err)
+		f.log.WithField("circuit", c.n).WithError(err).Debug("retry on another circuit")
 		resp, err = f.pick(c).roundTrip(req)
 	}
 	return resp, err

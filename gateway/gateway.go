@@ -118,7 +118,7 @@ func Start(ctx context.Context, cfg Config) (*Gateway, error) {
 			g.errc <- err
 		}
 	}()
-	log.WithField("client", b.Name).Infof("gateway %s to %s: starting tor", g.URL(), target)
+	log.WithFields(logrus.Fields{"client": b.Name, "listen": g.URL(), "target": target}).Info("gateway starting tor")
 
 	t, err := onion.Start(ctx, onion.Config{
 		Binary:     cfg.TorBinary,

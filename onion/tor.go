@@ -300,7 +300,7 @@ func (t *Tor) supervise() {
 		t.inst = nil
 		t.pid.Store(0)
 		t.release()
-		t.log.WithField("restart_in", backoff).Warnf("tor %s: restarting it", reason)
+		t.log.WithFields(logrus.Fields{"restart_in": backoff, "reason": reason}).Warn("restart tor")
 		for {
 			select {
 			case <-t.life.Done():

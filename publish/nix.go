@@ -51,7 +51,7 @@ func (n Nix) args() []string {
 // going to n.Output, and logs it first.
 func (n Nix) run(ctx context.Context, log *logrus.Entry, program string, args ...string) error {
 	args = append(args, n.args()...)
-	log.Infof("run %s %s", program, strings.Join(args, " "))
+	log.WithField("command", program+" "+strings.Join(args, " ")).Info("run")
 	cmd := exec.CommandContext(ctx, program, args...)
 	cmd.Stdout, cmd.Stderr = n.output(), n.output()
 	if err := cmd.Run(); err != nil {

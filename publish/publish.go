@@ -59,7 +59,7 @@ func Publish(ctx context.Context, o Options) (Result, error) {
 		log = logrus.NewEntry(logrus.StandardLogger())
 	}
 	if o.StoreDir == "" {
-		o.StoreDir = "/nix/store"
+		o.StoreDir = nixcache.DefaultStoreDir
 	}
 	if o.Compression == "" {
 		o.Compression = "zstd"
@@ -119,11 +119,11 @@ func Publish(ctx context.Context, o Options) (Result, error) {
 	if err != nil {
 		return Result{}, fmt.Errorf("publish %s: %w; the marker was not written", o.Name, err)
 	}
+	l := log.WithFields(logrus.Fields{"marker": o.Name, "paths": strings.Join(o.Paths, " ")})
 	if gen != 0 {
-		log.Infof("marker %s now names %s (signed, generation %d)", o.Name, strings.Join(o.Paths, " "), gen)
-	} else {
-		log.Infof("marker %s now names %s", o.Name, strings.Join(o.Paths, " "))
+		l = l.WithField("generation", gen)
 	}
+	l.Info("marker written")
 	return Result{Marker: m.String(), Generation: gen, Content: content}, nil
 }
 

@@ -100,10 +100,8 @@ func splitMarkerPath(p string) (base, name string, err error) {
 	if name == "" {
 		return "", "", errors.New("no marker name after /gcroots/")
 	}
-	for _, seg := range strings.Split(name, "/") {
-		if seg == "" || seg[0] == '.' {
-			return "", "", fmt.Errorf("marker name %q: empty segment or one starting with '.'", name)
-		}
+	if err := nixcache.CheckMarkerName(name); err != nil {
+		return "", "", err
 	}
 	return base, name, nil
 }
@@ -251,9 +249,9 @@ func (m *MarkerURL) Lock(ctx context.Context, name string, body []byte, wait tim
 		}
 		if log != nil {
 			if busy {
-				log.Infof("a prune holds the cache; retrying the lock in %s", delay)
+				log.WithFields(logrus.Fields{"lock": name, "retry_in": delay}).Info("a prune holds the cache; retrying the lock")
 			} else {
-				log.Warnf("%v; retrying in %s", err, delay)
+				log.WithFields(logrus.Fields{"lock": name, "retry_in": delay}).WithError(err).Warn("take the upload lock")
 			}
 		}
 		select {
@@ -415,7 +413,7 @@ func (m *MarkerURL) Hold(ctx context.Context, holder string, lockWait, refresh t
 	if len(body) > cachelock.MaxLockBody {
 		body = body[:cachelock.MaxLockBody]
 	}
-	log.Infof("take the upload lock %s", name)
+	log.WithField("lock", name).Info("take the upload lock")
 	if err := m.Lock(ctx, name, body, lockWait, log); err != nil {
 		return err
 	}
@@ -425,7 +423,7 @@ func (m *MarkerURL) Hold(ctx context.Context, holder string, lockWait, refresh t
 		uctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 		defer cancel()
 		if err := m.Unlock(uctx, name); err != nil {
-			log.Warnf("%v (it goes stale in %s)", err, cachelock.StaleAfter)
+			log.WithFields(logrus.Fields{"lock": name, "stale_in": cachelock.StaleAfter}).WithError(err).Warn("drop the upload lock")
 		}
 	}()
 
@@ -456,10 +454,10 @@ func (m *MarkerURL) Hold(ctx context.Context, holder string, lockWait, refresh t
 			case time.Since(lastOK) > cachelock.StaleAfter-2*refresh:
 				lostErr = fmt.Errorf("%w: not refreshed since %s: %v", ErrLockLost, lastOK.Format(time.RFC3339), err)
 			default:
-				log.Warnf("refresh the upload lock: %v (will retry)", err)
+				log.WithField("lock", name).WithError(err).Warn("refresh the upload lock; will retry")
 				continue
 			}
-			log.Warnf("%v; the marker will not be written", lostErr)
+			log.WithField("lock", name).WithError(lostErr).Warn("the marker will not be written")
 			lost <- lostErr
 			return
 		}
