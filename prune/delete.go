@@ -80,7 +80,7 @@ func (p *pruner) recheck(ctx context.Context) error {
 	if len(fresh) == 0 {
 		return nil
 	}
-	p.log.Debugf("%d narinfos appeared or changed during the prune", len(fresh))
+	p.log.WithField("narinfos", len(fresh)).Debug("narinfos appeared or changed during the prune")
 	res := &scanned{}
 	var buf []byte
 	for _, n := range fresh {
@@ -110,54 +110,23 @@ func (p *pruner) delete(ctx context.Context) error {
 		errs = multierror.Append(errs, err)
 		errMu.Unlock()
 	}
-	g := p.g
-	cache := p.opt.CacheDir
-	garbage := func(n uint32) bool { return g.flags[n]&(fPresent|fKept) == fPresent }
 
 	// Whether the swept directories can be trusted to hold no garbage, as
 	// the last prune left them: the same roots, the same narinfos (none
 	// read, none gone), none to delete now; checked per directory below.
 	p.rootsHash = p.hashRoots()
-	present, doomed := 0, 0
-	for n := uint32(0); n < uint32(g.len()); n++ {
-		if g.flags[n]&fPresent != 0 {
-			present++
-			if garbage(n) {
-				doomed++
-			}
-		}
-	}
+	present, doomed := p.countNarInfos()
 	unchanged := p.rootsHash == p.prev.rootsHash && p.c.read.Load() == 0 && present == p.prev.stored &&
 		doomed == 0 && !p.opt.DryRun
 
-	// 1. Realisations and build traces of outputs that go.
-	var auxGone []int
-	for i, a := range p.aux {
-		if a.info.kind == auxOutPath && !a.young {
-			if n, ok := g.lookup(a.info.target); !ok || g.flags[n]&fKept == 0 {
-				auxGone = append(auxGone, i)
-			}
-		}
-	}
-	p.removeAux(auxGone, fail)
+	p.removeGoneOutputs(fail)
 	if err := ctx.Err(); err != nil {
 		return err
 	}
 
-	// 2. The NARs that may go: those no staying narinfo names. Each goes
-	// when its last garbage narinfo has gone; the orphans at once.
-	urlsOf := func(stays func(n uint32) bool) *u64set {
-		set := newU64Set(present)
-		for n := uint32(0); n < uint32(g.len()); n++ {
-			if g.flags[n]&fPresent != 0 && stays(n) && g.urlHash[n] != 0 {
-				set.add(g.urlHash[n])
-			}
-		}
-		return set
-	}
-	narPath := filepath.Join(cache, "nar")
+	narPath := filepath.Join(p.opt.CacheDir, "nar")
 	nars, narDir, err := p.listNars(narPath, unchanged, func() *u64set {
-		return urlsOf(func(n uint32) bool { return !garbage(n) })
+		return p.urlsOf(present, func(n uint32) bool { return !p.g.garbage(n) })
 	})
 	if err != nil {
 		return err
@@ -165,8 +134,94 @@ func (p *pruner) delete(ctx context.Context) error {
 	if narDir != nil {
 		defer narDir.close()
 	}
+	nd := p.startNarDeleter(ctx, nars, narDir, fail)
+	p.deleteNarInfos(ctx, doomed, nd.narinfoGone, fail)
+	nd.wait()
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	p.log.WithField("narinfos", p.c.deletedNarInfos.Load()).Debug("narinfos deleted")
+	// A nar/ left without a candidate holds no garbage: the next prune
+	// may skip listing it while nothing changes.
+	left := nd.left()
+	if narDir != nil && left == 0 && !p.opt.DryRun {
+		p.sweeps[sweepNar] = stampDir(narPath)
+	} else if narDir == nil {
+		p.sweeps[sweepNar] = p.prev.sweeps[sweepNar]
+	}
+
+	if err := p.removeUnneeded(ctx, unchanged, present, fail); err != nil {
+		return err
+	}
+	p.removeEmptyBuildTraceDirs()
+	return errs.ErrorOrNil()
+}
+
+// countNarInfos returns how many narinfos are present, and how many of
+// them are garbage.
+func (p *pruner) countNarInfos() (present, doomed int) {
+	g := p.g
 	for n := uint32(0); n < uint32(g.len()); n++ {
-		if garbage(n) {
+		if g.flags[n]&fPresent != 0 {
+			present++
+			if g.garbage(n) {
+				doomed++
+			}
+		}
+	}
+	return present, doomed
+}
+
+// urlsOf returns the URL hashes of the present narinfos that stays
+// accepts; present, the number of narinfos, sizes the set.
+func (p *pruner) urlsOf(present int, stays func(n uint32) bool) *u64set {
+	g := p.g
+	set := newU64Set(present)
+	for n := uint32(0); n < uint32(g.len()); n++ {
+		if g.flags[n]&fPresent != 0 && stays(n) && g.urlHash[n] != 0 {
+			set.add(g.urlHash[n])
+		}
+	}
+	return set
+}
+
+// removeGoneOutputs deletes the realisations and build traces of the
+// outputs that go. They go before any narinfo, so that none of them ever
+// names a store path the cache no longer has.
+func (p *pruner) removeGoneOutputs(fail func(error)) {
+	g := p.g
+	var gone []int
+	for i, a := range p.aux {
+		if a.info.kind == auxOutPath && !a.young {
+			if n, ok := g.lookup(a.info.target); !ok || g.flags[n]&fKept == 0 {
+				gone = append(gone, i)
+			}
+		}
+	}
+	p.removeAux(gone, fail)
+}
+
+// narDeleter deletes, on workers of its own, the NARs that no staying
+// narinfo names: the orphans at once, each of the others right after the
+// last garbage narinfo naming it has gone, so that no narinfo is ever
+// left without its NAR. NARs live in a directory of their own, so they go
+// side by side with the narinfos rather than after them.
+type narDeleter struct {
+	g       *graph
+	nars    *narList
+	ch      chan int     // indexes into nars, to delete
+	stayed  atomic.Int64 // candidates that stay (young, failed)
+	workers sync.WaitGroup
+	feeder  sync.WaitGroup
+}
+
+// startNarDeleter counts the garbage narinfos naming each NAR of nars (in
+// narDir) and starts deleting those that none names.
+func (p *pruner) startNarDeleter(ctx context.Context, nars *narList, narDir *dir, fail func(error)) *narDeleter {
+	g := p.g
+	nd := &narDeleter{g: g, nars: nars, ch: make(chan int, 4096)}
+	for n := uint32(0); n < uint32(g.len()); n++ {
+		if g.garbage(n) {
 			if i, ok := nars.find(g.urlHash[n]); ok && nars.owners[i] >= 0 {
 				nars.owners[i]++
 			}
@@ -178,46 +233,70 @@ func (p *pruner) delete(ctx context.Context) error {
 			orphans = append(orphans, i)
 		}
 	}
-	var narsLeft atomic.Int64 // candidates that stay (young, failed, still named)
-	narCh := make(chan int, 4096)
-	var narWorkers sync.WaitGroup
 	for w := 0; w < p.unlinkers; w++ {
-		narWorkers.Add(1)
+		nd.workers.Add(1)
 		go func() {
-			defer narWorkers.Done()
-			for i := range narCh {
+			defer nd.workers.Done()
+			for i := range nd.ch {
 				if !p.removeOne(narDir, "nar/", nars.names.get(i), fail) {
-					narsLeft.Add(1)
+					nd.stayed.Add(1)
 				}
 			}
 		}()
 	}
-	var feeder sync.WaitGroup
-	feeder.Add(1)
+	nd.feeder.Add(1)
 	go func() {
-		defer feeder.Done()
+		defer nd.feeder.Done()
 		for _, i := range orphans {
 			if ctx.Err() != nil {
 				return
 			}
-			narCh <- i
+			nd.ch <- i
 		}
 	}()
-	// A narinfo's NAR may go once no other garbage narinfo names it.
-	narinfoGone := func(n uint32) {
-		if i, ok := nars.find(g.urlHash[n]); ok && atomic.AddInt32(&nars.owners[i], -1) == 0 {
-			narCh <- i
+	return nd
+}
+
+// narinfoGone tells nd that the narinfo of node n has gone: its NAR may go
+// once no other garbage narinfo names it.
+func (nd *narDeleter) narinfoGone(n uint32) {
+	if i, ok := nd.nars.find(nd.g.urlHash[n]); ok && atomic.AddInt32(&nd.nars.owners[i], -1) == 0 {
+		nd.ch <- i
+	}
+}
+
+// wait returns when the NARs released so far are deleted; narinfoGone
+// must not be called after it.
+func (nd *narDeleter) wait() {
+	nd.feeder.Wait()
+	close(nd.ch)
+	nd.workers.Wait()
+}
+
+// left returns, after wait, how many NARs of the list stay.
+func (nd *narDeleter) left() int64 {
+	left := nd.stayed.Load()
+	for i := range nd.nars.owners {
+		if nd.nars.owners[i] != 0 {
+			left++ // named by a narinfo that stays, or a hash collision
 		}
 	}
+	return left
+}
 
-	// 3. Narinfos, referrers before references (Kahn's order over the
-	// garbage: store paths refer to each other without cycles, apart from
-	// self-references, which are skipped). Workers take narinfos whose
-	// garbage referrers are all gone, delete them, and release their
-	// references in turn: no rounds, no waiting for the slowest.
+// deleteNarInfos deletes the doomed garbage narinfos referrers before
+// references, so that no narinfo left ever names a missing one, and calls
+// gone for each it deleted. It follows Kahn's order over the garbage:
+// store paths refer to each other without cycles, apart from
+// self-references, which are skipped. Workers take narinfos whose garbage
+// referrers are all gone, delete them, and release their references in
+// turn: no rounds, no waiting for the slowest. A narinfo that stays keeps
+// what it refers to.
+func (p *pruner) deleteNarInfos(ctx context.Context, doomed int, gone func(n uint32), fail func(error)) {
+	g := p.g
 	isGarbage := make([]bool, g.len())
 	for n := uint32(0); n < uint32(g.len()); n++ {
-		isGarbage[n] = garbage(n)
+		isGarbage[n] = g.garbage(n)
 	}
 	edges := func(n uint32, fn func(m uint32)) {
 		if !g.has(n, fData) {
@@ -238,7 +317,7 @@ func (p *pruner) delete(ctx context.Context) error {
 			edges(n, func(m uint32) { indeg[m]++ })
 		}
 	}
-	gone := make([]bool, g.len())
+	deleted := make([]bool, g.len())
 	ready := make(chan uint32, doomed) // never blocks: each narinfo is sent once
 	var outstanding atomic.Int64       // narinfos sent and not yet done
 	for n := uint32(0); n < uint32(g.len()); n++ {
@@ -250,40 +329,15 @@ func (p *pruner) delete(ctx context.Context) error {
 	if outstanding.Load() == 0 {
 		close(ready)
 	}
-	deleteNarInfo := func(n uint32) bool {
-		name := g.keys[n].String() + narinfoExt
-		fi, err := p.top.stat(name)
-		if errors.Is(err, fs.ErrNotExist) {
-			return true
-		}
-		if err != nil {
-			fail(err)
-			return false
-		}
-		if fi.ident != g.ident[n] {
-			// Rewritten in place since the scan: not what we judged.
-			p.log.Warnf("keeping %s: it changed during the prune", name)
-			return false
-		}
-		if !p.opt.DryRun {
-			if err := p.top.remove(name); err != nil {
-				fail(err)
-				return false
-			}
-		}
-		p.counted(name, fi.size)
-		p.c.deletedNarInfos.Add(1)
-		return true
-	}
-	var narinfoWorkers sync.WaitGroup
+	var workers sync.WaitGroup
 	for w := 0; w < p.unlinkers; w++ {
-		narinfoWorkers.Add(1)
+		workers.Add(1)
 		go func() {
-			defer narinfoWorkers.Done()
+			defer workers.Done()
 			for n := range ready {
-				if ctx.Err() == nil && deleteNarInfo(n) {
-					gone[n] = true
-					narinfoGone(n)
+				if ctx.Err() == nil && p.removeNarInfo(n, fail) {
+					deleted[n] = true
+					gone(n)
 					edges(n, func(m uint32) {
 						if atomic.AddInt32(&indeg[m], -1) == 0 {
 							outstanding.Add(1)
@@ -297,32 +351,49 @@ func (p *pruner) delete(ctx context.Context) error {
 			}
 		}()
 	}
-	narinfoWorkers.Wait()
-	for n, ok := range gone {
+	workers.Wait()
+	for n, ok := range deleted {
 		if ok {
 			g.flags[n] |= fDeleted
 		}
 	}
-	gone, indeg, isGarbage = nil, nil, nil
-	feeder.Wait()
-	close(narCh)
-	narWorkers.Wait()
-	if err := ctx.Err(); err != nil {
-		return err
+}
+
+// removeNarInfo deletes the garbage narinfo of node n, unless it changed
+// since the scan judged it, and reports whether it is gone.
+func (p *pruner) removeNarInfo(n uint32, fail func(error)) bool {
+	g := p.g
+	name := g.keys[n].String() + narinfoExt
+	fi, err := p.top.stat(name)
+	if errors.Is(err, fs.ErrNotExist) {
+		return true
 	}
-	p.log.Debugf("prune: %d narinfos deleted", p.c.deletedNarInfos.Load())
-	for i := range nars.owners {
-		if nars.owners[i] != 0 {
-			narsLeft.Add(1) // named by a narinfo that stays, or a hash collision
+	if err != nil {
+		fail(err)
+		return false
+	}
+	if fi.ident != g.ident[n] {
+		// Rewritten in place since the scan: not what we judged.
+		p.log.WithField("path", name).Warn("keeping a narinfo that changed during the prune")
+		return false
+	}
+	if !p.opt.DryRun {
+		if err := p.top.remove(name); err != nil {
+			fail(err)
+			return false
 		}
 	}
-	if narDir != nil && narsLeft.Load() == 0 && !p.opt.DryRun {
-		p.sweeps[sweepNar] = stampDir(narPath)
-	} else if narDir == nil {
-		p.sweeps[sweepNar] = p.prev.sweeps[sweepNar]
-	}
+	p.counted(name, fi.size)
+	p.c.deletedNarInfos.Add(1)
+	return true
+}
 
-	// 4. What else no remaining narinfo needs.
+// removeUnneeded deletes, once the narinfos are settled, what no
+// remaining narinfo needs: listings, logs of derivations that no kept
+// narinfo names as its deriver, and debuginfo whose NAR no remaining
+// narinfo names. unchanged and present are as in delete.
+func (p *pruner) removeUnneeded(ctx context.Context, unchanged bool, present int, fail func(error)) error {
+	g := p.g
 	stays := func(n uint32) bool { return g.flags[n]&(fPresent|fDeleted) == fPresent || g.flags[n]&fKept != 0 }
 	var listings names
 	for n := uint32(0); n < uint32(g.len()); n++ {
@@ -351,31 +422,37 @@ func (p *pruner) delete(ctx context.Context) error {
 			continue
 		}
 		if keptURLs == nil {
-			keptURLs = urlsOf(func(n uint32) bool { return g.flags[n]&fDeleted == 0 })
+			keptURLs = p.urlsOf(present, func(n uint32) bool { return g.flags[n]&fDeleted == 0 })
 		}
 		if !keptURLs.has(a.info.urlHash) {
 			debugGone = append(debugGone, i)
 		}
 	}
 	p.removeAux(debugGone, fail)
+	return nil
+}
 
-	// Empty build-trace-v2/<drv>/ directories.
-	if !p.opt.DryRun {
-		if bt, err := openDir(filepath.Join(cache, "build-trace-v2")); err == nil {
-			var empty names
-			bt.each(func(name []byte, ino uint64, typ int) error {
-				if typ == typeDir && name[0] != '.' {
-					empty.add(name)
-				}
-				return nil
-			})
-			for i := range empty.len() {
-				bt.removeDir(empty.get(i))
-			}
-			bt.close()
-		}
+// removeEmptyBuildTraceDirs removes the build-trace-v2/<drv>/ directories
+// the deletions left empty; removeDir leaves the others.
+func (p *pruner) removeEmptyBuildTraceDirs() {
+	if p.opt.DryRun {
+		return
 	}
-	return errs.ErrorOrNil()
+	bt, err := openDir(filepath.Join(p.opt.CacheDir, "build-trace-v2"))
+	if err != nil {
+		return
+	}
+	var empty names
+	bt.each(func(name []byte, ino uint64, typ int) error {
+		if typ == typeDir && name[0] != '.' {
+			empty.add(name)
+		}
+		return nil
+	})
+	for i := range empty.len() {
+		bt.removeDir(empty.get(i))
+	}
+	bt.close()
 }
 
 // counted records the deletion of a file (or, in a dry run, the intent).
@@ -397,7 +474,7 @@ func (p *pruner) sweep(ctx context.Context, which int, unchanged bool, keep func
 	path := filepath.Join(p.opt.CacheDir, sub)
 	if prev := p.prev.sweeps[which]; unchanged && prev != (dirStamp{}) && stampDir(path) == prev {
 		p.sweeps[which] = prev
-		p.log.Debugf("prune: %s/ unchanged since the last prune, not listed", sub)
+		p.log.WithField("dir", sub).Debug("directory unchanged since the last prune, not listed")
 		return nil
 	}
 	d, err := openDir(path)
@@ -501,7 +578,7 @@ func (l *narList) find(h uint64) (int, bool) {
 func (p *pruner) listNars(path string, unchanged bool, kept func() *u64set) (*narList, *dir, error) {
 	l := &narList{}
 	if prev := p.prev.sweeps[sweepNar]; unchanged && prev != (dirStamp{}) && stampDir(path) == prev {
-		p.log.Debugf("prune: nar/ unchanged since the last prune, not listed")
+		p.log.Debug("nar/ unchanged since the last prune, not listed")
 		return l, nil, nil
 	}
 	d, err := openDir(path)

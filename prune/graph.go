@@ -215,6 +215,10 @@ func (g *graph) has(n uint32, f uint8) bool { return g.flags[n]&f == f }
 // this prune has checked.
 func (g *graph) usable(n uint32) bool { return g.has(n, fPresent|fData) }
 
+// garbage reports whether node n is a narinfo present on disk that the
+// closure did not keep.
+func (g *graph) garbage(n uint32) bool { return g.flags[n]&(fPresent|fKept) == fPresent }
+
 // keep marks the closure of the nodes in stack as kept, through the
 // references and derivers of usable nodes, and marks derivers named by
 // kept narinfos. It returns how many nodes it newly marked.

@@ -251,18 +251,54 @@ func readU32s(b []byte, n, capacity int) []uint32 {
 // not deleted) with the nodes they name, and m's other fields, atomically.
 // listed is the order the prune listed narinfos in; the file keeps it.
 func saveMeta(path string, cacheID uint64, m *meta, listed []uint32) error {
-	g := m.g
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return fmt.Errorf("write metadata cache: %w", err)
 	}
-	// Renumber: the narinfos as listed, then those found otherwise, then
-	// the nodes they name.
-	newIdx := make([]uint32, g.len()) // node+1 in the file, 0 if not written
-	var order []uint32
+	l := layOutMeta(m, listed)
+	f, err := atomicfile.Create(filepath.Dir(path), path, 0o600)
+	if err != nil {
+		return fmt.Errorf("write metadata cache: %w", err)
+	}
+	defer f.Abort()
+	crc := crc32.New(crcTable)
+	w := &metaWriter{Writer: bufio.NewWriterSize(io.MultiWriter(f, crc), 1<<20)}
+	w.header(cacheID, m, l)
+	w.nodes(m.g, l)
+	w.aux(m.aux)
+	if err := w.Flush(); err != nil {
+		return fmt.Errorf("write metadata cache: %w", err)
+	}
+	var sum [4]byte
+	binary.LittleEndian.PutUint32(sum[:], crc.Sum32())
+	if _, err := f.Write(sum[:]); err != nil {
+		return fmt.Errorf("write metadata cache: %w", err)
+	}
+	if err := f.Commit(); err != nil {
+		return fmt.Errorf("write metadata cache: %w", err)
+	}
+	return nil
+}
+
+// metaLayout is where saveMeta puts the nodes of a graph in the file.
+type metaLayout struct {
+	order  []uint32 // the nodes written, in file order
+	newIdx []uint32 // node+1 in the file, 0 if not written
+	stored int      // the narinfos, order[:stored]; the rest are nodes they name
+	nrefs  int      // references of the narinfos
+	table  []uint32 // the hash table over order
+	naux   int      // aux entries with a path short enough to store
+}
+
+// layOutMeta renumbers the nodes for the file: the narinfos as listed,
+// then those found otherwise, then the nodes they name; so that the next
+// prune walks them in step with its listing.
+func layOutMeta(m *meta, listed []uint32) *metaLayout {
+	g := m.g
+	l := &metaLayout{newIdx: make([]uint32, g.len())}
 	add := func(n uint32) {
-		if newIdx[n] == 0 {
-			order = append(order, n)
-			newIdx[n] = uint32(len(order))
+		if l.newIdx[n] == 0 {
+			l.order = append(l.order, n)
+			l.newIdx[n] = uint32(len(l.order))
 		}
 	}
 	keep := func(n uint32) bool { return g.usable(n) && g.flags[n]&fDeleted == 0 }
@@ -276,84 +312,99 @@ func saveMeta(path string, cacheID uint64, m *meta, listed []uint32) error {
 			add(n)
 		}
 	}
-	stored := len(order)
-	nrefs := 0
-	for _, n := range order[:stored] {
+	l.stored = len(l.order)
+	for _, n := range l.order[:l.stored] {
 		for _, r := range g.nodeRefs(n) {
 			add(r)
 		}
-		nrefs += int(g.refLen[n])
+		l.nrefs += int(g.refLen[n])
 		if d := g.deriver[n]; d != 0 {
 			add(d - 1)
 		}
 	}
 	tableLen := 1 << 10
-	for tableLen < 2*(len(order)+len(order)/4) {
+	for tableLen < 2*(len(l.order)+len(l.order)/4) {
 		tableLen <<= 1
 	}
-	table := make([]uint32, tableLen)
+	l.table = make([]uint32, tableLen)
 	mask := uint64(tableLen - 1)
-	for i, n := range order {
+	for i, n := range l.order {
 		j := g.keys[n].hash() & mask
-		for table[j] != 0 {
+		for l.table[j] != 0 {
 			j = (j + 1) & mask
 		}
-		table[j] = uint32(i) + 1
+		l.table[j] = uint32(i) + 1
 	}
-	naux := 0
 	for p := range m.aux {
 		if len(p) <= 0xffff {
-			naux++
+			l.naux++
 		}
 	}
+	return l
+}
 
-	f, err := atomicfile.Create(filepath.Dir(path), path, 0o600)
-	if err != nil {
-		return fmt.Errorf("write metadata cache: %w", err)
-	}
-	defer f.Abort()
-	crc := crc32.New(crcTable)
-	w := bufio.NewWriterSize(io.MultiWriter(f, crc), 1<<20)
-	le := binary.LittleEndian
-	var s [64]byte
-	put32 := func(v uint32) { le.PutUint32(s[:], v); w.Write(s[:4]) }
-	put64 := func(v uint64) { le.PutUint64(s[:], v); w.Write(s[:8]) }
+// metaWriter writes the little-endian fields of a metadata cache. Write
+// errors stick in the bufio.Writer until Flush reports them.
+type metaWriter struct {
+	*bufio.Writer
+	s [64]byte
+}
+
+func (w *metaWriter) put32(v uint32) {
+	binary.LittleEndian.PutUint32(w.s[:], v)
+	w.Write(w.s[:4])
+}
+
+func (w *metaWriter) put64(v uint64) {
+	binary.LittleEndian.PutUint64(w.s[:], v)
+	w.Write(w.s[:8])
+}
+
+// header writes the magic, the version, the cache's identity, the sizes
+// of the columns, the roots' hash and the swept directories' stamps.
+func (w *metaWriter) header(cacheID uint64, m *meta, l *metaLayout) {
 	w.WriteString(metaMagic)
-	put32(metaVersion)
-	put32(0)
-	put64(cacheID)
-	for _, v := range []int{len(order), stored, nrefs, naux, tableLen, 0} {
-		put32(uint32(v))
+	w.put32(metaVersion)
+	w.put32(0)
+	w.put64(cacheID)
+	for _, v := range []int{len(l.order), l.stored, l.nrefs, l.naux, len(l.table), 0} {
+		w.put32(uint32(v))
 	}
-	put64(m.rootsHash)
+	w.put64(m.rootsHash)
 	for _, st := range m.sweeps {
-		put64(st.dev)
-		put64(st.ino)
-		put64(st.mtime)
+		w.put64(st.dev)
+		w.put64(st.ino)
+		w.put64(st.mtime)
 	}
-	for _, n := range order {
+}
+
+// nodes writes the columns of the nodes in l's order, the references of
+// the narinfos and the hash table. Only narinfos have flags and data; the
+// nodes they name are written as keys alone.
+func (w *metaWriter) nodes(g *graph, l *metaLayout) {
+	for _, n := range l.order {
 		k := g.keys[n]
-		put64(k.a)
-		put64(k.b)
-		put64(k.c)
+		w.put64(k.a)
+		w.put64(k.b)
+		w.put64(k.c)
 	}
-	for i, n := range order {
+	for i, n := range l.order {
 		fl := byte(0)
-		if i < stored {
+		if i < l.stored {
 			fl = g.flags[n] & (fData | fMalformed)
 		}
 		w.WriteByte(fl)
 	}
 	col := func(get func(n uint32) uint64, wide bool) {
-		for i, n := range order {
+		for i, n := range l.order {
 			v := uint64(0)
-			if i < stored {
+			if i < l.stored {
 				v = get(n)
 			}
 			if wide {
-				put64(v)
+				w.put64(v)
 			} else {
-				put32(uint32(v))
+				w.put32(uint32(v))
 			}
 		}
 	}
@@ -361,24 +412,31 @@ func saveMeta(path string, cacheID uint64, m *meta, listed []uint32) error {
 	col(func(n uint32) uint64 { return g.urlHash[n] }, true)
 	col(func(n uint32) uint64 {
 		if d := g.deriver[n]; d != 0 {
-			return uint64(newIdx[d-1])
+			return uint64(l.newIdx[d-1])
 		}
 		return 0
 	}, false)
 	col(func(n uint32) uint64 { return uint64(g.refLen[n]) }, false)
-	for _, n := range order[:stored] {
+	for _, n := range l.order[:l.stored] {
 		for _, r := range g.nodeRefs(n) {
-			put32(newIdx[r] - 1)
+			w.put32(l.newIdx[r] - 1)
 		}
 	}
-	for _, v := range table {
-		put32(v)
+	for _, v := range l.table {
+		w.put32(v)
 	}
-	for p, a := range m.aux {
+}
+
+// aux writes the records of the aux files, skipping those whose path does
+// not fit its 16-bit length.
+func (w *metaWriter) aux(aux map[string]auxInfo) {
+	le := binary.LittleEndian
+	s := w.s[:]
+	for p, a := range aux {
 		if len(p) > 0xffff {
 			continue
 		}
-		le.PutUint16(s[:], uint16(len(p)))
+		le.PutUint16(s, uint16(len(p)))
 		w.Write(s[:2])
 		w.WriteString(p)
 		le.PutUint64(s[0:], a.ident)
@@ -389,15 +447,4 @@ func saveMeta(path string, cacheID uint64, m *meta, listed []uint32) error {
 		le.PutUint64(s[33:], a.urlHash)
 		w.Write(s[:auxRecord])
 	}
-	if err := w.Flush(); err != nil {
-		return fmt.Errorf("write metadata cache: %w", err)
-	}
-	le.PutUint32(s[:], crc.Sum32())
-	if _, err := f.Write(s[:4]); err != nil {
-		return fmt.Errorf("write metadata cache: %w", err)
-	}
-	if err := f.Commit(); err != nil {
-		return fmt.Errorf("write metadata cache: %w", err)
-	}
-	return nil
 }

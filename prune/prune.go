@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/kiss-onion/kiss-onion/cachelock"
+	"github.com/kiss-onion/kiss-onion/internal/nixcache"
 	"github.com/sirupsen/logrus"
 )
 
@@ -61,9 +62,6 @@ type Options struct {
 
 // ProgressInterval is how often Run calls Options.Progress.
 const ProgressInterval = 250 * time.Millisecond
-
-// DefaultStoreDir is the store directory when Options.StoreDir is empty.
-const DefaultStoreDir = "/nix/store"
 
 // Phases of a prune, as Stats.Phase reports them.
 const (
@@ -174,7 +172,7 @@ type pruner struct {
 func Run(ctx context.Context, opt Options) (Stats, error) {
 	start := time.Now()
 	if opt.StoreDir == "" {
-		opt.StoreDir = DefaultStoreDir
+		opt.StoreDir = nixcache.DefaultStoreDir
 	}
 	p := &pruner{opt: opt, log: opt.Log, locks: cachelock.New(opt.CacheDir), workers: opt.Workers, unlinkers: opt.Workers}
 	if p.log == nil {
@@ -245,6 +243,9 @@ func (p *pruner) stats() Stats {
 	}
 }
 
+// run is Run without the progress reports: it takes the locks, reads
+// the roots, scans, computes the closure, deletes and saves the metadata
+// cache.
 func (p *pruner) run(ctx context.Context) error {
 	cache := p.opt.CacheDir
 	if cache == "" {
@@ -266,7 +267,7 @@ func (p *pruner) run(ctx context.Context) error {
 		h, err := p.locks.Hold(ctx, p.opt.LockWait, func(names []string) {
 			if time.Since(lastLog) > 10*time.Second {
 				lastLog = time.Now()
-				p.log.Infof("waiting for %d upload lock(s) to be released: %v", len(names), names)
+				p.log.WithField("locks", names).Info("waiting for upload locks to be released")
 			}
 		})
 		if err != nil {
@@ -278,22 +279,7 @@ func (p *pruner) run(ctx context.Context) error {
 	p.t0 = time.Now()
 	p.cutoff = p.t0.Add(-p.opt.Grace - timeSlack).UnixNano()
 
-	p.prev = emptyMeta()
-	if p.opt.StateDir != "" {
-		p.metaFile = metaPath(p.opt.StateDir, cache)
-		p.cacheID = cacheIDOf(cache, p.opt.StoreDir)
-		m, err := loadMeta(p.metaFile, p.cacheID)
-		switch {
-		case err != nil:
-			p.log.Warnf("metadata cache %s: %v; rebuilding it", p.metaFile, err)
-			p.metaDirty = true
-		case m.g.len() == 0:
-			p.metaDirty = true
-		}
-		p.prev = m
-	}
-	p.g = p.prev.g
-
+	p.loadPrev()
 	rootKeys, err := p.readRoots()
 	if err != nil {
 		return err
@@ -302,15 +288,16 @@ func (p *pruner) run(ctx context.Context) error {
 		p.roots = append(p.roots, p.g.intern(k))
 	}
 	if len(rootKeys) == 0 {
-		p.log.Warnf("no GC roots (no markers under %s, or none naming a store path): every store path is garbage",
-			filepath.Join(cache, "gcroots"))
+		p.log.WithField("dir", filepath.Join(cache, "gcroots")).
+			Warn("no GC roots (no markers, or none naming a store path): every store path is garbage")
 	}
-	p.log.Debugf("prune: metadata cache and markers read in %s", time.Since(p.t0).Round(time.Millisecond))
+	p.log.WithField("elapsed", time.Since(p.t0).Round(time.Millisecond)).Debug("metadata cache and markers read")
 	t := time.Now()
 	if err := p.scanNarInfos(ctx); err != nil {
 		return err
 	}
-	p.log.Debugf("prune: %d narinfos scanned (%d read) in %s", p.c.scanned.Load(), p.c.read.Load(), time.Since(t).Round(time.Millisecond))
+	p.log.WithFields(logrus.Fields{"narinfos": p.c.scanned.Load(), "read": p.c.read.Load(),
+		"elapsed": time.Since(t).Round(time.Millisecond)}).Debug("narinfos scanned")
 	if err := p.scanAux(ctx, p.prev.aux); err != nil {
 		return err
 	}
@@ -334,7 +321,8 @@ func (p *pruner) run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	p.log.Debugf("prune: %d files deleted in %s", p.c.deleted.Load(), time.Since(t).Round(time.Millisecond))
+	p.log.WithFields(logrus.Fields{"files": p.c.deleted.Load(), "elapsed": time.Since(t).Round(time.Millisecond)}).
+		Debug("files deleted")
 	p.cleanTmp()
 	p.countKept()
 	if p.opt.DryRun {
@@ -342,6 +330,33 @@ func (p *pruner) run(ctx context.Context) error {
 			p.g.flags[n] &^= fDeleted
 		}
 	}
+	p.saveNext()
+	return nil
+}
+
+// loadPrev loads the metadata cache the last prune left, when there is a
+// state directory. A bad one counts as empty, and is rewritten.
+func (p *pruner) loadPrev() {
+	p.prev = emptyMeta()
+	if p.opt.StateDir != "" {
+		p.metaFile = metaPath(p.opt.StateDir, p.opt.CacheDir)
+		p.cacheID = cacheIDOf(p.opt.CacheDir, p.opt.StoreDir)
+		m, err := loadMeta(p.metaFile, p.cacheID)
+		switch {
+		case err != nil:
+			p.log.WithError(err).WithField("path", p.metaFile).Warn("rebuilding the metadata cache")
+			p.metaDirty = true
+		case m.g.len() == 0:
+			p.metaDirty = true
+		}
+		p.prev = m
+	}
+	p.g = p.prev.g
+}
+
+// saveNext writes the metadata cache for the next prune, unless the file
+// says all it would say already.
+func (p *pruner) saveNext() {
 	if p.metaFile != "" && (p.metaDirty || p.c.read.Load() > 0 || p.c.deletedNarInfos.Load() > 0 ||
 		p.sweeps != p.prev.sweeps || p.rootsHash != p.prev.rootsHash) {
 		next := &meta{g: p.g, aux: make(map[string]auxInfo, len(p.aux)), rootsHash: p.rootsHash, sweeps: p.sweeps}
@@ -350,14 +365,13 @@ func (p *pruner) run(ctx context.Context) error {
 				next.aux[a.rel] = a.info
 			}
 		}
-		t = time.Now()
+		t := time.Now()
 		if err := saveMeta(p.metaFile, p.cacheID, next, p.listed); err != nil {
 			// The prune itself succeeded; the next one reads more.
-			p.log.Warnf("%v", err)
+			p.log.WithError(err).Warn("metadata cache not written")
 		}
-		p.log.Debugf("prune: metadata cache written in %s", time.Since(t).Round(time.Millisecond))
+		p.log.WithField("elapsed", time.Since(t).Round(time.Millisecond)).Debug("metadata cache written")
 	}
-	return nil
 }
 
 // closure marks what the roots reach as kept: the markers' paths, and the

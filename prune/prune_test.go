@@ -2,6 +2,7 @@ package prune
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"io/fs"
 	"os"
@@ -42,7 +43,8 @@ func quietLog() *logrus.Entry {
 }
 
 // capturingLog returns a logger whose warnings (and debug notes, at
-// debug level) are collected.
+// debug level) are collected, each as its message followed by its fields
+// ("key=value", sorted by key).
 func capturingLog() (*logrus.Entry, func() []string) {
 	l := logrus.New()
 	l.SetOutput(io.Discard)
@@ -64,8 +66,17 @@ func (h *warnHook) Levels() []logrus.Level {
 	return []logrus.Level{logrus.WarnLevel, logrus.DebugLevel}
 }
 func (h *warnHook) Fire(e *logrus.Entry) error {
+	keys := make([]string, 0, len(e.Data))
+	for k := range e.Data {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	msg := e.Message
+	for _, k := range keys {
+		msg += fmt.Sprintf(" %s=%v", k, e.Data[k])
+	}
 	h.mu.Lock()
-	h.msgs = append(h.msgs, e.Message)
+	h.msgs = append(h.msgs, msg)
 	h.mu.Unlock()
 	return nil
 }
@@ -173,17 +184,25 @@ func p(name string, refs ...string) pt.Path { return pt.Path{Name: name, Refs: r
 func withDeriver(pa pt.Path, drv string) pt.Path { pa.Deriver = drv; return pa }
 
 func TestPruneKeepsExactlyTheClosure(t *testing.T) {
-	rel, relJSON := pt.RealisationFile("a.drv", "out", "a")
-	relG, relGJSON := pt.RealisationFile("g.drv", "out", "g")
-	bt, btJSON := pt.BuildTraceFile("a.drv", "out", "a")
-	btG, btGJSON := pt.BuildTraceFile("g.drv", "out", "g")
-	dbg, dbgJSON := pt.DebugInfoFile("0123456789abcdef0123456789abcdef01234567", "a")
-	dbgG, dbgGJSON := pt.DebugInfoFile("fedcba9876543210fedcba9876543210fedcba98", "g")
+	for _, tc := range append(rootScenarios(), fileScenarios()...) {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := tc.sc.build(t)
+			tc.sc.run(t, dir)
+			tc.sc.check(t, dir)
+		})
+	}
+}
 
-	for _, tc := range []struct {
-		name string
-		sc   scenario
-	}{
+// namedScenario is a scenario with the name of its subtest.
+type namedScenario struct {
+	name string
+	sc   scenario
+}
+
+// rootScenarios are about what the markers make roots, and what the
+// closure of the roots keeps.
+func rootScenarios() []namedScenario {
+	return []namedScenario{
 		{"shared dependencies and a diamond", scenario{
 			paths: []pt.Path{
 				p("d"), p("b", "d"), p("c", "d"), p("a", "b", "c"),
@@ -245,6 +264,25 @@ func TestPruneKeepsExactlyTheClosure(t *testing.T) {
 			kept:    []string{"a", "b"},
 			gone:    []string{"z"},
 		}},
+		{"no markers: everything goes", scenario{
+			paths: []pt.Path{p("a", "b"), p("b")},
+			gone:  []string{"a", "b"},
+		}},
+	}
+}
+
+// fileScenarios are about the files around the narinfos and NARs:
+// derivers' logs, listings, realisations, build traces, debuginfo,
+// malformed narinfos, the cache's own files and recent files.
+func fileScenarios() []namedScenario {
+	rel, relJSON := pt.RealisationFile("a.drv", "out", "a")
+	relG, relGJSON := pt.RealisationFile("g.drv", "out", "g")
+	bt, btJSON := pt.BuildTraceFile("a.drv", "out", "a")
+	btG, btGJSON := pt.BuildTraceFile("g.drv", "out", "g")
+	dbg, dbgJSON := pt.DebugInfoFile("0123456789abcdef0123456789abcdef01234567", "a")
+	dbgG, dbgGJSON := pt.DebugInfoFile("fedcba9876543210fedcba9876543210fedcba98", "g")
+
+	return []namedScenario{
 		{"derivers are kept with their closure, and their logs", scenario{
 			paths: []pt.Path{
 				withDeriver(p("a"), "a.drv"), p("a.drv", "src.drv"), p("src.drv"),
@@ -324,16 +362,6 @@ func TestPruneKeepsExactlyTheClosure(t *testing.T) {
 			keptFiles: []string{"nar/young-orphan.nar"},
 			goneFiles: []string{"nar/old-orphan.nar"},
 		}},
-		{"no markers: everything goes", scenario{
-			paths: []pt.Path{p("a", "b"), p("b")},
-			gone:  []string{"a", "b"},
-		}},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			dir := tc.sc.build(t)
-			tc.sc.run(t, dir)
-			tc.sc.check(t, dir)
-		})
 	}
 }
 

@@ -10,6 +10,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/sirupsen/logrus"
+
 	"github.com/kiss-onion/kiss-onion/internal/nixcache"
 )
 
@@ -53,7 +55,8 @@ func (p *pruner) readRoots() ([]key, error) {
 			}
 			if p.opt.MaxRootAge > 0 && now.Sub(fi.ModTime()) > p.opt.MaxRootAge {
 				expired++
-				p.log.Infof("marker %s is older than %s: it no longer counts", path, p.opt.MaxRootAge)
+				p.log.WithFields(logrus.Fields{"path": path, "max_root_age": p.opt.MaxRootAge}).
+					Info("marker older than the maximum root age: it no longer counts")
 				return nil
 			}
 			if fi.Size() > maxMarkerSize {
@@ -105,7 +108,8 @@ func (p *pruner) parseMarker(path string, data []byte, roots []key) []key {
 				continue
 			}
 		}
-		p.log.Warnf("marker %s line %d: not a store path under %s, ignored", path, i+1, p.opt.StoreDir)
+		p.log.WithFields(logrus.Fields{"path": path, "line": i + 1, "store_dir": p.opt.StoreDir}).
+			Warn("marker line is not a store path: ignored")
 	}
 	return roots
 }

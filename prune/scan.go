@@ -178,7 +178,7 @@ func (p *pruner) checkNarInfo(it scanItem, res *scanned, buf []byte) []byte {
 		return buf
 	}
 	if err != nil && fi.typ != typeFile {
-		p.log.Warnf("keeping %s: %v", name, err)
+		p.log.WithError(err).WithField("path", name).Warn("keeping a narinfo that cannot be read")
 		p.c.malformed.Add(1)
 		res.parsed = append(res.parsed, parsedNarInfo{n: it.n, malformed: true})
 		return buf
@@ -216,7 +216,7 @@ func (p *pruner) checkNarInfo(it scanItem, res *scanned, buf []byte) []byte {
 	}
 	pi.refs1 = len(res.refKeys)
 	if problem != nil {
-		p.log.Warnf("keeping malformed %s: %v", name, problem)
+		p.log.WithError(problem).WithField("path", name).Warn("keeping a malformed narinfo")
 		p.c.malformed.Add(1)
 		pi.malformed = true
 	}
@@ -390,12 +390,12 @@ func (p *pruner) scanAux(ctx context.Context, cached map[string]auxInfo) error {
 // output's store path; debuginfo files are JSON objects whose "archive" is
 // the NAR's URL relative to debuginfo/. A file that says neither is kept.
 func (p *pruner) parseAux(rel string, data []byte, err error) auxInfo {
-	bad := func(why string) auxInfo {
-		p.log.Warnf("keeping %s: %s", rel, why)
+	bad := func(err error) auxInfo {
+		p.log.WithError(err).WithField("path", rel).Warn("keeping a malformed or unreadable file")
 		return auxInfo{kind: auxMalformed}
 	}
 	if err != nil {
-		return bad(err.Error())
+		return bad(err)
 	}
 	var v struct {
 		OutPath string `json:"outPath"`
@@ -405,15 +405,15 @@ func (p *pruner) parseAux(rel string, data []byte, err error) auxInfo {
 		Archive string `json:"archive"`
 	}
 	if err := json.Unmarshal(data, &v); err != nil {
-		return bad("not a JSON object: " + err.Error())
+		return bad(fmt.Errorf("not a JSON object: %w", err))
 	}
 	if strings.HasPrefix(rel, "debuginfo/") {
 		if v.Archive == "" {
-			return bad(`no "archive"`)
+			return bad(errors.New(`no "archive"`))
 		}
 		u := path.Join("debuginfo", v.Archive)
 		if !strings.HasPrefix(u, "nar/") {
-			return bad(`"archive" is not under nar/`)
+			return bad(errors.New(`"archive" is not under nar/`))
 		}
 		return auxInfo{kind: auxNar, urlHash: hashURL(u)}
 	}
@@ -423,7 +423,7 @@ func (p *pruner) parseAux(rel string, data []byte, err error) auxInfo {
 	}
 	out = strings.TrimPrefix(out, strings.TrimSuffix(p.opt.StoreDir, "/")+"/")
 	if nixcache.CheckBaseName(out) != nil {
-		return bad(`no valid "outPath"`)
+		return bad(errors.New(`no valid "outPath"`))
 	}
 	k, _ := parseKey(out[:nixcache.HashLen])
 	return auxInfo{kind: auxOutPath, target: k}

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -71,47 +72,104 @@ type Applied struct {
 // When a step fails, the profile is left as it was (put back if the
 // activation failed) and nothing is recorded.
 func Update(ctx context.Context, o UpdateOptions) (Updated, error) {
+	u, err := newUpdater(o)
+	if err != nil {
+		return Updated{}, err
+	}
+	if err := os.MkdirAll(u.o.StateDir, 0o700); err != nil {
+		return Updated{}, fmt.Errorf("update: state directory: %w", err)
+	}
+	unlock, err := lockState(u.o.StateDir)
+	if err != nil {
+		return Updated{}, err
+	}
+	defer unlock()
+	if u.last, err = readApplied(u.statePath); err != nil {
+		return Updated{}, fmt.Errorf("update: %w", err)
+	}
+
+	res, err := u.readMarker(ctx)
+	if err != nil {
+		return res, err
+	}
+	old, err := os.Readlink(u.o.Profile)
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return res, fmt.Errorf("update: profile: %w", err)
+	}
+	if cur := profileTarget(u.o.Profile, u.o.StoreDir); cur == res.Path {
+		u.log.WithFields(logrus.Fields{"profile": u.o.Profile, "path": res.Path}).
+			Info("the profile names the system already: nothing to do")
+		return res, u.record(res)
+	}
+	activate, err := u.realise(ctx, res.Path)
+	if err != nil {
+		return res, err
+	}
+	if err := u.setProfile(ctx, res.Path); err != nil {
+		return res, err
+	}
+	if err := u.activate(ctx, activate, old); err != nil {
+		return res, err
+	}
+	res.Changed = true
+	if err := u.record(res); err != nil {
+		return res, fmt.Errorf("update: %s is active, but recording it failed: %w", res.Path, err)
+	}
+	u.log.WithFields(logrus.Fields{"action": u.o.Action, "marker": u.o.Marker, "profile": u.o.Profile, "path": res.Path}).
+		Info("update done")
+	return res, nil
+}
+
+// updater is one run of Update.
+type updater struct {
+	o         UpdateOptions // with the defaults filled in
+	log       *logrus.Entry
+	cache     string       // o.Cache without a final slash
+	client    *http.Client // reaches the cache
+	statePath string       // where what was applied from the marker is recorded
+	last      *Applied     // what was, when the state is locked; nil: nothing yet
+}
+
+// newUpdater fills in the defaults of o and checks it, before anything is
+// touched.
+func newUpdater(o UpdateOptions) (*updater, error) {
 	log := o.Log
 	if log == nil {
 		log = logrus.NewEntry(logrus.StandardLogger())
 	}
 	if o.StoreDir == "" {
-		o.StoreDir = "/nix/store"
+		o.StoreDir = nixcache.DefaultStoreDir
 	}
 	if o.Profile == "" {
 		o.Profile = "/nix/var/nix/profiles/system"
 	}
 	if o.Action != "switch" && o.Action != "boot" {
-		return Updated{}, fmt.Errorf("update: action %q: want switch or boot", o.Action)
+		return nil, fmt.Errorf("update: action %q: want switch or boot", o.Action)
 	}
 	if o.PublisherKey == nil && !o.AllowUnsigned {
-		return Updated{}, errors.New("update: no publisher key, and unsigned markers are not allowed")
+		return nil, errors.New("update: no publisher key, and unsigned markers are not allowed")
 	}
 	if o.StateDir == "" {
-		return Updated{}, errors.New("update: no state directory")
+		return nil, errors.New("update: no state directory")
 	}
 	cache := strings.TrimSuffix(o.Cache, "/")
 	m, err := ParseMarkerURL(cache+"/gcroots/"+o.Marker, "")
 	if err != nil {
-		return Updated{}, fmt.Errorf("update: %w", err)
+		return nil, fmt.Errorf("update: %w", err)
 	}
-	if err := os.MkdirAll(o.StateDir, 0o700); err != nil {
-		return Updated{}, fmt.Errorf("update: state directory: %w", err)
-	}
-	unlock, err := lockState(o.StateDir)
-	if err != nil {
-		return Updated{}, err
-	}
-	defer unlock()
-	statePath := filepath.Join(o.StateDir, "applied", strings.ReplaceAll(o.Marker, "/", ":")+".json")
-	last, err := readApplied(statePath)
-	if err != nil {
-		return Updated{}, fmt.Errorf("update: %w", err)
-	}
+	return &updater{o: o, log: log, cache: cache, client: m.client,
+		statePath: filepath.Join(o.StateDir, "applied", strings.ReplaceAll(o.Marker, "/", ":")+".json")}, nil
+}
 
-	// 1. The marker, checked.
-	log.Infof("read marker %s from %s", o.Marker, cache)
-	data, err := getMarker(ctx, m.client, cache, o.Marker)
+// readMarker reads the marker from the cache and checks that it names one
+// system. With a publisher key, the marker must be signed by it, and its
+// generation must be neither older than the last one applied nor the same
+// one naming another system: a replayed old marker cannot roll the host
+// back.
+func (u *updater) readMarker(ctx context.Context) (Updated, error) {
+	o, last := u.o, u.last
+	u.log.WithFields(logrus.Fields{"marker": o.Marker, "cache": u.cache}).Info("read marker")
+	data, err := getMarker(ctx, u.client, u.cache, o.Marker)
 	if err != nil {
 		return Updated{}, fmt.Errorf("update: %w", err)
 	}
@@ -137,70 +195,75 @@ func Update(ctx context.Context, o UpdateOptions) (Updated, error) {
 		if last != nil && st.Generation == last.Generation && path != last.Path {
 			return res, fmt.Errorf("update: refusing marker %s: generation %d names %s, but it named %s when applied", o.Marker, st.Generation, path, last.Path)
 		}
-		log.Infof("marker %s names %s, signed by %s, generation %d", o.Marker, path, o.PublisherKey.Name(), st.Generation)
+		u.log.WithFields(logrus.Fields{"marker": o.Marker, "path": path, "publisher": o.PublisherKey.Name(), "generation": st.Generation}).
+			Info("marker signed by the publisher")
 	} else {
-		log.Infof("marker %s names %s (signature not checked: unsigned markers allowed)", o.Marker, path)
+		u.log.WithFields(logrus.Fields{"marker": o.Marker, "path": path}).
+			Info("marker read, signature not checked: unsigned markers allowed")
 	}
-	record := func() error {
-		a := Applied{Marker: o.Marker, Path: path, Generation: res.Generation, At: time.Now().UTC()}
-		if o.PublisherKey != nil {
-			a.Publisher = o.PublisherKey.Name()
-		}
-		if last != nil && last.Path == a.Path && last.Generation == a.Generation {
-			return nil
-		}
-		return writeApplied(statePath, a)
-	}
+	return res, nil
+}
 
-	// 2. Nothing to do when the profile names it already.
-	old, err := os.Readlink(o.Profile)
-	if err != nil && !errors.Is(err, fs.ErrNotExist) {
-		return res, fmt.Errorf("update: profile: %w", err)
+// record writes what res says was applied from the marker to the state
+// directory, unless it is what was recorded last.
+func (u *updater) record(res Updated) error {
+	a := Applied{Marker: u.o.Marker, Path: res.Path, Generation: res.Generation, At: time.Now().UTC()}
+	if u.o.PublisherKey != nil {
+		a.Publisher = u.o.PublisherKey.Name()
 	}
-	if cur := profileTarget(o.Profile, o.StoreDir); cur == path {
-		log.Infof("profile %s already names %s: nothing to do", o.Profile, path)
-		return res, record()
+	if u.last != nil && u.last.Path == a.Path && u.last.Generation == a.Generation {
+		return nil
 	}
+	return writeApplied(u.statePath, a)
+}
 
-	// 3. Realise it from the cache.
-	if err := o.Nix.run(ctx, log, "nix-store", "--realise", path,
-		"--option", "substituters", cache,
+// realise fetches the system at path from the cache into the store and
+// returns its activation program. It runs before the profile changes, so
+// that a system that cannot be fetched, or is not a NixOS system, leaves
+// the profile alone.
+func (u *updater) realise(ctx context.Context, path string) (string, error) {
+	if err := u.o.Nix.run(ctx, u.log, "nix-store", "--realise", path,
+		"--option", "substituters", u.cache,
 		"--option", "narinfo-cache-negative-ttl", "0"); err != nil {
-		return res, fmt.Errorf("update: realise %s from the cache: %w; the profile is unchanged", path, err)
+		return "", fmt.Errorf("update: realise %s from the cache: %w; the profile is unchanged", path, err)
 	}
-	activate := filepath.Join(o.Nix.Physical(path), "bin", "switch-to-configuration")
+	activate := filepath.Join(u.o.Nix.Physical(path), "bin", "switch-to-configuration")
 	if fi, err := os.Stat(activate); err != nil || fi.Mode()&0o111 == 0 {
-		return res, fmt.Errorf("update: %s is not a NixOS system: no executable bin/switch-to-configuration; the profile is unchanged", path)
+		return "", fmt.Errorf("update: %s is not a NixOS system: no executable bin/switch-to-configuration; the profile is unchanged", path)
 	}
+	return activate, nil
+}
 
-	// 4. Point the profile at it.
-	if err := os.MkdirAll(filepath.Dir(o.Profile), 0o755); err != nil {
-		return res, fmt.Errorf("update: profile: %w", err)
+// setProfile points the profile at the system at path, as a new
+// generation.
+func (u *updater) setProfile(ctx context.Context, path string) error {
+	if err := os.MkdirAll(filepath.Dir(u.o.Profile), 0o755); err != nil {
+		return fmt.Errorf("update: profile: %w", err)
 	}
-	if err := o.Nix.run(ctx, log, "nix-env", "--profile", o.Profile, "--set", path); err != nil {
-		return res, fmt.Errorf("update: set the profile: %w; the profile is unchanged", err)
+	if err := u.o.Nix.run(ctx, u.log, "nix-env", "--profile", u.o.Profile, "--set", path); err != nil {
+		return fmt.Errorf("update: set the profile: %w; the profile is unchanged", err)
 	}
+	return nil
+}
 
-	// 5. Activate it.
-	log.Infof("run %s %s", activate, o.Action)
-	cmd := exec.CommandContext(ctx, activate, o.Action)
-	cmd.Stdout, cmd.Stderr = o.Nix.output(), o.Nix.output()
+// activate runs the activation program with the action. When it fails,
+// the profile goes back to old (a generation link; none when ""), so that
+// it never names a system that did not activate.
+func (u *updater) activate(ctx context.Context, activate, old string) error {
+	u.log.WithField("command", activate+" "+u.o.Action).Info("run")
+	cmd := exec.CommandContext(ctx, activate, u.o.Action)
+	cmd.Stdout, cmd.Stderr = u.o.Nix.output(), u.o.Nix.output()
 	if err := cmd.Run(); err != nil {
-		err = fmt.Errorf("update: %s %s: %w", activate, o.Action, err)
-		if rerr := restoreProfile(o.Profile, old); rerr != nil {
-			return res, fmt.Errorf("%w; and putting the profile back failed: %v", err, rerr)
+		err = fmt.Errorf("update: %s %s: %w", activate, u.o.Action, err)
+		if rerr := restoreProfile(u.o.Profile, old); rerr != nil {
+			return fmt.Errorf("%w; and putting the profile back failed: %v", err, rerr)
 		}
 		if old == "" {
-			return res, fmt.Errorf("%w; the profile was removed again", err)
+			return fmt.Errorf("%w; the profile was removed again", err)
 		}
-		return res, fmt.Errorf("%w; the profile points at %s again", err, old)
+		return fmt.Errorf("%w; the profile points at %s again", err, old)
 	}
-	res.Changed = true
-	if err := record(); err != nil {
-		return res, fmt.Errorf("update: %s is active, but recording it failed: %w", path, err)
-	}
-	log.Infof("%s %s done: profile %s names %s", o.Action, o.Marker, o.Profile, path)
-	return res, nil
+	return nil
 }
 
 // profileTarget follows the profile's symlinks (generation links) to the
