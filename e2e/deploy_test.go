@@ -166,122 +166,196 @@ func mustKissOnion(t *testing.T, n *nixClient, args ...string) string {
 // first (one of them started before the server), then publish and update.
 // The steps share the server and the gateways.
 func TestDeploy(t *testing.T) {
+	d := deployGateways(t)
+	deployUpdates(t, newDeployHost(t, d))
+}
+
+// deployment is the onion server of TestDeploy, its clients' bundles and
+// gateways, and the store the systems are built in.
+type deployment struct {
+	cacheDir     string
+	writerBundle string
+	readerBundle string
+	key          signingKey // signs the narinfos
+	reader       *gateway
+	writer       *gateway   // with --write
+	src          *nixClient // where the closures and the systems are built
+}
+
+// deployGateways starts the onion server and a gateway for each of its
+// clients, the reader's before the server, and copies a closure through
+// them both ways.
+func deployGateways(t *testing.T) *deployment {
 	stateDir := filepath.Join(t.TempDir(), "state")
-	cacheDir := filepath.Join(t.TempDir(), "cache")
-	writerBundle := addKey(t, stateDir, "ci", "writer")
-	readerBundle := addKey(t, stateDir, "web1", "reader")
-	key := newSigningKey(t, "cache-1")
+	d := &deployment{
+		cacheDir:     filepath.Join(t.TempDir(), "cache"),
+		writerBundle: addKey(t, stateDir, "ci", "writer"),
+		readerBundle: addKey(t, stateDir, "web1", "reader"),
+		key:          newSigningKey(t, "cache-1"),
+	}
 
 	// The reader's gateway starts before the cache serves anything.
 	began := time.Now()
-	reader := startGateway(t, readerBundle)
+	d.reader = startGateway(t, d.readerBundle)
 	t.Run("a gateway answers 502 while the onion is unreachable", func(t *testing.T) {
-		code, body := httpDo(t, "GET", reader.url+"/nix-cache-info", nil)
+		code, body := httpDo(t, "GET", d.reader.url+"/nix-cache-info", nil)
 		if code != 502 || !strings.Contains(body, ".onion is unreachable") {
 			t.Errorf("GET /nix-cache-info before serve: %d %q, want 502 saying the onion is unreachable", code, body)
 		}
-		if code, h := reader.health(t); code != 503 || h.Reachable || h.LastError == "" {
+		if code, h := d.reader.health(t); code != 503 || h.Reachable || h.LastError == "" {
 			t.Errorf("health before serve: %d %+v, want 503, unreachable, with the last error", code, h)
 		}
 	})
-	startOnionServer(t, stateDir, cacheDir)
+	startOnionServer(t, stateDir, d.cacheDir)
 	t.Run("and recovers once the onion is published", func(t *testing.T) {
-		waited := reader.waitReachable(t)
+		waited := d.reader.waitReachable(t)
 		t.Logf("the reader's gateway reached the onion %v after serve started (%v after the gateway)", waited.Round(time.Millisecond), time.Since(began).Round(time.Millisecond))
-		code, body := httpDo(t, "GET", reader.url+"/nix-cache-info", nil)
+		code, body := httpDo(t, "GET", d.reader.url+"/nix-cache-info", nil)
 		if code != 200 || !strings.Contains(body, "StoreDir: /nix/store") {
 			t.Errorf("GET /nix-cache-info: %d %q", code, body)
 		}
 	})
-	writer := startGateway(t, writerBundle, "--write")
-	t.Logf("the writer's gateway reached the onion in %v", writer.waitReachable(t).Round(time.Millisecond))
+	d.writer = startGateway(t, d.writerBundle, "--write")
+	t.Logf("the writer's gateway reached the onion in %v", d.writer.waitReachable(t).Round(time.Millisecond))
 
-	src := newNix(t)
-	top, closure := src.buildClosure(512)
+	d.src = newNix(t)
+	top, closure := d.src.buildClosure(512)
 	t.Run("a writer gateway takes a nix copy --to", func(t *testing.T) {
 		began := time.Now()
-		if out, err := src.run(nil, "nix", "copy", "--to", writer.url+"?compression=zstd&secret-key="+key.secretFile, top); err != nil {
+		if out, err := d.src.run(nil, "nix", "copy", "--to", d.writer.url+"?compression=zstd&secret-key="+d.key.secretFile, top); err != nil {
 			t.Fatalf("nix copy --to the writer's gateway: %v\n%s", err, out)
 		}
 		t.Logf("nix copy of %d paths through the gateway: %v", len(closure), time.Since(began).Round(time.Millisecond))
 		for _, p := range closure {
 			hash := strings.TrimPrefix(p, "/nix/store/")[:32]
-			if _, err := visibleFile(t, cacheDir, hash+".narinfo"); err != nil {
+			if _, err := visibleFile(t, d.cacheDir, hash+".narinfo"); err != nil {
 				t.Errorf("%s not in the cache after nix copy", p)
 			}
 		}
 	})
 	t.Run("nix substitutes a closure through the gateway", func(t *testing.T) {
-		dst := newNix(t, "substituters = "+reader.url, "trusted-public-keys = "+key.public)
+		dst := newNix(t, "substituters = "+d.reader.url, "trusted-public-keys = "+d.key.public)
 		began := time.Now()
 		if out, err := dst.run(nil, "nix-store", "--realise", top); err != nil {
 			t.Fatalf("nix-store --realise through the gateway: %v\n%s", err, out)
 		}
 		t.Logf("nix-store --realise of %d paths through the gateway: %v", len(closure), time.Since(began).Round(time.Millisecond))
 		for _, p := range closure {
-			sameTree(t, src, dst, p)
+			sameTree(t, d.src, dst, p)
 		}
-		if code, h := reader.health(t); code != 200 || !h.Reachable || h.Circuits != 4 || h.InFlight != 0 {
+		if code, h := d.reader.health(t); code != 200 || !h.Reachable || h.Circuits != 4 || h.InFlight != 0 {
 			t.Errorf("health after the download: %d %+v", code, h)
 		}
 	})
+	return d
+}
 
-	// Deployment: a host (its store is dst's, its profile a scratch one)
-	// follows the marker "web1".
-	host := newNix(t)
+// deployHost is a host of TestDeploy (its store its own, its profile a
+// scratch one) that follows the marker "web1", and the systems published
+// for it.
+type deployHost struct {
+	*deployment
+	host        *nixClient
+	work        string
+	profile     string
+	activations string // the log of the systems' switch-to-configuration
+	updateState string
+	publisher   signingKey // signs the markers
+	impostor    signingKey // same name, other key
+	systems     []string
+}
+
+func newDeployHost(t *testing.T, d *deployment) *deployHost {
 	work := t.TempDir()
-	profile := filepath.Join(work, "profiles", "system")
-	activations := filepath.Join(work, "activations")
-	updateState := filepath.Join(work, "update-state")
-	publisher := newSigningKey(t, "fleet-1")
-	impostor := newSigningKey(t, "fleet-1") // same name, other key
-	systems := make([]string, 5)
-	for i := range systems {
-		systems[i] = buildSystem(t, src, activations, profile)
+	h := &deployHost{
+		deployment:  d,
+		host:        newNix(t),
+		work:        work,
+		profile:     filepath.Join(work, "profiles", "system"),
+		activations: filepath.Join(work, "activations"),
+		updateState: filepath.Join(work, "update-state"),
+		publisher:   newSigningKey(t, "fleet-1"),
+		impostor:    newSigningKey(t, "fleet-1"),
+		systems:     make([]string, 5),
 	}
-	marker := func() string {
-		b, _ := os.ReadFile(filepath.Join(cacheDir, "gcroots", "web1"))
-		return string(b)
+	for i := range h.systems {
+		h.systems[i] = buildSystem(t, d.src, h.activations, h.profile)
 	}
-	activated := func() []string {
-		b, _ := os.ReadFile(activations)
-		return strings.Split(strings.TrimSpace(string(b)), "\n")
+	return h
+}
+
+// marker returns the marker web1 as the cache holds it.
+func (h *deployHost) marker() string {
+	b, _ := os.ReadFile(filepath.Join(h.cacheDir, "gcroots", "web1"))
+	return string(b)
+}
+
+// activated returns the host's activations, one line each.
+func (h *deployHost) activated() []string {
+	b, _ := os.ReadFile(h.activations)
+	return strings.Split(strings.TrimSpace(string(b)), "\n")
+}
+
+// profileTarget returns the system the host's profile points at.
+func (h *deployHost) profileTarget() string {
+	link, err := os.Readlink(h.profile)
+	if err != nil {
+		return ""
 	}
-	profileTarget := func() string {
-		link, err := os.Readlink(profile)
-		if err != nil {
-			return ""
-		}
-		target, _ := os.Readlink(filepath.Join(filepath.Dir(profile), link))
-		return target
+	target, _ := os.Readlink(filepath.Join(filepath.Dir(h.profile), link))
+	return target
+}
+
+// publishVia returns publish's arguments, through its embedded gateway or,
+// with extra starting "--cache", a running proxy.
+func (h *deployHost) publishVia(extra ...string) []string {
+	if len(extra) > 0 && extra[0] == "--cache" {
+		return append([]string{"publish", "--store", h.src.root, "--cache-key", h.key.secretFile}, extra...)
 	}
-	// The embedded gateways of publish and update, and the running proxies.
-	publishVia := func(extra ...string) []string {
-		if len(extra) > 0 && extra[0] == "--cache" {
-			return append([]string{"publish", "--store", src.root, "--cache-key", key.secretFile}, extra...)
-		}
-		return append([]string{"publish", "--bundle", writerBundle, "--tor-config", torNetConf, "--state-dir", filepath.Join(work, "publish-tor"),
-			"--store", src.root, "--cache-key", key.secretFile}, extra...)
+	return append([]string{"publish", "--bundle", h.writerBundle, "--tor-config", torNetConf, "--state-dir", filepath.Join(h.work, "publish-tor"),
+		"--store", h.src.root, "--cache-key", h.key.secretFile}, extra...)
+}
+
+// updateVia returns the arguments of an update switch through the
+// reader's running proxy.
+func (h *deployHost) updateVia(extra ...string) []string {
+	return append([]string{"update", "switch", "--cache", h.reader.url, "--marker", "web1", "--profile", h.profile, "--state-dir", h.updateState,
+		"--store", h.host.root, "--nix-option", "trusted-public-keys=" + h.key.public}, extra...)
+}
+
+// refused checks that a signed update fails saying wantSays and leaves the
+// host on systems[2].
+func (h *deployHost) refused(t *testing.T, wantSays string) {
+	t.Helper()
+	out, code := kissOnion(t, h.host, h.updateVia("--publisher-key", h.publisher.public)...)
+	if code != 1 || !strings.Contains(out, wantSays) || !strings.Contains(out, "kiss-onion: error: ") {
+		t.Errorf("update exit %d, want 1 saying %q:\n%s", code, wantSays, out)
 	}
-	updateVia := func(extra ...string) []string {
-		return append([]string{"update", "switch", "--cache", reader.url, "--marker", "web1", "--profile", profile, "--state-dir", updateState,
-			"--store", host.root, "--nix-option", "trusted-public-keys=" + key.public}, extra...)
+	if h.profileTarget() != h.systems[2] || len(h.activated()) != 2 {
+		t.Errorf("a refused update changed the host: profile at %s, activations %q", h.profileTarget(), h.activated())
 	}
-	signed := []string{"--publisher-key", publisher.public}
+}
+
+// deployUpdates publishes systems for the host, through publish's own
+// gateway and the writer's proxy, and updates the host to them, signed
+// and not, refusing what it must.
+func deployUpdates(t *testing.T, h *deployHost) {
+	systems, host, src, writer := h.systems, h.host, h.src, h.writer
+	signed := []string{"--publisher-key", h.publisher.public}
 
 	t.Run("publish then update switches the host", func(t *testing.T) {
-		mustKissOnion(t, src, publishVia("web1", systems[0])...)
-		if marker() != systems[0]+"\n" {
-			t.Fatalf("marker after publish: %q", marker())
+		mustKissOnion(t, src, h.publishVia("web1", systems[0])...)
+		if h.marker() != systems[0]+"\n" {
+			t.Fatalf("marker after publish: %q", h.marker())
 		}
-		out := mustKissOnion(t, host, "update", "switch", "--bundle", readerBundle, "--tor-config", torNetConf, "--state-dir", updateState,
-			"--marker", "web1", "--profile", profile, "--store", host.root, "--nix-option", "trusted-public-keys="+key.public, "--allow-unsigned")
-		for _, step := range []string{"read marker web1", "nix-store --realise " + systems[0], "nix-env --profile " + profile + " --set " + systems[0], "switch-to-configuration switch", "done"} {
+		out := mustKissOnion(t, host, "update", "switch", "--bundle", h.readerBundle, "--tor-config", torNetConf, "--state-dir", h.updateState,
+			"--marker", "web1", "--profile", h.profile, "--store", host.root, "--nix-option", "trusted-public-keys="+h.key.public, "--allow-unsigned")
+		for _, step := range []string{"read marker (cache=", "marker=web1)", "nix-store --realise " + systems[0], "nix-env --profile " + h.profile + " --set " + systems[0], "switch-to-configuration switch", "done"} {
 			if !strings.Contains(out, step) {
 				t.Errorf("update did not log %q:\n%s", step, out)
 			}
 		}
-		if got := activated(); len(got) != 1 || !strings.HasPrefix(got[0], "switch system-1-link "+systems[0]) {
+		if got := h.activated(); len(got) != 1 || !strings.HasPrefix(got[0], "switch system-1-link "+systems[0]) {
 			t.Errorf("activations %q, want one switch with the profile at %s", got, systems[0])
 		}
 		if !host.hasPath(systems[0]) {
@@ -289,72 +363,62 @@ func TestDeploy(t *testing.T) {
 		}
 	})
 	t.Run("a second update is a no-op", func(t *testing.T) {
-		out := mustKissOnion(t, host, updateVia("--allow-unsigned")...)
+		out := mustKissOnion(t, host, h.updateVia("--allow-unsigned")...)
 		if !strings.Contains(out, "nothing to do") || strings.Contains(out, "nix-store --realise") {
 			t.Errorf("second update:\n%s", out)
 		}
-		if got := activated(); len(got) != 1 {
+		if got := h.activated(); len(got) != 1 {
 			t.Errorf("activations %q, want still one", got)
 		}
 	})
 	var older string // a signed marker, replayed later
 	t.Run("a newer signed publish is picked up", func(t *testing.T) {
-		mustKissOnion(t, src, publishVia("--cache", writer.url, "--signing-key", publisher.secretFile, "web1", systems[1])...)
-		older = marker()
-		mustKissOnion(t, src, publishVia("--cache", writer.url, "--signing-key", publisher.secretFile, "web1", systems[2])...)
-		if !strings.HasPrefix(marker(), systems[2]+"\n# kiss-onion-statement: ") {
-			t.Fatalf("marker after a signed publish:\n%s", marker())
+		mustKissOnion(t, src, h.publishVia("--cache", writer.url, "--signing-key", h.publisher.secretFile, "web1", systems[1])...)
+		older = h.marker()
+		mustKissOnion(t, src, h.publishVia("--cache", writer.url, "--signing-key", h.publisher.secretFile, "web1", systems[2])...)
+		if !strings.HasPrefix(h.marker(), systems[2]+"\n# kiss-onion-statement: ") {
+			t.Fatalf("marker after a signed publish:\n%s", h.marker())
 		}
-		out := mustKissOnion(t, host, updateVia(signed...)...)
-		if !strings.Contains(out, "signed by fleet-1") {
+		out := mustKissOnion(t, host, h.updateVia(signed...)...)
+		if !strings.Contains(out, "publisher=fleet-1") {
 			t.Errorf("update did not log the signer:\n%s", out)
 		}
-		got := activated()
-		if len(got) != 2 || !strings.HasPrefix(got[1], "switch system-2-link "+systems[2]) || profileTarget() != systems[2] {
-			t.Errorf("activations %q, profile at %s, want a second switch to %s", got, profileTarget(), systems[2])
+		got := h.activated()
+		if len(got) != 2 || !strings.HasPrefix(got[1], "switch system-2-link "+systems[2]) || h.profileTarget() != systems[2] {
+			t.Errorf("activations %q, profile at %s, want a second switch to %s", got, h.profileTarget(), systems[2])
 		}
-		out = mustKissOnion(t, host, updateVia(signed...)...)
-		if !strings.Contains(out, "nothing to do") || len(activated()) != 2 {
+		out = mustKissOnion(t, host, h.updateVia(signed...)...)
+		if !strings.Contains(out, "nothing to do") || len(h.activated()) != 2 {
 			t.Errorf("a second signed update was not a no-op:\n%s", out)
 		}
 	})
 
-	refused := func(t *testing.T, wantSays string) {
-		t.Helper()
-		out, code := kissOnion(t, host, updateVia(signed...)...)
-		if code != 1 || !strings.Contains(out, wantSays) || !strings.Contains(out, "kiss-onion: error: ") {
-			t.Errorf("update exit %d, want 1 saying %q:\n%s", code, wantSays, out)
-		}
-		if profileTarget() != systems[2] || len(activated()) != 2 {
-			t.Errorf("a refused update changed the host: profile at %s, activations %q", profileTarget(), activated())
-		}
-	}
 	t.Run("a replayed older generation is refused", func(t *testing.T) {
 		code, body := httpDo(t, "PUT", writer.url+"/gcroots/web1", strings.NewReader(older))
 		if code/100 != 2 {
 			t.Fatalf("PUT the old marker: %d %s", code, body)
 		}
-		refused(t, "a rollback")
+		h.refused(t, "a rollback")
 	})
 	t.Run("a marker signed by another key is refused", func(t *testing.T) {
-		mustKissOnion(t, src, publishVia("--cache", writer.url, "--signing-key", impostor.secretFile, "web1", systems[3])...)
-		refused(t, "signature does not verify")
+		mustKissOnion(t, src, h.publishVia("--cache", writer.url, "--signing-key", h.impostor.secretFile, "web1", systems[3])...)
+		h.refused(t, "signature does not verify")
 	})
 	t.Run("an unsigned marker is refused with a publisher key", func(t *testing.T) {
-		mustKissOnion(t, src, publishVia("--cache", writer.url, "web1", systems[3])...)
-		refused(t, "not signed")
+		mustKissOnion(t, src, h.publishVia("--cache", writer.url, "web1", systems[3])...)
+		h.refused(t, "not signed")
 	})
 	t.Run("a failing nix copy writes no marker", func(t *testing.T) {
-		before := marker()
+		before := h.marker()
 		missing := "/nix/store/" + strings.Repeat("0", 32) + "-not-built"
-		out, code := kissOnion(t, src, publishVia("web1", missing)...)
+		out, code := kissOnion(t, src, h.publishVia("web1", missing)...)
 		if code != 1 || !strings.Contains(out, "the marker was not written") {
 			t.Errorf("publish of a path that is not there: exit %d\n%s", code, out)
 		}
-		if marker() != before {
-			t.Errorf("marker changed to %q", marker())
+		if h.marker() != before {
+			t.Errorf("marker changed to %q", h.marker())
 		}
-		locks, _ := os.ReadDir(filepath.Join(cacheDir, "gcroots", ".lock"))
+		locks, _ := os.ReadDir(filepath.Join(h.cacheDir, "gcroots", ".lock"))
 		for _, l := range locks {
 			if !strings.HasPrefix(l.Name(), ".") {
 				t.Errorf("lock left behind: %s", l.Name())
@@ -363,24 +427,24 @@ func TestDeploy(t *testing.T) {
 		t.Logf("publish's output:\n%s", out)
 	})
 	t.Run("a failed realise leaves the profile unchanged", func(t *testing.T) {
-		mustKissOnion(t, src, publishVia("--cache", writer.url, "--signing-key", publisher.secretFile, "web1", systems[4])...)
+		mustKissOnion(t, src, h.publishVia("--cache", writer.url, "--signing-key", h.publisher.secretFile, "web1", systems[4])...)
 		// The cache loses the system's NAR: nix cannot substitute it.
 		hash := strings.TrimPrefix(systems[4], "/nix/store/")[:32]
-		ni, err := os.ReadFile(filepath.Join(cacheDir, hash+".narinfo"))
+		ni, err := os.ReadFile(filepath.Join(h.cacheDir, hash+".narinfo"))
 		if err != nil {
 			t.Fatal(err)
 		}
 		for _, l := range strings.Split(string(ni), "\n") {
 			if u, ok := strings.CutPrefix(l, "URL: "); ok {
-				os.Remove(filepath.Join(cacheDir, u))
+				os.Remove(filepath.Join(h.cacheDir, u))
 			}
 		}
-		out, code := kissOnion(t, host, updateVia(signed...)...)
+		out, code := kissOnion(t, host, h.updateVia(signed...)...)
 		if code != 1 || !strings.Contains(out, "the profile is unchanged") {
 			t.Errorf("update with a lost NAR: exit %d\n%s", code, out)
 		}
-		if profileTarget() != systems[2] || len(activated()) != 2 {
-			t.Errorf("a failed realise changed the host: profile at %s, activations %q", profileTarget(), activated())
+		if h.profileTarget() != systems[2] || len(h.activated()) != 2 {
+			t.Errorf("a failed realise changed the host: profile at %s, activations %q", h.profileTarget(), h.activated())
 		}
 	})
 }

@@ -17,9 +17,10 @@ import (
 )
 
 // The NixOS modules and the flake, checked with Debian's Nix 2.8: every .nix
-// file parses, flake.nix's vendorHash matches go.mod and go.sum, and (when
-// NIXPKGS_LIB points at a nixpkgs.lib checkout) the modules evaluate with
-// lib.evalModules into the systemd units and assertions they promise.
+// file parses, flake.nix's vendorHash matches go.mod and go.sum, and the
+// modules evaluate with lib.evalModules, over nixpkgs' lib (the copy in
+// ../shared/nixpkgs-lib beside the repository, or NIXPKGS_LIB), into the
+// systemd units and assertions they promise.
 
 // nixosRepoRoot returns the repository's root directory.
 func nixosRepoRoot(t testing.TB) string {
@@ -81,6 +82,12 @@ func nixosRepoFiles(t testing.TB, root string, patterns ...string) []string {
 	return files
 }
 
+// nixosNoStore is the store that parsing and evaluating use: none. Nix
+// 2.8 would otherwise open the machine's /nix store, which a user other
+// than root cannot ("could not set permissions on
+// '/nix/var/nix/profiles/per-user'") without a daemon.
+const nixosNoStore = "dummy://"
+
 func TestNixFilesParse(t *testing.T) {
 	root := nixosRepoRoot(t)
 	files := nixosRepoFiles(t, root, ".nix")
@@ -94,7 +101,7 @@ func TestNixFilesParse(t *testing.T) {
 		}
 	}
 	for _, f := range files {
-		out, err := exec.Command("nix-instantiate", "--parse", filepath.Join(root, f)).CombinedOutput()
+		out, err := exec.Command("nix-instantiate", "--store", nixosNoStore, "--parse", filepath.Join(root, f)).CombinedOutput()
 		if err != nil {
 			t.Errorf("%s does not parse: %v\n%s", f, err, out)
 		}
@@ -160,25 +167,29 @@ func TestFlakeVendorHash(t *testing.T) {
 	}
 }
 
-// nixpkgsLib returns the lib directory of the nixpkgs.lib checkout that
-// NIXPKGS_LIB names (its root, or its lib directory), or skips the test.
+// nixpkgsLib returns the lib directory of nixpkgs that the modules are
+// evaluated with: NIXPKGS_LIB's when it is set (a nixpkgs.lib checkout, its
+// root or its lib directory; a relative path is from the repository's
+// root), else that of shared/nixpkgs-lib beside the repository (see its
+// SOURCE.md). Without one the test fails: it is not optional.
 func nixpkgsLib(t *testing.T) string {
 	t.Helper()
-	dir := os.Getenv("NIXPKGS_LIB")
+	root := nixosRepoRoot(t)
+	dir, from := os.Getenv("NIXPKGS_LIB"), "NIXPKGS_LIB"
 	if dir == "" {
-		t.Skip("NIXPKGS_LIB is not set: skipping the evaluation of the NixOS modules; " +
-			"to run it, check out github.com/nix-community/nixpkgs.lib and set NIXPKGS_LIB to its root")
+		dir, from = filepath.Join("..", "shared", "nixpkgs-lib"), "the default"
 	}
-	dir, err := filepath.Abs(dir)
-	if err != nil {
-		t.Fatal(err)
+	if !filepath.IsAbs(dir) {
+		dir = filepath.Join(root, dir)
 	}
 	for _, d := range []string{filepath.Join(dir, "lib"), dir} {
 		if _, err := os.Stat(filepath.Join(d, "modules.nix")); err == nil {
 			return d
 		}
 	}
-	t.Fatalf("NIXPKGS_LIB=%s holds neither lib/modules.nix nor modules.nix: point it at a nixpkgs.lib checkout", dir)
+	t.Fatalf("no nixpkgs lib to evaluate the NixOS modules with: %s (%s) holds neither lib/modules.nix nor modules.nix; "+
+		"put a copy of nixpkgs' lib tree (github.com/nix-community/nixpkgs.lib) in shared/nixpkgs-lib beside the repository, "+
+		"or set NIXPKGS_LIB to one", dir, from)
 	return ""
 }
 
@@ -236,7 +247,7 @@ func evalNixOS(t *testing.T, lib, modules, config string) (*nixosEval, string) {
 	root := nixosRepoRoot(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, "nix-instantiate", "--eval", "--strict", "--json",
+	cmd := exec.CommandContext(ctx, "nix-instantiate", "--store", nixosNoStore, "--eval", "--strict", "--json",
 		filepath.Join(root, "e2e", "testdata", "nixos", "eval.nix"),
 		"--argstr", "libPath", lib, "--argstr", "repo", root,
 		"--argstr", "modules", modules, "--arg", "module", config)
@@ -267,371 +278,400 @@ const (
 // flags they pass against the binary's, and the documentation's examples.
 func TestNixOSModules(t *testing.T) {
 	lib := nixpkgsLib(t)
-	cases := []struct {
-		name    string
-		modules string // the flake's nixosModules, comma-separated, or "nixos-dir"
-		config  string // a NixOS module
-		wantErr string // the evaluation must fail with this in its output
-		check   func(t *testing.T, r *nixosEval)
-	}{
-		{
-			name:    "flake gives a package per system, the modules and the overlay",
-			modules: "default",
-			config:  `{ }`,
-			check: func(t *testing.T, r *nixosEval) {
-				f := r.Flake
-				nixosEq(t, "systems", f.Systems, []string{"aarch64-linux", "x86_64-linux"})
-				nixosEq(t, "nixosModules", f.Modules, []string{"default", "proxy", "publish", "server", "update"})
-				nixosEq(t, "overlay adds", f.OverlayAdds, []string{"kiss-onion"})
-				nixosEq(t, "pname", f.Package.Pname, "kiss-onion")
-				nixosEq(t, "subPackages", f.Package.SubPackages, []string{"cmd/kiss-onion"})
-				if !strings.HasPrefix(f.Package.VendorHash, "sha256-") {
-					t.Errorf("vendorHash = %q, want an SRI sha256", f.Package.VendorHash)
-				}
-				nixosEq(t, "services when nothing is enabled", len(r.Systemd.Services), 0)
-				nixosAssertions(t, r)
-			},
-		},
-		{
-			name:    "server runs serve with its config file, keys and hardening",
-			modules: "server",
-			config: `{
-				services.kiss-onion = {
-					enable = true;
-					readers.laptop.publicKey = "` + nixosReaderKey + `";
-					writers.ci.publicKey = "` + nixosWriterKey + `";
-					trustedWriterKeys = [ "` + nixosSignerKey + `" ];
-					priority = 20;
-					listen = "127.0.0.1:8080";
-					prune = { enable = true; interval = "6h"; maxRootAge = "720h"; };
-					tor.extraConfig = "UseBridges 1";
-					settings.max-upload-size = "16G";
-				};
-			}`,
-			check: func(t *testing.T, r *nixosEval) {
-				nixosAssertions(t, r)
-				s := nixosUnit(t, r, "kiss-onion")
-				nixosEq(t, "ExecStart", s.ServiceConfig["ExecStart"], nixosPkgOut+"/bin/kiss-onion serve --config /etc/kiss-onion/kiss-onion.toml")
-				nixosEq(t, "wantedBy", s.WantedBy, []string{"multi-user.target"})
-				nixosEq(t, "path", s.Path, []string{"/nix/store/00000000000000000000000000000000-tor"})
-				for k, v := range map[string]string{
-					"User": "kiss-onion", "StateDirectory": "kiss-onion", "StateDirectoryMode": "0700",
-					"CacheDirectory":  "kiss-onion",
-					"ReadWritePaths":  "[/var/cache/kiss-onion /var/lib/kiss-onion]",
-					"NoNewPrivileges": "true", "PrivateTmp": "true", "ProtectSystem": "strict", "ProtectHome": "true",
-					"RestrictAddressFamilies": "[AF_UNIX AF_INET AF_INET6]",
-					"SystemCallFilter":        "[@system-service ~@privileged]",
-					"CapabilityBoundingSet":   "",
-				} {
-					nixosEq(t, "serviceConfig."+k, fmt.Sprint(s.ServiceConfig[k]), v)
-				}
-				nixosEq(t, "kiss-onion.toml", r.Etc["kiss-onion/kiss-onion.toml"], map[string]any{
-					"cache-dir":          "/var/cache/kiss-onion",
-					"state-dir":          "/var/lib/kiss-onion",
-					"clients-file":       "/etc/kiss-onion/clients.toml",
-					"tor":                "public",
-					"public-read":        false,
-					"priority":           20.0,
-					"trusted-writer-key": []any{nixosSignerKey},
-					"listen":             "127.0.0.1:8080",
-					"tor-config":         "/etc/kiss-onion/torrc",
-					"prune-interval":     "6h",
-					"max-root-age":       "720h",
-					"max-upload-size":    "16G",
-				})
-				clients, _ := r.Etc["kiss-onion/clients.toml"].(string)
-				nixosContains(t, "clients.toml", clients, "version = 1\n")
-				nixosContains(t, "clients.toml", clients, "[[client]]\nname = \"laptop\"\nrole = \"reader\"\npublic_key = \""+nixosReaderKey+"\"\n")
-				nixosContains(t, "clients.toml", clients, "[[client]]\nname = \"ci\"\nrole = \"writer\"\npublic_key = \""+nixosWriterKey+"\"\n")
-				nixosEq(t, "reloadTriggers", s.ReloadTriggers, []string{clients})
-				nixosContains(t, "ExecReload", fmt.Sprint(s.ServiceConfig["ExecReload"]), "kill -HUP $MAINPID")
-				nixosEq(t, "torrc", r.Etc["kiss-onion/torrc"], "UseBridges 1")
-				nixosEq(t, "users", r.Users, []string{"kiss-onion"})
-				nixosEq(t, "tmpfiles", r.Systemd.Tmpfiles, []string{})
-			},
-		},
-		{
-			name:    "server directories outside /var/lib and /var/cache come from tmpfiles",
-			modules: "server",
-			config: `{
-				services.kiss-onion = {
-					enable = true;
-					cacheDir = "/srv/nix-cache";
-					stateDir = "/srv/kiss-onion-state";
-					writers.ci.publicKey = "` + nixosWriterKey + `";
-				};
-			}`,
-			check: func(t *testing.T, r *nixosEval) {
-				s := nixosUnit(t, r, "kiss-onion")
-				nixosEq(t, "StateDirectory", s.ServiceConfig["StateDirectory"], nil)
-				nixosEq(t, "CacheDirectory", s.ServiceConfig["CacheDirectory"], nil)
-				nixosEq(t, "ReadWritePaths", fmt.Sprint(s.ServiceConfig["ReadWritePaths"]), "[/srv/nix-cache /srv/kiss-onion-state]")
-				nixosEq(t, "tmpfiles", r.Systemd.Tmpfiles, []string{
-					"d /srv/kiss-onion-state 0700 kiss-onion kiss-onion - -",
-					"d /srv/nix-cache 0755 kiss-onion kiss-onion - -",
-				})
-			},
-		},
-		{
-			name:    "server refuses a write onion without a writer",
-			modules: "server",
-			config:  `{ services.kiss-onion = { enable = true; readers.laptop.publicKey = "` + nixosReaderKey + `"; }; }`,
-			check: func(t *testing.T, r *nixosEval) {
-				nixosAssertions(t, r, "the write onion needs at least one writer")
-			},
-		},
-		{
-			name:    "server without onions needs no writer",
-			modules: "server",
-			config: `{ services.kiss-onion = { enable = true; settings.tor = "off";
-				settings.listen-write = "127.0.0.1:8081"; readers.laptop.publicKey = "` + nixosReaderKey + `"; }; }`,
-			check: func(t *testing.T, r *nixosEval) {
-				nixosAssertions(t, r)
-			},
-		},
-		{
-			name:    "server refuses clients in both roles, bad names, shared keys, state in the cache and a remote listener",
-			modules: "server",
-			config: `{
-				services.kiss-onion = {
-					enable = true;
-					cacheDir = "/srv/cache";
-					stateDir = "/srv/cache/state";
-					listen = "0.0.0.0:8080";
-					readers = { ci.publicKey = "` + nixosReaderKey + `"; ".hidden".publicKey = "` + nixosWriterKey + `"; };
-					writers.ci.publicKey = "` + nixosWriterKey + `";
-				};
-			}`,
-			check: func(t *testing.T, r *nixosEval) {
-				nixosAssertions(t, r,
-					"client names are 1 to 64 letters, digits, '-', '_' and '.', not starting with '.' or '-': .hidden",
-					"ci listed in both readers and writers",
-					"one public key is listed for several clients",
-					"stateDir (/srv/cache/state) must not be inside cacheDir (/srv/cache)",
-					`listen = "0.0.0.0:8080" is not a loopback address`)
-			},
-		},
-		{
-			name:    "server warns about a public read onion",
-			modules: "server",
-			config:  `{ services.kiss-onion = { enable = true; publicRead = true; writers.ci.publicKey = "` + nixosWriterKey + `"; }; }`,
-			check: func(t *testing.T, r *nixosEval) {
-				nixosEq(t, "public-read", r.Etc["kiss-onion/kiss-onion.toml"].(map[string]any)["public-read"], true)
-				nixosContains(t, "warnings", strings.Join(r.Warnings, "\n"), "publicRead is on")
-			},
-		},
-		{
-			name:    "server option and the same key in settings conflict",
-			modules: "server",
-			config:  `{ services.kiss-onion = { enable = true; writers.ci.publicKey = "` + nixosWriterKey + `"; priority = 10; settings.priority = 20; }; }`,
-			wantErr: "services.kiss-onion.settings.priority' has conflicting definition values",
-		},
-		{
-			name:    "server refuses a malformed public key",
-			modules: "server",
-			config:  `{ services.kiss-onion = { enable = true; writers.ci.publicKey = "not-a-key"; }; }`,
-			wantErr: "services.kiss-onion.writers.ci.publicKey' is not of type",
-		},
-		{
-			name:    "proxy runs the gateway and makes it a substituter",
-			modules: "proxy",
-			config: `{ services.kiss-onion.proxy = { enable = true; bundle = "` + nixosWriterBundle + `"; port = 9000; write = true;
-				trustedPublicKeys = [ "` + nixosSignerKey + `" ]; extraArgs = [ "--tor-config" "/etc/kiss onion/100%.torrc" ]; }; }`,
-			check: func(t *testing.T, r *nixosEval) {
-				nixosAssertions(t, r)
-				s := nixosUnit(t, r, "kiss-onion-proxy")
-				nixosEq(t, "ExecStart", s.ServiceConfig["ExecStart"], nixosPkgOut+"/bin/kiss-onion proxy --bundle "+nixosWriterBundle+
-					` --listen 127.0.0.1:9000 --state-dir /var/lib/kiss-onion-proxy --write --tor-config "/etc/kiss onion/100%%.torrc"`)
-				nixosEq(t, "path", s.Path, []string{"/nix/store/00000000000000000000000000000000-tor"})
-				nixosEq(t, "ProtectSystem", s.ServiceConfig["ProtectSystem"], "strict")
-				nixosEq(t, "substituters", r.Nix.Substituters, []string{"http://127.0.0.1:9000"})
-				nixosEq(t, "trusted-public-keys", r.Nix.TrustedPublicKeys, []string{nixosSignerKey})
-				nixosEq(t, "warnings", r.Warnings, []string{})
-			},
-		},
-		{
-			name:    "proxy warns without trusted keys",
-			modules: "proxy",
-			config:  `{ services.kiss-onion.proxy = { enable = true; bundle = "` + nixosReaderBundle + `"; }; }`,
-			check: func(t *testing.T, r *nixosEval) {
-				s := nixosUnit(t, r, "kiss-onion-proxy")
-				nixosContains(t, "ExecStart", fmt.Sprint(s.ServiceConfig["ExecStart"]), "--listen 127.0.0.1:37510")
-				nixosEq(t, "substituters", r.Nix.Substituters, []string{"http://127.0.0.1:37510"})
-				nixosContains(t, "warnings", strings.Join(r.Warnings, "\n"), "trustedPublicKeys is empty")
-			},
-		},
-		{
-			name:    "proxy refuses a bundle in the Nix store",
-			modules: "proxy",
-			config:  `{ services.kiss-onion.proxy = { enable = true; bundle = "/nix/store/00000000000000000000000000000000-laptop.bundle"; }; }`,
-			wantErr: "absolute path outside the Nix store",
-		},
-		{
-			name:    "proxy refuses a bundle given as a Nix path",
-			modules: "proxy",
-			config:  `{ services.kiss-onion.proxy = { enable = true; bundle = /var/lib/kiss-onion-secrets/laptop.bundle; }; }`,
-			wantErr: "absolute path outside the Nix store",
-		},
-		{
-			name:    "proxy refuses a bundle its sandbox hides",
-			modules: "proxy",
-			config:  `{ services.kiss-onion.proxy = { enable = true; bundle = "/root/laptop.bundle"; }; }`,
-			check: func(t *testing.T, r *nixosEval) {
-				nixosAssertions(t, r, "the gateway cannot read /root, /home or /run/user")
-			},
-		},
-		{
-			name:    "update runs on a timer with the host's marker and the publisher key",
-			modules: "update",
-			config: `{ networking.hostName = "web1"; services.kiss-onion.update = { enable = true;
-				bundle = "` + nixosReaderBundle + `"; publisherKey = "` + nixosSignerKey + `"; interval = "1h"; }; }`,
-			check: func(t *testing.T, r *nixosEval) {
-				nixosAssertions(t, r)
-				s := nixosUnit(t, r, "kiss-onion-update")
-				nixosEq(t, "ExecStart", s.ServiceConfig["ExecStart"], nixosPkgOut+"/bin/kiss-onion update switch --bundle "+nixosReaderBundle+
-					" --marker web1 --state-dir /var/lib/kiss-onion-update --publisher-key "+nixosSignerKey)
-				nixosEq(t, "Type", s.ServiceConfig["Type"], "oneshot")
-				nixosEq(t, "restartIfChanged", s.RestartIfChanged != nil && !*s.RestartIfChanged, true)
-				nixosEq(t, "X-StopOnRemoval", s.UnitConfig["X-StopOnRemoval"], false)
-				nixosEq(t, "wantedBy", s.WantedBy, []string(nil))
-				tm, ok := r.Systemd.Timers["kiss-onion-update"]
-				if !ok {
-					t.Fatalf("no kiss-onion-update timer: %v", r.Systemd.Timers)
-				}
-				nixosEq(t, "timer wantedBy", tm.WantedBy, []string{"timers.target"})
-				nixosEq(t, "OnUnitActiveSec", tm.TimerConfig["OnUnitActiveSec"], "1h")
-				nixosEq(t, "OnBootSec", tm.TimerConfig["OnBootSec"], "5min")
-			},
-		},
-		{
-			name:    "update with allowUnsigned and boot",
-			modules: "update",
-			config: `{ services.kiss-onion.update = { enable = true; action = "boot"; marker = "db-2";
-				bundle = "` + nixosReaderBundle + `"; allowUnsigned = true; }; }`,
-			check: func(t *testing.T, r *nixosEval) {
-				nixosAssertions(t, r)
-				nixosEq(t, "ExecStart", nixosUnit(t, r, "kiss-onion-update").ServiceConfig["ExecStart"], nixosPkgOut+"/bin/kiss-onion update boot --bundle "+nixosReaderBundle+
-					" --marker db-2 --state-dir /var/lib/kiss-onion-update --allow-unsigned")
-			},
-		},
-		{
-			name:    "update refuses to run without a publisher key or allowUnsigned",
-			modules: "update",
-			config:  `{ services.kiss-onion.update = { enable = true; bundle = "` + nixosReaderBundle + `"; }; }`,
-			check: func(t *testing.T, r *nixosEval) {
-				nixosAssertions(t, r, "services.kiss-onion.update: set publisherKey to the public key that signs the markers")
-			},
-		},
-		{
-			name:    "update refuses both a publisher key and allowUnsigned, and an empty marker",
-			modules: "update",
-			config: `{ networking.hostName = ""; services.kiss-onion.update = { enable = true; bundle = "` + nixosReaderBundle + `";
-				publisherKey = "` + nixosSignerKey + `"; allowUnsigned = true; }; }`,
-			check: func(t *testing.T, r *nixosEval) {
-				nixosAssertions(t, r, "publisherKey and allowUnsigned = true contradict each other", `marker = "" is not a marker name`)
-			},
-		},
-		{
-			name:    "publish builds each system and publishes it on a timer",
-			modules: "publish",
-			config: `{ services.kiss-onion.publish = { enable = true; bundle = "` + nixosWriterBundle + `";
-				signingKeyFile = "/var/lib/kiss-onion-secrets/fleet-1.sec"; schedule = "*:0/15";
-				systems = { web1 = "/etc/fleet#nixosConfigurations.web1.config.system.build.toplevel";
-				            db = "/nix/store/00000000000000000000000000000000-nixos-system-db"; }; }; }`,
-			check: func(t *testing.T, r *nixosEval) {
-				nixosAssertions(t, r)
-				nixosEq(t, "warnings", r.Warnings, []string{})
-				s := nixosUnit(t, r, "kiss-onion-publish")
-				nixosEq(t, "Type", s.ServiceConfig["Type"], "oneshot")
-				nixosContains(t, "script", s.Script, `kiss-onion publish --bundle `+nixosWriterBundle+` --state-dir /var/lib/kiss-onion-publish --signing-key /var/lib/kiss-onion-secrets/fleet-1.sec "$name" $path`)
-				nixosContains(t, "script", s.Script, "nix --extra-experimental-features 'nix-command flakes' build --no-link --print-out-paths \"$target\"")
-				nixosContains(t, "script", s.Script, "publish db /nix/store/00000000000000000000000000000000-nixos-system-db\n")
-				nixosContains(t, "script", s.Script, "publish web1 '/etc/fleet#nixosConfigurations.web1.config.system.build.toplevel'\n")
-				nixosContains(t, "path", strings.Join(s.Path, " "), nixosPkgOut)
-				tm := r.Systemd.Timers["kiss-onion-publish"]
-				nixosEq(t, "timer wantedBy", tm.WantedBy, []string{"timers.target"})
-				nixosEq(t, "OnCalendar", tm.TimerConfig["OnCalendar"], "*:0/15")
-				nixosEq(t, "Persistent", tm.TimerConfig["Persistent"], true)
-			},
-		},
-		{
-			name:    "publish refuses an empty system list and warns about unsigned markers",
-			modules: "publish",
-			config:  `{ services.kiss-onion.publish = { enable = true; bundle = "` + nixosWriterBundle + `"; }; }`,
-			check: func(t *testing.T, r *nixosEval) {
-				nixosAssertions(t, r, "services.kiss-onion.publish.systems is empty")
-				nixosContains(t, "warnings", strings.Join(r.Warnings, "\n"), "signingKeyFile is not set")
-			},
-		},
-		{
-			name:    "all roles together through nixosModules.default",
-			modules: "default",
-			config: `{
-				networking.hostName = "cache1";
-				services.kiss-onion = {
-					enable = true;
-					writers.ci.publicKey = "` + nixosWriterKey + `";
-					proxy = { enable = true; bundle = "` + nixosWriterBundle + `"; trustedPublicKeys = [ "` + nixosSignerKey + `" ]; };
-					update = { enable = true; bundle = "` + nixosWriterBundle + `"; publisherKey = "` + nixosSignerKey + `"; };
-					publish = { enable = true; bundle = "` + nixosWriterBundle + `"; signingKeyFile = "/var/lib/kiss-onion-secrets/fleet-1.sec";
-						systems.cache1 = "/etc/fleet#nixosConfigurations.cache1.config.system.build.toplevel"; };
-				};
-			}`,
-			check: func(t *testing.T, r *nixosEval) {
-				nixosAssertions(t, r)
-				for _, name := range []string{"kiss-onion", "kiss-onion-proxy", "kiss-onion-update", "kiss-onion-publish"} {
-					nixosUnit(t, r, name)
-				}
-				nixosEq(t, "systemPackages", r.Packages, []string{nixosPkgOut, nixosPkgOut, nixosPkgOut, nixosPkgOut})
-			},
-		},
-		{
-			name:    "role modules imported together bring the overlay once",
-			modules: "server,proxy,update",
-			config: `{ services.kiss-onion = { enable = true; writers.ci.publicKey = "` + nixosWriterKey + `";
-				proxy = { enable = true; bundle = "` + nixosWriterBundle + `"; trustedPublicKeys = [ "` + nixosSignerKey + `" ]; }; }; }`,
-			check: func(t *testing.T, r *nixosEval) {
-				nixosAssertions(t, r)
-				nixosEq(t, "overlays", r.Overlays, 1)
-				nixosContains(t, "ExecStart", fmt.Sprint(nixosUnit(t, r, "kiss-onion-proxy").ServiceConfig["ExecStart"]), nixosPkgOut+"/bin/kiss-onion proxy")
-			},
-		},
-		{
-			name:    "nixos directory without the overlay asks for the package",
-			modules: "nixos-dir",
-			config:  `{ services.kiss-onion.proxy = { enable = true; bundle = "` + nixosReaderBundle + `"; }; }`,
-			wantErr: "services.kiss-onion.package: pkgs has no kiss-onion",
-		},
-		{
-			name:    "nixos directory with the package set",
-			modules: "nixos-dir",
-			config: `{ pkgs, ... }: { services.kiss-onion.package = pkgs.callPackage ({ buildGoModule }: buildGoModule { pname = "ko"; version = "1"; }) { };
-				services.kiss-onion.proxy = { enable = true; bundle = "` + nixosReaderBundle + `"; }; }`,
-			check: func(t *testing.T, r *nixosEval) {
-				nixosContains(t, "ExecStart", fmt.Sprint(nixosUnit(t, r, "kiss-onion-proxy").ServiceConfig["ExecStart"]),
-					"/nix/store/00000000000000000000000000000000-ko-1/bin/kiss-onion proxy")
-			},
-		},
-	}
 	t.Run("the flags match the binary", func(t *testing.T) { nixosMatchTheBinary(t, lib) })
 	t.Run("the examples of docs/nixos.md", func(t *testing.T) { nixosDocExamples(t, lib) })
-	for _, c := range cases {
-		t.Run(c.name, func(t *testing.T) {
-			t.Parallel()
-			r, errOut := evalNixOS(t, lib, c.modules, c.config)
-			switch {
-			case c.wantErr != "":
-				if r != nil {
-					t.Fatalf("evaluation succeeded, want an error with %q", c.wantErr)
-				}
-				nixosContains(t, "evaluation error", errOut, c.wantErr)
-			case r == nil:
-				t.Fatalf("evaluation failed:\n%s", errOut)
-			default:
-				c.check(t, r)
-			}
-		})
+	for _, cases := range [][]nixosCase{nixosFlakeCases, nixosServerCases, nixosProxyCases, nixosUpdateCases, nixosPublishCases} {
+		for _, c := range cases {
+			t.Run(c.name, func(t *testing.T) {
+				t.Parallel()
+				c.run(t, lib)
+			})
+		}
 	}
+}
+
+// nixosCase is one evaluation of the modules and what it must give.
+type nixosCase struct {
+	name    string
+	modules string // the flake's nixosModules, comma-separated, or "nixos-dir"
+	config  string // a NixOS module
+	wantErr string // the evaluation must fail with this in its output
+	check   func(t *testing.T, r *nixosEval)
+}
+
+// run evaluates the case's modules and configuration and checks the result,
+// or that the evaluation fails as it must.
+func (c nixosCase) run(t *testing.T, lib string) {
+	r, errOut := evalNixOS(t, lib, c.modules, c.config)
+	switch {
+	case c.wantErr != "":
+		if r != nil {
+			t.Fatalf("evaluation succeeded, want an error with %q", c.wantErr)
+		}
+		nixosContains(t, "evaluation error", errOut, c.wantErr)
+	case r == nil:
+		t.Fatalf("evaluation failed:\n%s", errOut)
+	default:
+		c.check(t, r)
+	}
+}
+
+// nixosFlakeCases check what the flake gives and how its modules import.
+var nixosFlakeCases = []nixosCase{
+	{
+		name:    "flake gives a package per system, the modules and the overlay",
+		modules: "default",
+		config:  `{ }`,
+		check: func(t *testing.T, r *nixosEval) {
+			f := r.Flake
+			nixosEq(t, "systems", f.Systems, []string{"aarch64-linux", "x86_64-linux"})
+			nixosEq(t, "nixosModules", f.Modules, []string{"default", "proxy", "publish", "server", "update"})
+			nixosEq(t, "overlay adds", f.OverlayAdds, []string{"kiss-onion"})
+			nixosEq(t, "pname", f.Package.Pname, "kiss-onion")
+			nixosEq(t, "subPackages", f.Package.SubPackages, []string{"cmd/kiss-onion"})
+			if !strings.HasPrefix(f.Package.VendorHash, "sha256-") {
+				t.Errorf("vendorHash = %q, want an SRI sha256", f.Package.VendorHash)
+			}
+			nixosEq(t, "services when nothing is enabled", len(r.Systemd.Services), 0)
+			nixosAssertions(t, r)
+		},
+	},
+	{
+		name:    "all roles together through nixosModules.default",
+		modules: "default",
+		config: `{
+			networking.hostName = "cache1";
+			services.kiss-onion = {
+				enable = true;
+				writers.ci.publicKey = "` + nixosWriterKey + `";
+				proxy = { enable = true; bundle = "` + nixosWriterBundle + `"; trustedPublicKeys = [ "` + nixosSignerKey + `" ]; };
+				update = { enable = true; bundle = "` + nixosWriterBundle + `"; publisherKey = "` + nixosSignerKey + `"; };
+				publish = { enable = true; bundle = "` + nixosWriterBundle + `"; signingKeyFile = "/var/lib/kiss-onion-secrets/fleet-1.sec";
+					systems.cache1 = "/etc/fleet#nixosConfigurations.cache1.config.system.build.toplevel"; };
+			};
+		}`,
+		check: func(t *testing.T, r *nixosEval) {
+			nixosAssertions(t, r)
+			for _, name := range []string{"kiss-onion", "kiss-onion-proxy", "kiss-onion-update", "kiss-onion-publish"} {
+				nixosUnit(t, r, name)
+			}
+			nixosEq(t, "systemPackages", r.Packages, []string{nixosPkgOut, nixosPkgOut, nixosPkgOut, nixosPkgOut})
+		},
+	},
+	{
+		name:    "role modules imported together bring the overlay once",
+		modules: "server,proxy,update",
+		config: `{ services.kiss-onion = { enable = true; writers.ci.publicKey = "` + nixosWriterKey + `";
+			proxy = { enable = true; bundle = "` + nixosWriterBundle + `"; trustedPublicKeys = [ "` + nixosSignerKey + `" ]; }; }; }`,
+		check: func(t *testing.T, r *nixosEval) {
+			nixosAssertions(t, r)
+			nixosEq(t, "overlays", r.Overlays, 1)
+			nixosContains(t, "ExecStart", fmt.Sprint(nixosUnit(t, r, "kiss-onion-proxy").ServiceConfig["ExecStart"]), nixosPkgOut+"/bin/kiss-onion proxy")
+		},
+	},
+	{
+		name:    "nixos directory without the overlay asks for the package",
+		modules: "nixos-dir",
+		config:  `{ services.kiss-onion.proxy = { enable = true; bundle = "` + nixosReaderBundle + `"; }; }`,
+		wantErr: "services.kiss-onion.package: pkgs has no kiss-onion",
+	},
+	{
+		name:    "nixos directory with the package set",
+		modules: "nixos-dir",
+		config: `{ pkgs, ... }: { services.kiss-onion.package = pkgs.callPackage ({ buildGoModule }: buildGoModule { pname = "ko"; version = "1"; }) { };
+			services.kiss-onion.proxy = { enable = true; bundle = "` + nixosReaderBundle + `"; }; }`,
+		check: func(t *testing.T, r *nixosEval) {
+			nixosContains(t, "ExecStart", fmt.Sprint(nixosUnit(t, r, "kiss-onion-proxy").ServiceConfig["ExecStart"]),
+				"/nix/store/00000000000000000000000000000000-ko-1/bin/kiss-onion proxy")
+		},
+	},
+}
+
+// nixosServerCases check services.kiss-onion, the cache's server.
+var nixosServerCases = []nixosCase{
+	{
+		name:    "server runs serve with its config file, keys and hardening",
+		modules: "server",
+		config: `{
+			services.kiss-onion = {
+				enable = true;
+				readers.laptop.publicKey = "` + nixosReaderKey + `";
+				writers.ci.publicKey = "` + nixosWriterKey + `";
+				trustedWriterKeys = [ "` + nixosSignerKey + `" ];
+				priority = 20;
+				listen = "127.0.0.1:8080";
+				prune = { enable = true; interval = "6h"; maxRootAge = "720h"; };
+				tor.extraConfig = "UseBridges 1";
+				settings.max-upload-size = "16G";
+			};
+		}`,
+		check: func(t *testing.T, r *nixosEval) {
+			nixosAssertions(t, r)
+			s := nixosUnit(t, r, "kiss-onion")
+			nixosEq(t, "ExecStart", s.ServiceConfig["ExecStart"], nixosPkgOut+"/bin/kiss-onion serve --config /etc/kiss-onion/kiss-onion.toml")
+			nixosEq(t, "wantedBy", s.WantedBy, []string{"multi-user.target"})
+			nixosEq(t, "path", s.Path, []string{"/nix/store/00000000000000000000000000000000-tor"})
+			for k, v := range map[string]string{
+				"User": "kiss-onion", "StateDirectory": "kiss-onion", "StateDirectoryMode": "0700",
+				"CacheDirectory":  "kiss-onion",
+				"ReadWritePaths":  "[/var/cache/kiss-onion /var/lib/kiss-onion]",
+				"NoNewPrivileges": "true", "PrivateTmp": "true", "ProtectSystem": "strict", "ProtectHome": "true",
+				"RestrictAddressFamilies": "[AF_UNIX AF_INET AF_INET6]",
+				"SystemCallFilter":        "[@system-service ~@privileged]",
+				"CapabilityBoundingSet":   "",
+			} {
+				nixosEq(t, "serviceConfig."+k, fmt.Sprint(s.ServiceConfig[k]), v)
+			}
+			nixosEq(t, "kiss-onion.toml", r.Etc["kiss-onion/kiss-onion.toml"], map[string]any{
+				"cache-dir":          "/var/cache/kiss-onion",
+				"state-dir":          "/var/lib/kiss-onion",
+				"clients-file":       "/etc/kiss-onion/clients.toml",
+				"tor":                "public",
+				"public-read":        false,
+				"priority":           20.0,
+				"trusted-writer-key": []any{nixosSignerKey},
+				"listen":             "127.0.0.1:8080",
+				"tor-config":         "/etc/kiss-onion/torrc",
+				"prune-interval":     "6h",
+				"max-root-age":       "720h",
+				"max-upload-size":    "16G",
+			})
+			clients, _ := r.Etc["kiss-onion/clients.toml"].(string)
+			nixosContains(t, "clients.toml", clients, "version = 1\n")
+			nixosContains(t, "clients.toml", clients, "[[client]]\nname = \"laptop\"\nrole = \"reader\"\npublic_key = \""+nixosReaderKey+"\"\n")
+			nixosContains(t, "clients.toml", clients, "[[client]]\nname = \"ci\"\nrole = \"writer\"\npublic_key = \""+nixosWriterKey+"\"\n")
+			nixosEq(t, "reloadTriggers", s.ReloadTriggers, []string{clients})
+			nixosContains(t, "ExecReload", fmt.Sprint(s.ServiceConfig["ExecReload"]), "kill -HUP $MAINPID")
+			nixosEq(t, "torrc", r.Etc["kiss-onion/torrc"], "UseBridges 1")
+			nixosEq(t, "users", r.Users, []string{"kiss-onion"})
+			nixosEq(t, "tmpfiles", r.Systemd.Tmpfiles, []string{})
+		},
+	},
+	{
+		name:    "server directories outside /var/lib and /var/cache come from tmpfiles",
+		modules: "server",
+		config: `{
+			services.kiss-onion = {
+				enable = true;
+				cacheDir = "/srv/nix-cache";
+				stateDir = "/srv/kiss-onion-state";
+				writers.ci.publicKey = "` + nixosWriterKey + `";
+			};
+		}`,
+		check: func(t *testing.T, r *nixosEval) {
+			s := nixosUnit(t, r, "kiss-onion")
+			nixosEq(t, "StateDirectory", s.ServiceConfig["StateDirectory"], nil)
+			nixosEq(t, "CacheDirectory", s.ServiceConfig["CacheDirectory"], nil)
+			nixosEq(t, "ReadWritePaths", fmt.Sprint(s.ServiceConfig["ReadWritePaths"]), "[/srv/nix-cache /srv/kiss-onion-state]")
+			nixosEq(t, "tmpfiles", r.Systemd.Tmpfiles, []string{
+				"d /srv/kiss-onion-state 0700 kiss-onion kiss-onion - -",
+				"d /srv/nix-cache 0755 kiss-onion kiss-onion - -",
+			})
+		},
+	},
+	{
+		name:    "server refuses a write onion without a writer",
+		modules: "server",
+		config:  `{ services.kiss-onion = { enable = true; readers.laptop.publicKey = "` + nixosReaderKey + `"; }; }`,
+		check: func(t *testing.T, r *nixosEval) {
+			nixosAssertions(t, r, "the write onion needs at least one writer")
+		},
+	},
+	{
+		name:    "server without onions needs no writer",
+		modules: "server",
+		config: `{ services.kiss-onion = { enable = true; settings.tor = "off";
+			settings.listen-write = "127.0.0.1:8081"; readers.laptop.publicKey = "` + nixosReaderKey + `"; }; }`,
+		check: func(t *testing.T, r *nixosEval) {
+			nixosAssertions(t, r)
+		},
+	},
+	{
+		name:    "server refuses clients in both roles, bad names, shared keys, state in the cache and a remote listener",
+		modules: "server",
+		config: `{
+			services.kiss-onion = {
+				enable = true;
+				cacheDir = "/srv/cache";
+				stateDir = "/srv/cache/state";
+				listen = "0.0.0.0:8080";
+				readers = { ci.publicKey = "` + nixosReaderKey + `"; ".hidden".publicKey = "` + nixosWriterKey + `"; };
+				writers.ci.publicKey = "` + nixosWriterKey + `";
+			};
+		}`,
+		check: func(t *testing.T, r *nixosEval) {
+			nixosAssertions(t, r,
+				"client names are 1 to 64 letters, digits, '-', '_' and '.', not starting with '.' or '-': .hidden",
+				"ci listed in both readers and writers",
+				"one public key is listed for several clients",
+				"stateDir (/srv/cache/state) must not be inside cacheDir (/srv/cache)",
+				`listen = "0.0.0.0:8080" is not a loopback address`)
+		},
+	},
+	{
+		name:    "server warns about a public read onion",
+		modules: "server",
+		config:  `{ services.kiss-onion = { enable = true; publicRead = true; writers.ci.publicKey = "` + nixosWriterKey + `"; }; }`,
+		check: func(t *testing.T, r *nixosEval) {
+			nixosEq(t, "public-read", r.Etc["kiss-onion/kiss-onion.toml"].(map[string]any)["public-read"], true)
+			nixosContains(t, "warnings", strings.Join(r.Warnings, "\n"), "publicRead is on")
+		},
+	},
+	{
+		name:    "server option and the same key in settings conflict",
+		modules: "server",
+		config:  `{ services.kiss-onion = { enable = true; writers.ci.publicKey = "` + nixosWriterKey + `"; priority = 10; settings.priority = 20; }; }`,
+		wantErr: "services.kiss-onion.settings.priority' has conflicting definition values",
+	},
+	{
+		name:    "server refuses a malformed public key",
+		modules: "server",
+		config:  `{ services.kiss-onion = { enable = true; writers.ci.publicKey = "not-a-key"; }; }`,
+		wantErr: "services.kiss-onion.writers.ci.publicKey' is not of type",
+	},
+}
+
+// nixosProxyCases check services.kiss-onion.proxy, the gateway on a client.
+var nixosProxyCases = []nixosCase{
+	{
+		name:    "proxy runs the gateway and makes it a substituter",
+		modules: "proxy",
+		config: `{ services.kiss-onion.proxy = { enable = true; bundle = "` + nixosWriterBundle + `"; port = 9000; write = true;
+			trustedPublicKeys = [ "` + nixosSignerKey + `" ]; extraArgs = [ "--tor-config" "/etc/kiss onion/100%.torrc" ]; }; }`,
+		check: func(t *testing.T, r *nixosEval) {
+			nixosAssertions(t, r)
+			s := nixosUnit(t, r, "kiss-onion-proxy")
+			nixosEq(t, "ExecStart", s.ServiceConfig["ExecStart"], nixosPkgOut+"/bin/kiss-onion proxy --bundle "+nixosWriterBundle+
+				` --listen 127.0.0.1:9000 --state-dir /var/lib/kiss-onion-proxy --write --tor-config "/etc/kiss onion/100%%.torrc"`)
+			nixosEq(t, "path", s.Path, []string{"/nix/store/00000000000000000000000000000000-tor"})
+			nixosEq(t, "ProtectSystem", s.ServiceConfig["ProtectSystem"], "strict")
+			nixosEq(t, "substituters", r.Nix.Substituters, []string{"http://127.0.0.1:9000"})
+			nixosEq(t, "trusted-public-keys", r.Nix.TrustedPublicKeys, []string{nixosSignerKey})
+			nixosEq(t, "warnings", r.Warnings, []string{})
+		},
+	},
+	{
+		name:    "proxy warns without trusted keys",
+		modules: "proxy",
+		config:  `{ services.kiss-onion.proxy = { enable = true; bundle = "` + nixosReaderBundle + `"; }; }`,
+		check: func(t *testing.T, r *nixosEval) {
+			s := nixosUnit(t, r, "kiss-onion-proxy")
+			nixosContains(t, "ExecStart", fmt.Sprint(s.ServiceConfig["ExecStart"]), "--listen 127.0.0.1:37510")
+			nixosEq(t, "substituters", r.Nix.Substituters, []string{"http://127.0.0.1:37510"})
+			nixosContains(t, "warnings", strings.Join(r.Warnings, "\n"), "trustedPublicKeys is empty")
+		},
+	},
+	{
+		name:    "proxy refuses a bundle in the Nix store",
+		modules: "proxy",
+		config:  `{ services.kiss-onion.proxy = { enable = true; bundle = "/nix/store/00000000000000000000000000000000-laptop.bundle"; }; }`,
+		wantErr: "absolute path outside the Nix store",
+	},
+	{
+		name:    "proxy refuses a bundle given as a Nix path",
+		modules: "proxy",
+		config:  `{ services.kiss-onion.proxy = { enable = true; bundle = /var/lib/kiss-onion-secrets/laptop.bundle; }; }`,
+		wantErr: "absolute path outside the Nix store",
+	},
+	{
+		name:    "proxy refuses a bundle its sandbox hides",
+		modules: "proxy",
+		config:  `{ services.kiss-onion.proxy = { enable = true; bundle = "/root/laptop.bundle"; }; }`,
+		check: func(t *testing.T, r *nixosEval) {
+			nixosAssertions(t, r, "the gateway cannot read /root, /home or /run/user")
+		},
+	},
+}
+
+// nixosUpdateCases check services.kiss-onion.update, a host following its marker.
+var nixosUpdateCases = []nixosCase{
+	{
+		name:    "update runs on a timer with the host's marker and the publisher key",
+		modules: "update",
+		config: `{ networking.hostName = "web1"; services.kiss-onion.update = { enable = true;
+			bundle = "` + nixosReaderBundle + `"; publisherKey = "` + nixosSignerKey + `"; interval = "1h"; }; }`,
+		check: func(t *testing.T, r *nixosEval) {
+			nixosAssertions(t, r)
+			s := nixosUnit(t, r, "kiss-onion-update")
+			nixosEq(t, "ExecStart", s.ServiceConfig["ExecStart"], nixosPkgOut+"/bin/kiss-onion update switch --bundle "+nixosReaderBundle+
+				" --marker web1 --state-dir /var/lib/kiss-onion-update --publisher-key "+nixosSignerKey)
+			nixosEq(t, "Type", s.ServiceConfig["Type"], "oneshot")
+			nixosEq(t, "restartIfChanged", s.RestartIfChanged != nil && !*s.RestartIfChanged, true)
+			nixosEq(t, "X-StopOnRemoval", s.UnitConfig["X-StopOnRemoval"], false)
+			nixosEq(t, "wantedBy", s.WantedBy, []string(nil))
+			tm, ok := r.Systemd.Timers["kiss-onion-update"]
+			if !ok {
+				t.Fatalf("no kiss-onion-update timer: %v", r.Systemd.Timers)
+			}
+			nixosEq(t, "timer wantedBy", tm.WantedBy, []string{"timers.target"})
+			nixosEq(t, "OnUnitActiveSec", tm.TimerConfig["OnUnitActiveSec"], "1h")
+			nixosEq(t, "OnBootSec", tm.TimerConfig["OnBootSec"], "5min")
+		},
+	},
+	{
+		name:    "update with allowUnsigned and boot",
+		modules: "update",
+		config: `{ services.kiss-onion.update = { enable = true; action = "boot"; marker = "db-2";
+			bundle = "` + nixosReaderBundle + `"; allowUnsigned = true; }; }`,
+		check: func(t *testing.T, r *nixosEval) {
+			nixosAssertions(t, r)
+			nixosEq(t, "ExecStart", nixosUnit(t, r, "kiss-onion-update").ServiceConfig["ExecStart"], nixosPkgOut+"/bin/kiss-onion update boot --bundle "+nixosReaderBundle+
+				" --marker db-2 --state-dir /var/lib/kiss-onion-update --allow-unsigned")
+		},
+	},
+	{
+		name:    "update refuses to run without a publisher key or allowUnsigned",
+		modules: "update",
+		config:  `{ services.kiss-onion.update = { enable = true; bundle = "` + nixosReaderBundle + `"; }; }`,
+		check: func(t *testing.T, r *nixosEval) {
+			nixosAssertions(t, r, "services.kiss-onion.update: set publisherKey to the public key that signs the markers")
+		},
+	},
+	{
+		name:    "update refuses both a publisher key and allowUnsigned, and an empty marker",
+		modules: "update",
+		config: `{ networking.hostName = ""; services.kiss-onion.update = { enable = true; bundle = "` + nixosReaderBundle + `";
+			publisherKey = "` + nixosSignerKey + `"; allowUnsigned = true; }; }`,
+		check: func(t *testing.T, r *nixosEval) {
+			nixosAssertions(t, r, "publisherKey and allowUnsigned = true contradict each other", `marker = "" is not a marker name`)
+		},
+	},
+}
+
+// nixosPublishCases check services.kiss-onion.publish, the publisher of the systems.
+var nixosPublishCases = []nixosCase{
+	{
+		name:    "publish builds each system and publishes it on a timer",
+		modules: "publish",
+		config: `{ services.kiss-onion.publish = { enable = true; bundle = "` + nixosWriterBundle + `";
+			signingKeyFile = "/var/lib/kiss-onion-secrets/fleet-1.sec"; schedule = "*:0/15";
+			systems = { web1 = "/etc/fleet#nixosConfigurations.web1.config.system.build.toplevel";
+			            db = "/nix/store/00000000000000000000000000000000-nixos-system-db"; }; }; }`,
+		check: func(t *testing.T, r *nixosEval) {
+			nixosAssertions(t, r)
+			nixosEq(t, "warnings", r.Warnings, []string{})
+			s := nixosUnit(t, r, "kiss-onion-publish")
+			nixosEq(t, "Type", s.ServiceConfig["Type"], "oneshot")
+			nixosContains(t, "script", s.Script, `kiss-onion publish --bundle `+nixosWriterBundle+` --state-dir /var/lib/kiss-onion-publish --signing-key /var/lib/kiss-onion-secrets/fleet-1.sec "$name" $path`)
+			nixosContains(t, "script", s.Script, "nix --extra-experimental-features 'nix-command flakes' build --no-link --print-out-paths \"$target\"")
+			nixosContains(t, "script", s.Script, "publish db /nix/store/00000000000000000000000000000000-nixos-system-db\n")
+			nixosContains(t, "script", s.Script, "publish web1 '/etc/fleet#nixosConfigurations.web1.config.system.build.toplevel'\n")
+			nixosContains(t, "path", strings.Join(s.Path, " "), nixosPkgOut)
+			tm := r.Systemd.Timers["kiss-onion-publish"]
+			nixosEq(t, "timer wantedBy", tm.WantedBy, []string{"timers.target"})
+			nixosEq(t, "OnCalendar", tm.TimerConfig["OnCalendar"], "*:0/15")
+			nixosEq(t, "Persistent", tm.TimerConfig["Persistent"], true)
+		},
+	},
+	{
+		name:    "publish refuses an empty system list and warns about unsigned markers",
+		modules: "publish",
+		config:  `{ services.kiss-onion.publish = { enable = true; bundle = "` + nixosWriterBundle + `"; }; }`,
+		check: func(t *testing.T, r *nixosEval) {
+			nixosAssertions(t, r, "services.kiss-onion.publish.systems is empty")
+			nixosContains(t, "warnings", strings.Join(r.Warnings, "\n"), "signingKeyFile is not set")
+		},
+	},
 }
 
 func nixosUnit(t *testing.T, r *nixosEval, name string) nixosService {

@@ -3,6 +3,7 @@ package publish
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -15,6 +16,7 @@ import (
 	"time"
 
 	"github.com/kiss-onion/kiss-onion/cachelock"
+	"github.com/kiss-onion/kiss-onion/gateway"
 	"github.com/sirupsen/logrus"
 )
 
@@ -29,13 +31,17 @@ type fakeCache struct {
 	busy     int  // PUTs of a lock to answer 503 before taking it
 	refuse   bool // answer 503 to every lock PUT from now on
 	requests []string
+	changed  chan struct{} // closed, and replaced, at every request
 	marker   map[string]string
+	// refuseRefresh, when set, answers the first refresh of a lock (the
+	// second lock PUT) in the lock's stead.
+	refuseRefresh http.HandlerFunc
 }
 
 func newFakeCache(t *testing.T) (*fakeCache, *httptest.Server) {
 	dir := t.TempDir()
 	os.WriteFile(filepath.Join(dir, "nix-cache-info"), []byte("StoreDir: /nix/store\n"), 0o644)
-	fc := &fakeCache{t: t, dir: dir, locks: cachelock.New(dir), marker: map[string]string{}}
+	fc := &fakeCache{t: t, dir: dir, locks: cachelock.New(dir), marker: map[string]string{}, changed: make(chan struct{})}
 	srv := httptest.NewServer(fc)
 	t.Cleanup(srv.Close)
 	return fc, srv
@@ -45,6 +51,8 @@ func (fc *fakeCache) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	fc.mu.Lock()
 	defer fc.mu.Unlock()
 	fc.requests = append(fc.requests, r.Method+" "+r.URL.Path)
+	close(fc.changed)
+	fc.changed = make(chan struct{})
 	body, _ := io.ReadAll(r.Body)
 	rest, ok := strings.CutPrefix(r.URL.Path, "/gcroots/")
 	if !ok {
@@ -54,6 +62,10 @@ func (fc *fakeCache) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if name, ok := strings.CutPrefix(rest, ".lock/"); ok {
 		switch r.Method {
 		case http.MethodPut:
+			if fc.refuseRefresh != nil && fc.lockRequestsLocked() == 2 {
+				fc.refuseRefresh(w, r)
+				return
+			}
 			if fc.refuse || fc.busy > 0 {
 				fc.busy--
 				http.Error(w, "a prune holds the cache", http.StatusServiceUnavailable)
@@ -86,6 +98,37 @@ func (fc *fakeCache) lockCount() int {
 	return len(ls)
 }
 
+// lockRequestsLocked counts the lock PUTs received, answered or not: the
+// lock, then its refreshes. fc.mu must be held.
+func (fc *fakeCache) lockRequestsLocked() int {
+	n := 0
+	for _, r := range fc.requests {
+		if strings.HasPrefix(r, "PUT /gcroots/.lock/") {
+			n++
+		}
+	}
+	return n
+}
+
+// waitLockRequests returns once the cache has answered n lock PUTs; it
+// reports an error if that takes more than a minute, which only a hung
+// refresh would.
+func (fc *fakeCache) waitLockRequests(n int) error {
+	for {
+		fc.mu.Lock()
+		got, changed := fc.lockRequestsLocked(), fc.changed
+		fc.mu.Unlock()
+		if got >= n {
+			return nil
+		}
+		select {
+		case <-changed:
+		case <-time.After(time.Minute):
+			return fmt.Errorf("the cache had %d lock requests after a minute, want %d", got, n)
+		}
+	}
+}
+
 func quiet() *logrus.Entry {
 	l := logrus.New()
 	l.SetOutput(io.Discard)
@@ -100,9 +143,7 @@ func TestWithLock(t *testing.T) {
 		marker     string
 		command    []string
 		setup      func(fc *fakeCache)
-		refresh    time.Duration
 		wantStatus int
-		wantErr    error // errors.Is
 		wantMarker bool
 	}{
 		{name: "success writes the marker", marker: "web1", command: []string{"true"}, wantMarker: true},
@@ -111,15 +152,6 @@ func TestWithLock(t *testing.T) {
 		{name: "a signal's status is 128+n", marker: "web1", command: []string{"sh", "-c", "kill -TERM $$"}, wantStatus: 143},
 		{name: "a busy cache is waited for", marker: "web1", command: []string{"true"},
 			setup: func(fc *fakeCache) { fc.busy = 1 }, wantMarker: true},
-		{name: "a lost lock writes no marker", marker: "web1", command: []string{"sleep", "0.5"}, refresh: 100 * time.Millisecond,
-			setup: func(fc *fakeCache) {
-				go func() {
-					time.Sleep(150 * time.Millisecond)
-					fc.mu.Lock()
-					fc.refuse = true
-					fc.mu.Unlock()
-				}()
-			}, wantErr: ErrLockLost},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			fc, srv := newFakeCache(t)
@@ -131,14 +163,10 @@ func TestWithLock(t *testing.T) {
 				t.Fatal(err)
 			}
 			status, err := WithLock(context.Background(), WithLockOptions{
-				Marker: m, StorePath: storePath, Command: tc.command, Refresh: tc.refresh,
+				Marker: m, StorePath: storePath, Command: tc.command,
 				Stdout: io.Discard, Stderr: io.Discard, Log: quiet(),
 			})
-			if tc.wantErr != nil {
-				if !errors.Is(err, tc.wantErr) {
-					t.Errorf("error = %v, want %v", err, tc.wantErr)
-				}
-			} else if err != nil {
+			if err != nil {
 				t.Fatal(err)
 			}
 			if status != tc.wantStatus {
@@ -146,6 +174,82 @@ func TestWithLock(t *testing.T) {
 			}
 			fc.mu.Lock()
 			got, written := fc.marker[tc.marker]
+			fc.mu.Unlock()
+			if written != tc.wantMarker || written && got != storePath+"\n" {
+				t.Errorf("marker written = %v (%q), want %v", written, got, tc.wantMarker)
+			}
+			if n := fc.lockCount(); n != 0 {
+				t.Errorf("%d locks left behind", n)
+			}
+		})
+	}
+}
+
+// TestWithLockRefreshRefused runs a command until the cache has been asked
+// to refresh the lock once, and refuses that refresh: the cache's refusal
+// means the lock is lost and the marker must not be written, but the
+// gateway's own refusal (the onion out of reach for a moment) does not.
+func TestWithLockRefreshRefused(t *testing.T) {
+	for _, tc := range []struct {
+		name       string
+		refusal    http.HandlerFunc
+		wantMarker bool
+	}{
+		{
+			name: "a prune holding the cache means a lost lock",
+			refusal: func(w http.ResponseWriter, r *http.Request) {
+				http.Error(w, "a prune holds the cache", http.StatusServiceUnavailable)
+			},
+		},
+		{
+			name: "the cache's 421 means a lost lock",
+			refusal: func(w http.ResponseWriter, r *http.Request) {
+				http.Error(w, "no such lock", http.StatusMisdirectedRequest)
+			},
+		},
+		{
+			name: "the gateway's 421 is the onion out of reach, not a lost lock",
+			refusal: func(w http.ResponseWriter, r *http.Request) {
+				w.Header().Set(gateway.ErrorHeader, "unreachable")
+				http.Error(w, "kiss-onion gateway: http://x.onion is unreachable: descriptor not found", http.StatusMisdirectedRequest)
+			},
+			wantMarker: true,
+		},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			fc, srv := newFakeCache(t)
+			fc.refuseRefresh = tc.refusal
+			m, err := ParseMarkerURL(srv.URL+"/gcroots/web1", "")
+			if err != nil {
+				t.Fatal(err)
+			}
+			// The command (cat) runs until its input ends: once the cache
+			// has had the lock and its first refresh.
+			stdin, release := io.Pipe()
+			waited := make(chan error, 1)
+			go func() {
+				waited <- fc.waitLockRequests(2)
+				release.Close()
+			}()
+			status, err := WithLock(context.Background(), WithLockOptions{
+				Marker: m, StorePath: storePath, Command: []string{"cat"}, Refresh: 10 * time.Millisecond,
+				Stdin: stdin, Stdout: io.Discard, Stderr: io.Discard, Log: quiet(),
+			})
+			if err := <-waited; err != nil {
+				t.Fatal(err)
+			}
+			if status != 0 {
+				t.Errorf("status = %d, want the command's 0", status)
+			}
+			if tc.wantMarker {
+				if err != nil {
+					t.Errorf("error = %v, want none", err)
+				}
+			} else if !errors.Is(err, ErrLockLost) || !strings.Contains(err.Error(), "the marker web1 was not written") {
+				t.Errorf("error = %v, want %v saying the marker web1 was not written", err, ErrLockLost)
+			}
+			fc.mu.Lock()
+			got, written := fc.marker["web1"]
 			fc.mu.Unlock()
 			if written != tc.wantMarker || written && got != storePath+"\n" {
 				t.Errorf("marker written = %v (%q), want %v", written, got, tc.wantMarker)
