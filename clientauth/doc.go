@@ -14,10 +14,13 @@
 //     running service can poll its Stamp and reload it when it changes;
 //   - the Bundle, the directory handed to a client machine: its private key
 //     (client.key), one ".auth_private" file per onion the key may reach and a
-//     kiss-onion.toml naming the onion URLs.
+//     kiss-onion.toml naming the onion URLs;
+//   - MergeKeys, the rule for several registries at once (the state
+//     directory's and a declarative clients file): a key revoked in any of
+//     them is out.
 //
-// The package deliberately does not talk to Tor, create onion identities,
-// watch files or decide policy: the onion package publishes the services with
-// the keys that Registry.ReadKeys and Registry.WriteKeys return, and the
-// command line decides where files go. Private keys never enter the registry.
+// The package deliberately does not talk to Tor, create onion identities or
+// watch files: package access keeps the onions admitting the keys that
+// MergeKeys returns, and the command line decides where files go. Private
+// keys never enter the registry.
 package clientauth

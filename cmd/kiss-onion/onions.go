@@ -9,13 +9,12 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
-	"slices"
 	"strings"
 	"syscall"
-	"time"
 
 	"github.com/sirupsen/logrus"
 
+	"github.com/kiss-onion/kiss-onion/access"
 	"github.com/kiss-onion/kiss-onion/clientauth"
 	"github.com/kiss-onion/kiss-onion/internal/atomicfile"
 	"github.com/kiss-onion/kiss-onion/onion"
@@ -23,25 +22,15 @@ import (
 	"github.com/kiss-onion/kiss-onion/serve"
 )
 
-// clientsPoll is how often serve looks for changes in the client keys.
-const clientsPoll = 2 * time.Second
-
 // onions is what `serve --tor public|local` runs: a tor, the read and write
 // onion services in front of the cache's unix sockets, and (local) the
-// private Tor network they live on.
+// private Tor network they live on. Which clients they admit is package
+// access's to keep.
 type onions struct {
-	f       serveFlags
-	log     *logrus.Entry
 	tor     *onion.Tor
 	network *testnet.Network
-	read    *onion.Identity
-	write   *onion.Identity
+	access  *access.Onions
 	socks   map[serve.Role]string // unix socket of each role
-
-	// What is published now, to publish again only on a change.
-	readKeys, writeKeys [][32]byte
-	readUp, writeUp     bool
-	stamps              []clientauth.Stamp
 }
 
 // identityPaths are where the onion identities live in the state directory;
@@ -51,21 +40,26 @@ func identityPaths(stateDir string) (read, write string) {
 }
 
 func startOnions(ctx context.Context, f serveFlags, log *logrus.Entry, serveOn func(net.Listener, serve.Role)) (*onions, error) {
-	o := &onions{f: f, log: log, socks: map[serve.Role]string{}}
+	o := &onions{socks: map[serve.Role]string{}}
 	readPath, writePath := identityPaths(f.stateDir)
-	var err error
-	if o.read, err = onion.LoadOrCreateIdentity(readPath); err != nil {
-		return nil, err
-	}
-	if o.write, err = onion.LoadOrCreateIdentity(writePath); err != nil {
-		return nil, err
-	}
-	readKeys, writeKeys, stamps, err := o.loadKeys()
+	read, err := onion.LoadOrCreateIdentity(readPath)
 	if err != nil {
 		return nil, err
 	}
-	if len(readKeys) == 0 && !f.publicRead {
-		return nil, withHint(fmt.Errorf("no client keys in %s: the read onion would admit nobody", filepath.Join(f.stateDir, clientauth.RegistryFileName)),
+	write, err := onion.LoadOrCreateIdentity(writePath)
+	if err != nil {
+		return nil, err
+	}
+	registries := []string{filepath.Join(f.stateDir, clientauth.RegistryFileName)}
+	if f.clientsFile != "" {
+		registries = append(registries, f.clientsFile)
+	}
+	keys, err := access.Load(registries...)
+	if err != nil {
+		return nil, err
+	}
+	if len(keys.Read) == 0 && !f.publicRead {
+		return nil, withHint(fmt.Errorf("no client keys in %s: the read onion would admit nobody", registries[0]),
 			"add one with 'kiss-onion keys add NAME --role reader --state-dir %s', or serve anyone with --public-read", f.stateDir)
 	}
 	var lines []string
@@ -122,11 +116,18 @@ func startOnions(ctx context.Context, f serveFlags, log *logrus.Entry, serveOn f
 	if err != nil {
 		return nil, err
 	}
-	if err := o.publish(ctx, readKeys, writeKeys); err != nil {
+	o.access = access.New(access.Config{
+		Read:       access.Onion{Identity: read, Target: "unix:" + o.socks[serve.Read]},
+		Write:      access.Onion{Identity: write, Target: "unix:" + o.socks[serve.Write]},
+		Registries: registries,
+		PublicRead: f.publicRead,
+		Publisher:  o.tor,
+		Log:        log,
+	})
+	if err := o.access.Apply(ctx, keys); err != nil {
 		return nil, err
 	}
-	o.stamps = stamps
-	for role, id := range map[string]*onion.Identity{"read": o.read, "write": o.write} {
+	for role, id := range map[string]*onion.Identity{"read": read, "write": write} {
 		if err := atomicfile.WriteFile(filepath.Join(f.stateDir, role+".onion"), []byte(id.Address()+"\n"), 0o644); err != nil {
 			return nil, err
 		}
@@ -135,157 +136,29 @@ func startOnions(ctx context.Context, f serveFlags, log *logrus.Entry, serveOn f
 	return o, nil
 }
 
-// publish makes the onions admit exactly these keys: a service whose keys
-// changed is published again, one left with no key is taken down (never
-// published open, unless --public-read says so for the read onion).
-func (o *onions) publish(ctx context.Context, readKeys, writeKeys [][32]byte) error {
-	type svc struct {
-		name   string
-		id     *onion.Identity
-		role   serve.Role
-		keys   [][32]byte
-		public bool
-		up     *bool
-		cur    *[][32]byte
-	}
-	for _, s := range []svc{
-		{"read", o.read, serve.Read, readKeys, o.f.publicRead, &o.readUp, &o.readKeys},
-		{"write", o.write, serve.Write, writeKeys, false, &o.writeUp, &o.writeKeys},
-	} {
-		if s.public {
-			s.keys = nil
-		}
-		if *s.up && sameKeys(s.keys, *s.cur) {
-			continue
-		}
-		l := o.log.WithFields(logrus.Fields{"onion": s.name, "address": s.id.Address(), "clients": len(s.keys)})
-		if len(s.keys) == 0 && !s.public {
-			if *s.up {
-				if err := o.tor.Unpublish(ctx, s.id); err != nil {
-					return err
-				}
-				*s.up = false
-				l.Warn("no client keys left: onion taken down")
-			} else {
-				l.Warn("no client keys: onion not published")
-			}
-			*s.cur = nil
-			continue
-		}
-		err := o.tor.Publish(ctx, onion.Service{Name: s.name, Identity: s.id, Target: "unix:" + o.socks[s.role], ClientKeys: s.keys})
-		if err != nil {
-			return err
-		}
-		*s.up, *s.cur = true, s.keys
-		if s.public {
-			l.Warn("onion published without client authorization (--public-read)")
-		} else {
-			l.Info("onion published")
-		}
-	}
-	return nil
-}
-
-func sameKeys(a, b [][32]byte) bool {
-	a, b = slices.Clone(a), slices.Clone(b)
-	cmp := func(x, y [32]byte) int { return bytes.Compare(x[:], y[:]) }
-	slices.SortFunc(a, cmp)
-	slices.SortFunc(b, cmp)
-	return slices.Equal(a, b)
-}
-
-// loadKeys reads the registry in the state directory and the
-// --clients-file, and returns the keys of each onion (each key once; a key
-// revoked in either file is out, whatever the other says) and the files'
-// stamps.
-func (o *onions) loadKeys() (readKeys, writeKeys [][32]byte, stamps []clientauth.Stamp, err error) {
-	revoked := map[[32]byte]bool{}
-	var regs []*clientauth.Registry
-	for _, path := range o.registryPaths() {
-		reg, err := clientauth.LoadRegistry(path)
-		if err != nil {
-			return nil, nil, nil, err
-		}
-		for _, c := range reg.Clients() {
-			if c.IsRevoked() {
-				revoked[c.PublicKey.Bytes()] = true
-			}
-		}
-		regs = append(regs, reg)
-		stamps = append(stamps, reg.Stamp())
-	}
-	add := func(list [][32]byte, keys [][32]byte) [][32]byte {
-		for _, k := range keys {
-			if !revoked[k] && !slices.Contains(list, k) {
-				list = append(list, k)
-			}
-		}
-		return list
-	}
-	for _, reg := range regs {
-		readKeys = add(readKeys, reg.ReadKeys())
-		writeKeys = add(writeKeys, reg.WriteKeys())
-	}
-	return readKeys, writeKeys, stamps, nil
-}
-
-func (o *onions) registryPaths() []string {
-	paths := []string{filepath.Join(o.f.stateDir, clientauth.RegistryFileName)}
-	if o.f.clientsFile != "" {
-		paths = append(paths, o.f.clientsFile)
-	}
-	return paths
-}
-
-// watchClients publishes the onions again when the client keys change (the
-// files are polled, and SIGHUP forces a reload), so that `keys add` and
-// `keys revoke` take effect without a restart.
-func (o *onions) watchClients(ctx context.Context, errc chan<- error) {
+// watchClients keeps the onions' client keys in step with the registries
+// until ctx ends (see access.Onions.Watch): the files are polled, and
+// SIGHUP forces a reload.
+func (o *onions) watchClients(ctx context.Context) {
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
-	tick := time.NewTicker(clientsPoll)
-	defer tick.Stop()
-	for {
-		forced := false
-		select {
-		case <-ctx.Done():
-			return
-		case <-hup:
-			forced = true
-		case <-tick.C:
+	reload := make(chan struct{})
+	go func() {
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-hup:
+			}
+			select {
+			case <-ctx.Done():
+				return
+			case reload <- struct{}{}:
+			}
 		}
-		if !forced && !o.clientsChanged() {
-			continue
-		}
-		readKeys, writeKeys, stamps, err := o.loadKeys()
-		if err != nil {
-			// A half-edited file: keep what is published, say why, and
-			// try again when the file changes.
-			o.log.WithError(err).Error("client keys not reloaded")
-			o.stamps = o.statClients()
-			continue
-		}
-		o.stamps = stamps
-		if err := o.publish(ctx, readKeys, writeKeys); err != nil {
-			o.log.WithError(err).Error("onions not published with the new client keys")
-		}
-	}
-}
-
-func (o *onions) clientsChanged() bool {
-	return !slices.Equal(o.statClients(), o.stamps)
-}
-
-// statClients returns the stamps of the client files now; a file that
-// cannot be read has the zero stamp.
-func (o *onions) statClients() []clientauth.Stamp {
-	var stamps []clientauth.Stamp
-	for _, path := range o.registryPaths() {
-		st, _ := clientauth.StatRegistry(path)
-		stamps = append(stamps, st)
-	}
-	return stamps
+	}()
+	o.access.Watch(ctx, reload)
 }
 
 func (o *onions) close() {

@@ -257,7 +257,7 @@ func serveMain(f serveFlags, log *logrus.Entry) error {
 			return err
 		}
 		defer o.close()
-		go o.watchClients(ctx, errc)
+		go o.watchClients(ctx)
 	}
 	if f.pruneEvery > 0 {
 		go pruneEvery(ctx, f, log)
