@@ -16,5 +16,10 @@
 // it are durable (durable.go), so the cache stays closed under references,
 // also across a crash. Until then reads of it wait, so a client that got a
 // 2xx reads what it wrote; a marker's 2xx means that everything acknowledged
-// before it is durable. serve knows nothing of Tor and does not prune.
+// before it is durable.
+//
+// Locks on gcroots/.lock/ are answered with package cachelock, whose Guard
+// also keeps a narinfo's check and rename apart from a prune's deletions.
+// serve knows nothing of Tor (package onion, and package access for who
+// may connect) and does not prune (package prune).
 package serve
