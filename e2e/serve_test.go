@@ -265,8 +265,16 @@ func TestScheduledPrune(t *testing.T) {
 	// The marker is written under a lock, so that no prune runs between the
 	// upload and the marker.
 	for _, top := range []string{kept, gone} {
-		if code, body := httpDo(t, "PUT", srv.writeURL+"/gcroots/.lock/upload", strings.NewReader("e2e")); code != 201 {
-			t.Fatalf("take lock: %d %s", code, body)
+		// While a prune holds the cache the lock is refused with 503: a
+		// writer retries, as with-lock does.
+		for end := time.Now().Add(time.Minute); ; time.Sleep(100 * time.Millisecond) {
+			code, body := httpDo(t, "PUT", srv.writeURL+"/gcroots/.lock/upload", strings.NewReader("e2e"))
+			if code == 201 {
+				break
+			}
+			if code != 503 || time.Now().After(end) {
+				t.Fatalf("take lock: %d %s", code, body)
+			}
 		}
 		src.must("nix", "copy", "--to", srv.writeURL+"?compression=zstd&secret-key="+key.secretFile, top)
 		if top == kept {
