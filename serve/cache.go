@@ -64,6 +64,7 @@ type Cache struct {
 	info     []byte // nix-cache-info
 	infoTime time.Time
 	locks    *cachelock.Locks
+	root     *cacheRoot // reads open files through it
 	narinfos *memCache
 	durable  *durability
 	log      *logrus.Entry
@@ -119,6 +120,11 @@ func New(cfg Config) (*Cache, error) {
 	if err := os.MkdirAll(c.tmpDir, 0o700); err != nil {
 		return nil, fmt.Errorf("create cache directory: %w", err)
 	}
+	var err error
+	if c.root, err = openCacheRoot(cfg.Dir); err != nil {
+		return nil, err
+	}
+	c.removeDeadUploads()
 	wmq := 0
 	if cfg.WantMassQuery {
 		wmq = 1

@@ -1,6 +1,7 @@
 package serve
 
 import (
+	"io/fs"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -57,9 +58,9 @@ func (mc *memCache) fresh(rel []byte, now int64) *memEntry {
 	return nil
 }
 
-// get returns the narinfo at rel in dir, from memory when it was checked
-// recently, after checking it against the file otherwise.
-func (mc *memCache) get(dir, rel string) (*memEntry, error) {
+// get returns the narinfo at rel in the cache, from memory when it was
+// checked recently, after checking it against the file otherwise.
+func (mc *memCache) get(root *cacheRoot, rel string) (*memEntry, error) {
 	now := time.Now().UnixNano()
 	mc.mu.RLock()
 	e := mc.m[rel]
@@ -67,8 +68,10 @@ func (mc *memCache) get(dir, rel string) (*memEntry, error) {
 	if e != nil && now-e.checked.Load() < int64(revalidateAfter) {
 		return e, nil
 	}
-	path := filepath.Join(dir, rel)
-	fi, err := os.Stat(path)
+	fi, err := root.lstat(rel)
+	if err == nil && !fi.Mode().IsRegular() {
+		err = &fs.PathError{Op: "read", Path: rel, Err: errSymlink}
+	}
 	if err != nil {
 		mc.drop(rel)
 		return nil, err
@@ -77,7 +80,7 @@ func (mc *memCache) get(dir, rel string) (*memEntry, error) {
 		e.checked.Store(now)
 		return e, nil
 	}
-	data, err := os.ReadFile(path)
+	data, err := readBeneath(root, rel)
 	if err != nil {
 		mc.drop(rel)
 		return nil, err

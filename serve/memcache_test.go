@@ -15,9 +15,13 @@ func TestMemCacheStaysUnderItsLimit(t *testing.T) {
 	}
 	limit := int64(10 * (1000 + 256 + 2))
 	mc := newMemCache(limit)
+	root, err := openCacheRoot(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
 	for round := 0; round < 3; round++ {
 		for i := 0; i < 100; i++ {
-			e, err := mc.get(dir, strconv.Itoa(i))
+			e, err := mc.get(root, strconv.Itoa(i))
 			if err != nil || len(e.data) != 1000 {
 				t.Fatalf("get %d: %v", i, err)
 			}
@@ -36,7 +40,7 @@ func TestMemCacheStaysUnderItsLimit(t *testing.T) {
 	// An entry larger than the whole limit is served but not kept.
 	big := make([]byte, limit)
 	os.WriteFile(filepath.Join(dir, "big"), big, 0o644)
-	if e, err := mc.get(dir, "big"); err != nil || len(e.data) != len(big) {
+	if e, err := mc.get(root, "big"); err != nil || len(e.data) != len(big) {
 		t.Fatalf("get big: %v", err)
 	}
 	if _, ok := mc.m["big"]; ok {

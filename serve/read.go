@@ -10,6 +10,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/kiss-onion/kiss-onion/internal/nixcache"
 )
 
 // minSendRate is the slowest a download may go (bytes a second) before its
@@ -71,21 +73,26 @@ func (c *Cache) readNow(t target, q *query) answer {
 		return respond(q, contentType[kindCacheInfo], c.infoETag, c.infoModified, c.infoTime, c.info, nil)
 	case kindNarInfo:
 		if c.narinfos != nil {
-			e, err := c.narinfos.get(c.cfg.Dir, t.rel)
+			e, err := c.narinfos.get(c.root, t.rel)
 			switch {
 			case err == nil:
 				return respond(q, narInfoType, e.etag, e.modified, e.mod, e.data, nil)
 			case errors.Is(err, fs.ErrNotExist):
 				return notFound
+			case isSymlinkRefusal(err):
+				return c.symlinkRefused(t, err)
 			default:
 				return answer{status: http.StatusInternalServerError, msg: "internal error", err: err}
 			}
 		}
 	}
-	f, err := os.Open(c.path(t))
+	f, err := c.root.open(t.rel)
 	if err != nil {
-		if errors.Is(err, fs.ErrNotExist) || errors.Is(err, syscall.ENOTDIR) {
+		switch {
+		case errors.Is(err, fs.ErrNotExist) || errors.Is(err, syscall.ENOTDIR):
 			return notFound
+		case isSymlinkRefusal(err):
+			return c.symlinkRefused(t, err)
 		}
 		return answer{status: http.StatusInternalServerError, msg: "internal error", err: err}
 	}
@@ -99,11 +106,49 @@ func (c *Cache) readNow(t target, q *query) answer {
 		return notFound
 	}
 	mod := fi.ModTime()
+	if t.kind == kindRoot {
+		// Only what can be a marker: a state directory misplaced under
+		// gcroots/ must not hand out its keys.
+		defer f.Close()
+		data, ok := c.readMarker(f, fi.Size())
+		if !ok {
+			return notFound
+		}
+		return respond(q, contentType[t.kind], etagOf(fi.Size(), mod), mod.UTC().Format(http.TimeFormat), mod, data, nil)
+	}
 	a := respond(q, contentType[t.kind], etagOf(fi.Size(), mod), mod.UTC().Format(http.TimeFormat), mod, nil, &sized{f, fi.Size()})
 	if a.file == nil {
 		f.Close()
 	}
 	return a
+}
+
+// maxMarkerRead bounds a marker that reads serve: larger than an upload
+// may be, for markers written locally (with-lock on the cache directory,
+// or by hand) naming many roots.
+const maxMarkerRead = 1 << 20
+
+// readMarker reads a file under gcroots/ and returns it when it can be a
+// marker: one store path a line, comments and blank lines aside.
+func (c *Cache) readMarker(f *os.File, size int64) ([]byte, bool) {
+	if size > maxMarkerRead {
+		return nil, false
+	}
+	data, err := io.ReadAll(io.LimitReader(f, maxMarkerRead+1))
+	if err != nil || len(data) > maxMarkerRead {
+		return nil, false
+	}
+	if _, err := nixcache.ParseMarker(data, c.cfg.StoreDir); err != nil {
+		return nil, false
+	}
+	return data, true
+}
+
+// symlinkRefused answers 404 for a symlink in the cache, which reads never
+// follow, and warns: nothing the server writes is one.
+func (c *Cache) symlinkRefused(t target, err error) answer {
+	c.log.WithField("path", t.rel).WithError(err).Warn("not served: a symlink in the cache")
+	return notFound
 }
 
 // sized is a file and its size, the body of an answer not held in memory.
