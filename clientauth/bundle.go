@@ -156,7 +156,7 @@ func WriteBundle(dir string, b Bundle) error {
 	if err != nil {
 		return fmt.Errorf("write bundle: %w", err)
 	}
-	if err := ensureDir(dir); err != nil {
+	if err := ensureBundleDir(dir); err != nil {
 		return fmt.Errorf("write bundle: %w", err)
 	}
 	for _, f := range files {
@@ -189,7 +189,7 @@ func ReplaceBundle(dir string, b Bundle) error {
 	if err != nil {
 		return fmt.Errorf("write bundle: %w", err)
 	}
-	if err := ensureDir(dir); err != nil {
+	if err := ensureBundleDir(dir); err != nil {
 		return fmt.Errorf("write bundle: %w", err)
 	}
 	keyPath := filepath.Join(dir, BundleKeyFile)
@@ -205,6 +205,26 @@ func ReplaceBundle(dir string, b Bundle) error {
 		if err := replaceFile(filepath.Join(dir, f.name), f.data); err != nil {
 			return fmt.Errorf("write bundle: %w", err)
 		}
+	}
+	return nil
+}
+
+// ensureBundleDir creates dir (0700) when missing. An existing one must be
+// a directory itself, not a symlink to one, that no one else may write to:
+// whoever can write to it can swap the private key's file.
+func ensureBundleDir(dir string) error {
+	fi, err := os.Lstat(dir)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return ensureDir(dir)
+	case err != nil:
+		return err
+	case fi.Mode()&fs.ModeSymlink != 0:
+		return fmt.Errorf("%s is a symlink: give the directory itself", dir)
+	case !fi.IsDir():
+		return fmt.Errorf("%s is not a directory", dir)
+	case fi.Mode().Perm()&0o022 != 0:
+		return fmt.Errorf("%s is writable by others (mode %#o): chmod go-w it, or give a new directory", dir, fi.Mode().Perm())
 	}
 	return nil
 }

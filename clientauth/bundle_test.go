@@ -264,3 +264,46 @@ func TestCorruptBundleNamesFileAndLine(t *testing.T) {
 		})
 	}
 }
+
+func TestBundleDirectoryMustBeTheOwnersAlone(t *testing.T) {
+	k, _ := GeneratePrivateKey()
+	b := Bundle{Name: "a", Role: RoleReader, Key: k, ReadOnion: onionA}
+	root := t.TempDir()
+	open := filepath.Join(root, "open")
+	os.Mkdir(open, 0o777)
+	os.Chmod(open, 0o777) // past the umask
+	groupW := filepath.Join(root, "group")
+	os.Mkdir(groupW, 0o770)
+	os.Chmod(groupW, 0o770)
+	target := filepath.Join(root, "target")
+	os.Mkdir(target, 0o700)
+	link := filepath.Join(root, "link")
+	os.Symlink(target, link)
+	for _, tc := range []struct {
+		name, dir, want string
+	}{
+		{"a directory anyone can write", open, "writable by others"},
+		{"a group-writable directory", groupW, "writable by others"},
+		{"a symlink to a directory", link, "symlink"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			for name, write := range map[string]func(string, Bundle) error{"WriteBundle": WriteBundle, "ReplaceBundle": ReplaceBundle} {
+				err := write(tc.dir, b)
+				if err == nil || !strings.Contains(err.Error(), tc.want) {
+					t.Errorf("%s(%s) = %v, want an error saying %q", name, tc.dir, err, tc.want)
+				}
+			}
+			for _, d := range []string{tc.dir, target} {
+				if ents, _ := os.ReadDir(d); len(ents) != 0 {
+					t.Errorf("%s holds %d files after a refusal", d, len(ents))
+				}
+			}
+		})
+	}
+	// A new directory, and an existing private one, are fine.
+	for _, dir := range []string{filepath.Join(root, "new"), target} {
+		if err := WriteBundle(dir, b); err != nil {
+			t.Errorf("WriteBundle(%s): %v", dir, err)
+		}
+	}
+}

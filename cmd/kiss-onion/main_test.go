@@ -122,3 +122,26 @@ func TestInside(t *testing.T) {
 		}
 	}
 }
+
+func TestInsideSeesThroughSymlinks(t *testing.T) {
+	root := t.TempDir()
+	cache := filepath.Join(root, "cache")
+	os.MkdirAll(filepath.Join(cache, "gcroots", "st"), 0o700)
+	link := filepath.Join(root, "link")
+	if err := os.Symlink(filepath.Join(cache, "gcroots", "st"), link); err != nil {
+		t.Fatal(err)
+	}
+	for _, dir := range []string{link, filepath.Join(link, "not-yet")} {
+		in, err := inside(dir, cache)
+		if err != nil || !in {
+			t.Errorf("inside(%s, cache) = %v, %v; want true: the link leads into the cache", dir, in, err)
+		}
+	}
+	if err := checkApart(cache, link); err == nil {
+		t.Error("checkApart accepted a state directory that a symlink puts inside the cache")
+	}
+	elsewhere := filepath.Join(root, "state")
+	if err := checkApart(cache, elsewhere); err != nil {
+		t.Errorf("checkApart(%s, %s) = %v", cache, elsewhere, err)
+	}
+}
