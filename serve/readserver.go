@@ -34,6 +34,7 @@ func (c *Cache) newReadServer(l *logrus.Entry) *fasthttp.Server {
 		MaxRequestBodySize:           4 << 10,  // reads have no body worth the name
 		DisablePreParseMultipartForm: true,
 		CloseOnShutdown:              true,
+		ConnState:                    trackFast, // for the connection cap (listener.go)
 		Logger:                       fastLogger{l},
 	}
 }
@@ -44,10 +45,32 @@ type fastLogger struct{ l *logrus.Entry }
 
 func (f fastLogger) Printf(format string, args ...any) { f.l.Debugf(format, args...) }
 
+// trackFast is the read role's fasthttp.Server.ConnState: it tells the
+// connection's listener when the server waits for a request on it.
+func trackFast(c net.Conn, st fasthttp.ConnState) {
+	lc, ok := c.(*limitConn)
+	if !ok {
+		return
+	}
+	switch st {
+	case fasthttp.StateIdle:
+		lc.idle()
+	case fasthttp.StateActive:
+		lc.active()
+	}
+}
+
 // narInfoPathLen is the length of "/<hash>.narinfo".
 const narInfoPathLen = 1 + 32 + len(".narinfo")
 
 func (c *Cache) handleRead(ctx *fasthttp.RequestCtx) {
+	// fasthttp takes any HTTP/d.d; net/http, on the write role, answers
+	// 505 to all but HTTP/1.x.
+	if p := ctx.Request.Header.Protocol(); len(p) != len("HTTP/1.1") || p[5] != '1' {
+		ctx.SetConnectionClose()
+		c.refuseFast(ctx, answer{status: http.StatusHTTPVersionNotSupported, msg: "unsupported protocol version " + string(p)})
+		return
+	}
 	m := ctx.Method()
 	head := string(m) == http.MethodHead
 	if !head && string(m) != http.MethodGet {

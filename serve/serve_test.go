@@ -222,6 +222,8 @@ func TestHostileRequests(t *testing.T) {
 		want   int
 	}{
 		{name: "dot-dot in path", srv: tc.read, req: "GET /../outside/secret HTTP/1.1\r\nHost: x\r\n\r\n", want: 400},
+		{name: "HTTP/9.9 on the read listener", srv: tc.read, req: "GET /nix-cache-info HTTP/9.9\r\nHost: x\r\n\r\n", want: 505},
+		{name: "HTTP/9.9 on the write listener", srv: tc.write, req: "GET /nix-cache-info HTTP/9.9\r\nHost: x\r\n\r\n", want: 505},
 		{name: "dot-dot under nar", srv: tc.read, req: "GET /nar/../../outside/secret HTTP/1.1\r\nHost: x\r\n\r\n", want: 400},
 		{name: "encoded dot-dot", srv: tc.read, req: "GET /%2e%2e/outside/secret HTTP/1.1\r\nHost: x\r\n\r\n", want: 400},
 		{name: "encoded slashes", srv: tc.read, req: "GET /nar%2f..%2f..%2foutside%2fsecret HTTP/1.1\r\nHost: x\r\n\r\n", want: 400},
