@@ -1,7 +1,6 @@
 package serve
 
 import (
-	"compress/gzip"
 	"crypto/sha256"
 	"errors"
 	"fmt"
@@ -14,10 +13,6 @@ import (
 	"strings"
 	"syscall"
 	"time"
-
-	"github.com/andybalholm/brotli"
-	"github.com/klauspost/compress/zstd"
-	"github.com/ulikunitz/xz"
 
 	"github.com/kiss-onion/kiss-onion/cachelock"
 	"github.com/kiss-onion/kiss-onion/internal/atomicfile"
@@ -112,38 +107,21 @@ func (c *Cache) putErr(w http.ResponseWriter, r *http.Request, t target) error {
 }
 
 // body returns the request body, decoded per Content-Encoding, refusing
-// more than limit decoded bytes and a client idle for too long.
+// more than limit decoded bytes and a client idle for too long. A body
+// being decoded holds decoding memory until it is closed.
 func (c *Cache) body(w http.ResponseWriter, r *http.Request, limit int64) (io.ReadCloser, error) {
 	var raw io.Reader = &idleReader{r: r.Body, rc: http.NewResponseController(w), idle: c.cfg.UploadIdleTimeout}
-	var dec io.Reader
-	var closer func()
-	switch enc := strings.ToLower(strings.TrimSpace(r.Header.Get("Content-Encoding"))); enc {
-	case "", "identity":
-		dec = raw
-	case "gzip", "x-gzip":
-		zr, err := gzip.NewReader(raw)
-		if err != nil {
-			return nil, refusef(http.StatusBadRequest, "body is not gzip: %v", err)
-		}
-		dec, closer = zr, func() { zr.Close() }
-	case "zstd":
-		zr, err := zstd.NewReader(raw, zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxMemory(uint64(min(limit, 1<<30))+(1<<20)))
-		if err != nil {
-			return nil, refusef(http.StatusBadRequest, "body is not zstd: %v", err)
-		}
-		dec, closer = zr, zr.Close
-	case "xz":
-		xr, err := xz.NewReader(raw)
-		if err != nil {
-			return nil, refusef(http.StatusBadRequest, "body is not xz: %v", err)
-		}
-		dec = xr
-	case "br":
-		dec = brotli.NewReader(raw)
-	default:
-		return nil, refusef(http.StatusUnsupportedMediaType, "Content-Encoding %q not supported (gzip, zstd, xz, br)", enc)
+	enc := strings.ToLower(strings.TrimSpace(r.Header.Get("Content-Encoding")))
+	if enc == "" || enc == "identity" || enc == "none" { // Nix 2.32+ may send "none"
+		return &limitedBody{r: raw, left: limit, limit: limit}, nil
 	}
-	return &limitedBody{r: dec, left: limit, limit: limit, close: closer}, nil
+	mem := &decodeCharge{ctx: r.Context()}
+	dec, err := newDecoder(enc, raw, mem)
+	if err != nil {
+		mem.release()
+		return nil, err
+	}
+	return &limitedBody{r: dec, left: limit, limit: limit, decoded: dec, mem: mem}, nil
 }
 
 // idleReader extends the connection's read deadline on every read, so a
@@ -161,10 +139,11 @@ func (ir *idleReader) Read(p []byte) (int, error) {
 
 // limitedBody fails with 413 once more than limit bytes come out.
 type limitedBody struct {
-	r     io.Reader
-	left  int64
-	limit int64
-	close func()
+	r       io.Reader
+	left    int64
+	limit   int64
+	decoded *decodedBody  // nil for a body sent as it is
+	mem     *decodeCharge // the decoding memory the body holds
 }
 
 func (b *limitedBody) Read(p []byte) (int, error) {
@@ -184,16 +163,24 @@ func (b *limitedBody) Read(p []byte) (int, error) {
 	if err != nil && !errors.Is(err, io.EOF) {
 		var he *httpError
 		if !errors.As(err, &he) {
-			err = refusef(http.StatusBadRequest, "reading the body: %v", err)
+			var over error
+			if b.decoded != nil && b.decoded.overBound != nil {
+				over = b.decoded.overBound(err)
+			}
+			if over == nil {
+				over = refusef(http.StatusBadRequest, "reading the body: %v", err)
+			}
+			err = over
 		}
 	}
 	return n, err
 }
 
 func (b *limitedBody) Close() error {
-	if b.close != nil {
-		b.close()
+	if b.decoded != nil && b.decoded.close != nil {
+		b.decoded.close()
 	}
+	b.mem.release()
 	return nil
 }
 
@@ -215,7 +202,7 @@ func (c *Cache) putStream(body io.Reader, t target) error {
 	var sum hash.Hash
 	want := ""
 	if t.kind == kindNar {
-		want = narNameHash(t.rel)
+		want = nixcache.NarURLHash(t.rel)
 		if want != "" {
 			sum = sha256.New()
 		}
@@ -251,17 +238,6 @@ func (c *Cache) putStream(body io.Reader, t target) error {
 		cm.end(err, visible)
 	}()
 	return nil
-}
-
-// narNameHash returns the nixbase32 sha256 that Nix names a NAR file after
-// (nar/<52 chars>.nar[.ext]), or "" for a name of another form.
-func narNameHash(rel string) string {
-	name := strings.TrimPrefix(rel, "nar/")
-	h, rest, ok := strings.Cut(name, ".")
-	if !ok || !strings.HasPrefix(rest, "nar") || !nixcache.IsBase32(h, 52) {
-		return ""
-	}
-	return h
 }
 
 // putNarInfo takes a narinfo whose NAR and references are in the cache,

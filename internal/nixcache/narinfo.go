@@ -167,7 +167,8 @@ func ParseNarInfo(data []byte) (*NarInfo, error) {
 // Validate checks what a cache must refuse in an uploaded narinfo: the
 // store path lies under storeDir and its hash is hashPart (the file's name),
 // references and deriver are store base names, URL is a safe relative path
-// under nar/, NarSize is positive, the hashes and signatures parse.
+// under nar/, NarSize is positive, the hashes and signatures parse, and a
+// sha256 FileHash is the one a URL named after its file's hash gives.
 func (n *NarInfo) Validate(storeDir, hashPart string) error {
 	bad := func(field string, err error) error {
 		return &FieldError{Line: n.line(field), Field: field, Err: err}
@@ -189,8 +190,18 @@ func (n *NarInfo) Validate(storeDir, hashPart string) error {
 		return bad("NarHash", errors.New("not a hash (want sha256:<nixbase32>)"))
 	}
 	if n.FileHash != "" {
-		if _, err := nixhash.ParseAny(n.FileHash, nil); err != nil {
+		h, err := nixhash.ParseAny(n.FileHash, nil)
+		if err != nil {
 			return bad("FileHash", errors.New("not a hash (want sha256:<nixbase32>)"))
+		}
+		// Nix names a NAR file after its sha256: with another FileHash,
+		// every substitution of the path fails. (The signature covers
+		// neither.) Another algorithm, which Nix never writes, would take
+		// reading the file to check.
+		if named := NarURLHash(n.URL); named != "" && h.Algo() == nixhash.SHA256 {
+			if got := nixbase32.EncodeToString(h.Digest()); got != named {
+				return bad("FileHash", fmt.Errorf("sha256:%s does not match URL %s, which names the file by its sha256 %s", got, n.URL, named))
+			}
 		}
 	}
 	if n.NarSize == 0 {
@@ -247,6 +258,20 @@ func CheckNarURL(u string) error {
 		}
 	}
 	return nil
+}
+
+// NarURLHash returns the nixbase32 sha256 that Nix names a NAR file after
+// when u has that form, nar/<52 characters>.nar[.<compression>], else "".
+func NarURLHash(u string) string {
+	name, ok := strings.CutPrefix(u, "nar/")
+	if !ok {
+		return ""
+	}
+	h, rest, ok := strings.Cut(name, ".")
+	if !ok || !strings.HasPrefix(rest, "nar") || !IsBase32(h, 52) {
+		return ""
+	}
+	return h
 }
 
 // Fingerprint returns the string Nix signs for this path:

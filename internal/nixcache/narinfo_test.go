@@ -1,9 +1,12 @@
 package nixcache
 
 import (
+	"encoding/hex"
 	"errors"
 	"strings"
 	"testing"
+
+	"github.com/nix-community/go-nix/pkg/nixbase32"
 )
 
 const (
@@ -62,6 +65,17 @@ func TestNarInfoValidation(t *testing.T) {
 		{name: "URL nested", field: "URL", edit: func(s string) string { return setLine(s, "URL", "nar/a/b.nar") }},
 		{name: "bad NarHash", field: "NarHash", edit: func(s string) string { return setLine(s, "NarHash", "sha256:nothash") }},
 		{name: "bad FileHash", field: "FileHash", edit: func(s string) string { return setLine(s, "FileHash", "md5:zz") }},
+		{name: "FileHash not the hash the URL names", field: "FileHash", wantInErr: "does not match URL", edit: func(s string) string {
+			return setLine(s, "FileHash", "sha256:0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73")
+		}},
+		{name: "FileHash in base16", edit: func(s string) string {
+			d, _ := nixbase32.DecodeString("1w1fff338fvdw53sqgamddn1b2xgds473pv6y13gizdbqjv4i5p3")
+			return setLine(s, "FileHash", "sha256:"+hex.EncodeToString(d))
+		}},
+		{name: "FileHash with a URL not named after a hash", edit: func(s string) string { return setLine(s, "URL", "nar/hello.nar.zst") }},
+		{name: "FileHash of another algorithm is not compared", edit: func(s string) string {
+			return setLine(s, "FileHash", "sha1:"+strings.Repeat("0", 40))
+		}},
 		{name: "bad compression", field: "Compression", edit: func(s string) string { return setLine(s, "Compression", "z std") }},
 		{name: "bad signature", field: "Sig", edit: func(s string) string { return setLine(s, "Sig", "test-1:bm90IGEgc2lnbmF0dXJl") }},
 		{name: "repeated StorePath", field: "StorePath", wantInErr: "repeated", edit: func(s string) string { return s + "StorePath: /nix/store/" + goodHash + "-x\n" }},
@@ -102,6 +116,25 @@ func TestNarInfoValidation(t *testing.T) {
 				t.Errorf("error %q does not say %q", err, tt.wantInErr)
 			}
 		})
+	}
+}
+
+func TestNarURLHash(t *testing.T) {
+	const h = "1w1fff338fvdw53sqgamddn1b2xgds473pv6y13gizdbqjv4i5p3"
+	for _, tt := range []struct{ url, want string }{
+		{"nar/" + h + ".nar", h},
+		{"nar/" + h + ".nar.xz", h},
+		{"nar/" + h + ".nar.zst", h},
+		{"nar/" + h, ""},
+		{"nar/" + h + ".ls", ""},
+		{"nar/" + h[1:] + ".nar", ""},
+		{"nar/" + strings.ToUpper(h) + ".nar", ""},
+		{h + ".nar", ""},
+		{"nar/custom.nar", ""},
+	} {
+		if got := NarURLHash(tt.url); got != tt.want {
+			t.Errorf("NarURLHash(%q) = %q, want %q", tt.url, got, tt.want)
+		}
 	}
 }
 
