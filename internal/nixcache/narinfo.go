@@ -251,6 +251,11 @@ func CheckNarURL(u string) error {
 	if name == "" || name[0] == '.' {
 		return errors.New("file name must not be empty or start with '.'")
 	}
+	if strings.Contains(name, "..") {
+		// One file name, so no traversal; but Nix never writes it, and a
+		// name that reads like one is refused on sight.
+		return errors.New(`file name must not contain ".."`)
+	}
 	for i := 0; i < len(name); i++ {
 		c := name[i]
 		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '.' || c == '-' || c == '_' || c == '+') {
