@@ -233,6 +233,12 @@ func (p *pruner) startNarDeleter(ctx context.Context, nars *narList, narDir *dir
 			orphans = append(orphans, i)
 		}
 	}
+	if p.uploading && len(orphans) > 0 {
+		// Their narinfos may still come: see uploadedWithinGrace.
+		p.log.WithField("nars", len(orphans)).Info("NARs no narinfo names kept: uploads are under way")
+		nd.stayed.Add(int64(len(orphans)))
+		orphans = nil
+	}
 	for w := 0; w < p.unlinkers; w++ {
 		nd.workers.Add(1)
 		go func() {

@@ -33,8 +33,10 @@ type Options struct {
 	MaxRootAge time.Duration
 	// Grace, when positive, keeps files modified less than Grace before the
 	// prune started: narinfos (with their closure), NARs, listings, logs.
-	// It protects uploads that run without a lock. Files that appear while
-	// the prune runs are always kept.
+	// It protects uploads that run without a lock. NARs that no narinfo
+	// names stay, whatever their age, while the cache saw upload activity
+	// within Grace: Nix 2.35 sends a copy's narinfos only after all its
+	// NARs. Files that appear while the prune runs are always kept.
 	Grace time.Duration
 	// DryRun deletes nothing; Deleted is still called for each file that
 	// would go. A dry run takes no lock.
@@ -147,6 +149,9 @@ type pruner struct {
 
 	t0     time.Time
 	cutoff int64 // Unix ns: files modified at or after it are kept
+	// uploading is set when the cache saw upload activity within the
+	// grace: NARs that no narinfo names then stay, whatever their age.
+	uploading bool
 
 	top *dir // the cache directory
 
@@ -278,6 +283,7 @@ func (p *pruner) run(ctx context.Context) error {
 	p.c.phase.Store(PhaseScanning)
 	p.t0 = time.Now()
 	p.cutoff = p.t0.Add(-p.opt.Grace - timeSlack).UnixNano()
+	p.uploading = p.uploadedWithinGrace()
 
 	p.loadPrev()
 	rootKeys, err := p.readRoots()
@@ -466,4 +472,21 @@ func (p *pruner) cleanTmp() {
 		return
 	}
 	p.locks.RemoveTemp(old)
+}
+
+// uploadedWithinGrace reports whether the cache saw upload activity less
+// than the grace before the prune started, by the modification time of
+// .tmp/, where every upload creates its file and from which it renames it
+// (serve's, in this process or another).
+//
+// Nix 2.35 uploads every NAR of a copy first and the narinfos after, so a
+// NAR may wait hours for the narinfo that names it while other NARs
+// arrive: the grace of such a NAR counts from the last upload activity,
+// not from its own arrival.
+func (p *pruner) uploadedWithinGrace() bool {
+	if p.opt.Grace <= 0 {
+		return false
+	}
+	fi, err := os.Stat(filepath.Join(p.opt.CacheDir, ".tmp"))
+	return err == nil && fi.ModTime().UnixNano() >= p.cutoff
 }

@@ -362,6 +362,28 @@ func fileScenarios() []namedScenario {
 			keptFiles: []string{"nar/young-orphan.nar"},
 			goneFiles: []string{"nar/old-orphan.nar"},
 		}},
+		// Nix 2.35 uploads every NAR first, then the narinfos: a NAR may
+		// wait hours for its narinfo while other NARs arrive.
+		{"NARs no narinfo names stay while uploads are under way", scenario{
+			paths:     []pt.Path{p("a"), p("old")},
+			markers:   map[string][]string{"m": {"a"}},
+			files:     map[string]string{"nar/waiting.nar": "x", ".tmp/.next.nar.1": "arriving"},
+			opts:      func(_ string, o *Options) { o.Grace = 10 * time.Minute },
+			kept:      []string{"a"},
+			gone:      []string{"old"},
+			keptFiles: []string{"nar/waiting.nar", ".tmp/.next.nar.1"},
+		}},
+		{"NARs no narinfo names go once uploads were quiet for the grace", scenario{
+			paths:     []pt.Path{p("a"), p("old")},
+			markers:   map[string][]string{"m": {"a"}},
+			files:     map[string]string{"nar/waiting.nar": "x", ".tmp/.next.nar.1": "arriving"},
+			ages:      map[string]time.Duration{".tmp": 20 * time.Minute},
+			opts:      func(_ string, o *Options) { o.Grace = 10 * time.Minute },
+			kept:      []string{"a"},
+			gone:      []string{"old"},
+			keptFiles: []string{".tmp/.next.nar.1"},
+			goneFiles: []string{"nar/waiting.nar"},
+		}},
 	}
 }
 
