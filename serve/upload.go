@@ -58,10 +58,9 @@ func (c *Cache) put(w http.ResponseWriter, r *http.Request, t target) {
 		c.refuse(w, r, he.status, "%s", he.msg)
 	case errors.Is(err, cachelock.ErrBusy):
 		c.refuse(w, r, http.StatusServiceUnavailable, "%v", err)
-	case isDiskFull(err):
-		// No room: the partial file is already gone. 507 says the server,
-		// not the request, is at fault.
-		c.refuse(w, r, http.StatusInsufficientStorage, "no space left in the cache")
+	case errors.Is(err, errNoRoom) || isDiskFull(err):
+		// The partial file is already gone.
+		c.refuseNoRoom(w, r)
 	default:
 		// Whatever else went wrong was answered with a plain 4xx: Nix 2.8
 		// retries a PUT that got 5xx with an empty body and then stalls.
@@ -79,6 +78,9 @@ func (c *Cache) putErr(w http.ResponseWriter, r *http.Request, t target) error {
 	limit := c.limitFor(t.kind)
 	if r.ContentLength > limit {
 		return refusef(http.StatusRequestEntityTooLarge, "body of %d bytes is over the limit of %d for %s", r.ContentLength, limit, t.rel)
+	}
+	if err := c.checkRoom(w, r.ContentLength); err != nil {
+		return err
 	}
 	body, err := c.body(w, r, limit)
 	if err != nil {
@@ -244,8 +246,11 @@ func (c *Cache) putStream(body io.Reader, t target) error {
 // and answers before it is visible: it becomes visible once they are
 // durable and its own content is, and durable just after (commitNarInfo).
 // Until then it is pending: reads of it wait for it, as do a narinfo
-// naming it, a marker and a graceful shutdown. Nix uploads one path at a
-// time, so the fsyncs of one path overlap the transfer of the next.
+// naming it, a marker and a graceful shutdown. Nix 2.8 uploads one path
+// at a time, so the fsyncs of one path overlap the transfer of the next;
+// from 2.11 paths go in parallel, a narinfo after its NAR and its
+// references' narinfos got their 2xx, and Nix 2.35 sends all NARs first
+// (prune keeps those waiting for their narinfo while uploads go on).
 func (c *Cache) putNarInfo(body io.Reader, t target) error {
 	tf := c.startTemp(c.path(t))
 	data, err := io.ReadAll(body)
@@ -398,4 +403,49 @@ func (c *Cache) delete(w http.ResponseWriter, r *http.Request, t target) {
 		return
 	}
 	w.WriteHeader(http.StatusNoContent)
+}
+
+// spaceHeadroom is room an upload must leave free on the cache's file
+// system, for its narinfo, the metadata and other uploads.
+const spaceHeadroom = 1 << 20
+
+// checkRoom answers 507 before the body is read when the declared length
+// cannot fit, and closes the connection after the answer: Nix 2.8-2.32
+// retry a PUT that got a 5xx with the same Content-Length and no body,
+// which would otherwise wait out the idle timeout and cost a minute per
+// retry. (A compressed body may still fill the disk as it is decoded;
+// that is caught as it is written.)
+func (c *Cache) checkRoom(w http.ResponseWriter, length int64) error {
+	if length <= 0 {
+		return nil
+	}
+	free, ok := freeSpace(c.tmpDir)
+	if !ok || length+spaceHeadroom <= free {
+		return nil
+	}
+	return errNoRoom
+}
+
+// errNoRoom is a full disk found before an upload began.
+var errNoRoom = errors.New("no space left in the cache")
+
+// How long, and how much, refuseNoRoom reads of a refused body.
+const (
+	noRoomLinger  = 2 * time.Second
+	noRoomLingerBytes = 64 << 20
+)
+
+// refuseNoRoom answers 507 (the server, not the request, is at fault) and
+// closes the connection. It answers at once, then reads what the client
+// still sends for a moment, so that a client sending its body reads the
+// answer rather than a reset, and a retry that sends no body is let go
+// after that moment rather than the idle timeout.
+func (c *Cache) refuseNoRoom(w http.ResponseWriter, r *http.Request) {
+	rc := http.NewResponseController(w)
+	rc.EnableFullDuplex()
+	w.Header().Set("Connection", "close")
+	c.refuse(w, r, http.StatusInsufficientStorage, "no space left in the cache")
+	rc.Flush()
+	rc.SetReadDeadline(time.Now().Add(noRoomLinger))
+	io.Copy(io.Discard, io.LimitReader(r.Body, noRoomLingerBytes))
 }

@@ -3,6 +3,7 @@ package serve
 import (
 	"bufio"
 	"bytes"
+	"compress/bzip2"
 	"compress/gzip"
 	"context"
 	"crypto/sha256"
@@ -20,6 +21,7 @@ import (
 
 	"github.com/andybalholm/brotli"
 	"github.com/klauspost/compress/zstd"
+	"github.com/pierrec/lz4/v4"
 	"github.com/ulikunitz/xz/lzma"
 )
 
@@ -95,8 +97,53 @@ func newDecoder(enc string, raw io.Reader, mem *decodeCharge) (*decodedBody, err
 			return nil, err
 		}
 		return &decodedBody{Reader: brotli.NewReader(in)}, nil
+	case "bzip2", "x-bzip2":
+		// Blocks of at most 900 kB, and tables a few times that.
+		if err := mem.need(bzip2Memory + decoderOverhead); err != nil {
+			return nil, err
+		}
+		return &decodedBody{Reader: bzip2.NewReader(raw)}, nil
+	case "lzma":
+		return newLZMADecoder(raw, mem)
+	case "lz4":
+		// An lz4 frame's blocks are at most 4 MiB; the reader holds one
+		// compressed and one decoded, and the 64 KiB it may refer back to.
+		if err := mem.need(lz4Memory + decoderOverhead); err != nil {
+			return nil, err
+		}
+		return &decodedBody{Reader: lz4.NewReader(raw)}, nil
 	}
-	return nil, refusef(http.StatusUnsupportedMediaType, "Content-Encoding %q not supported (gzip, zstd, xz, br)", enc)
+	return nil, refusef(http.StatusUnsupportedMediaType, "Content-Encoding %q not supported: send none, gzip, zstd, xz, br, bzip2, lzma or lz4", enc)
+}
+
+// What a bzip2 and an lz4 decoder take at most, besides decoderOverhead.
+const (
+	bzip2Memory = 8 << 20
+	lz4Memory   = 9 << 20
+)
+
+// newLZMADecoder returns the decoder of a body in the .lzma format (LZMA
+// "alone", as xz --format=lzma and Nix's lzma compression write it): its
+// 13-byte header declares the dictionary, which must be under
+// maxDecodeWindow and is charged before the decoder allocates it.
+func newLZMADecoder(raw io.Reader, mem *decodeCharge) (*decodedBody, error) {
+	in := bufio.NewReader(raw)
+	h, err := in.Peek(lzma.HeaderLen)
+	if err != nil {
+		return nil, refusef(http.StatusBadRequest, "body is not lzma: %v", xzTruncated(err))
+	}
+	dict := int64(binary.LittleEndian.Uint32(h[1:5]))
+	if dict > maxDecodeWindow {
+		return nil, refusef(http.StatusRequestEntityTooLarge, "lzma dictionary of %d bytes is over the limit of %d", dict, int64(maxDecodeWindow))
+	}
+	if err := mem.need(dict + decoderOverhead); err != nil {
+		return nil, err
+	}
+	zr, err := lzma.NewReader(in)
+	if err != nil {
+		return nil, refusef(http.StatusBadRequest, "body is not lzma: %v", err)
+	}
+	return &decodedBody{Reader: zr}, nil
 }
 
 // newZstdDecoder returns a zstd body's decoder, which reads the body
