@@ -431,7 +431,7 @@ var errNoRoom = errors.New("no space left in the cache")
 
 // How long, and how much, refuseNoRoom reads of a refused body.
 const (
-	noRoomLinger  = 2 * time.Second
+	noRoomLinger      = 2 * time.Second
 	noRoomLingerBytes = 64 << 20
 )
 
