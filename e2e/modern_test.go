@@ -5,6 +5,7 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -120,4 +121,108 @@ func stagedUploads(t *testing.T, dir string) (nars, narinfos []string) {
 		t.Fatalf("staged %d NARs and %d narinfos", len(nars), len(narinfos))
 	}
 	return nars, narinfos
+}
+
+// modernNixBin is where scripts/deps builds Nix 2.18.9 from
+// ../shared/modern-nix (its build script's default prefix);
+// KISS_ONION_NIX_2_18 names another.
+func modernNixBin(t testing.TB) string {
+	t.Helper()
+	bin := os.Getenv("KISS_ONION_NIX_2_18")
+	if bin == "" {
+		bin = "/opt/nix-2.18/bin"
+	}
+	if _, err := os.Stat(filepath.Join(bin, "nix")); err != nil {
+		t.Fatalf("Nix 2.18.9 is not at %s (%v): run scripts/deps, which builds it from ../shared/modern-nix, or set KISS_ONION_NIX_2_18", bin, err)
+	}
+	return bin
+}
+
+// newModernNix is newNix with Nix 2.18.9, its state and configuration
+// in scratch directories.
+func newModernNix(t testing.TB, extraConfig ...string) *nixClient {
+	t.Helper()
+	n := newNix(t, extraConfig...)
+	n.bin = modernNixBin(t)
+	scratch := t.TempDir()
+	for _, v := range []string{"NIX_CONF_DIR", "NIX_STATE_DIR", "NIX_LOG_DIR"} {
+		dir := filepath.Join(scratch, strings.ToLower(v))
+		os.MkdirAll(dir, 0o755)
+		n.env0 = append(n.env0, v+"="+dir)
+	}
+	return n
+}
+
+// wideClosureExpr builds top -> mid-i -> leaf-i, leaf-(i+1): 2n paths, each
+// leaf a random file of i+1 KiB, so that nix copy has many paths to send
+// at once.
+const wideClosureExpr = `{ nonce, n }:
+let
+  bb = "` + busybox + `";
+  mk = name: script: derivation { inherit name nonce; system = builtins.currentSystem; builder = bb; args = [ "sh" "-c" script ]; };
+  leaves = builtins.genList (i: mk "leaf-${toString i}" "${bb} dd if=/dev/urandom of=$out bs=1024 count=${toString (i + 1)} 2>/dev/null") n;
+  mids = builtins.genList (i: mk "mid-${toString i}" "echo ${builtins.elemAt leaves i} ${builtins.elemAt leaves (i + 1)} > $out") (n - 1);
+in mk "top" "echo ${toString mids} > $out"
+`
+
+// buildWideClosure builds wideClosureExpr with n leaves and returns the
+// top path and its closure.
+func (n *nixClient) buildWideClosure(leaves int) (string, []string) {
+	n.t.Helper()
+	expr := filepath.Join(n.t.TempDir(), "wide.nix")
+	if err := os.WriteFile(expr, []byte(wideClosureExpr), 0o644); err != nil {
+		n.t.Fatal(err)
+	}
+	out := n.must("nix-build", expr, "--argstr", "nonce", strconv.FormatInt(time.Now().UnixNano(), 36), "--arg", "n", strconv.Itoa(leaves), "--no-out-link")
+	top := lastLine(out)
+	return top, strings.Fields(n.must("nix-store", "-qR", top))
+}
+
+// TestNix218RoundTrip pushes a closure of 44 paths with Nix 2.18.9, which
+// uploads in parallel, with listings, then substitutes it into a fresh
+// store with signatures required and verifies it: over serve's loopback
+// listeners, then through the write and read gateways into the onions.
+func TestNix218RoundTrip(t *testing.T) {
+	key := newSigningKey(t, "e2e-1")
+	src := newModernNix(t)
+	if out := src.must("nix", "--version"); !strings.Contains(out, "2.18.9") {
+		t.Fatalf("nix --version: %s", out)
+	}
+	top, closure := src.buildWideClosure(22)
+	if len(closure) < 40 {
+		t.Fatalf("closure of %d paths, want 40 or more", len(closure))
+	}
+	params := "?compression=zstd&write-nar-listing=true&secret-key=" + key.secretFile
+	roundTrip := func(t *testing.T, cacheDir, writeURL, readURL string) {
+		src.must("nix", "copy", "--to", writeURL+params, top)
+		for _, p := range closure {
+			hash := strings.TrimPrefix(p, "/nix/store/")[:32]
+			if _, err := visibleFile(t, cacheDir, hash+".narinfo"); err != nil {
+				t.Fatalf("no narinfo for %s after nix copy: %v", p, err)
+			}
+			if ls, err := os.ReadFile(filepath.Join(cacheDir, hash+".ls")); err != nil || !bytes.HasPrefix(ls, []byte("{")) {
+				t.Errorf("no listing for %s: %v", p, err)
+			}
+		}
+		dst := newModernNix(t, "substituters = "+readURL, "trusted-public-keys = "+key.public, "require-sigs = true")
+		dst.must("nix-store", "--realise", top)
+		dst.must("nix", "store", "verify", "--recursive", top)
+		for _, p := range closure {
+			sameTree(t, src, dst, p)
+		}
+	}
+	t.Run("loopback listeners", func(t *testing.T) {
+		srv := startServer(t, "")
+		roundTrip(t, srv.cacheDir, srv.writeURL, srv.readURL)
+	})
+	t.Run("through the gateways", func(t *testing.T) {
+		state, cache := t.TempDir(), filepath.Join(t.TempDir(), "cache")
+		writer := addKey(t, state, "ci", "writer")
+		reader := addKey(t, state, "laptop", "reader")
+		startOnionServer(t, state, cache)
+		w, r := startGateway(t, writer, "--write"), startGateway(t, reader)
+		w.waitReachable(t)
+		r.waitReachable(t)
+		roundTrip(t, cache, w.url, r.url)
+	})
 }

@@ -26,6 +26,10 @@ type nixClient struct {
 	root  string // the chroot store; /nix/store/x is at root/nix/store/x
 	xdg   string
 	extra []string // more NIX_CONFIG lines
+	// bin is the directory of another Nix's programs (modern Nix), empty
+	// for the nix on PATH; env are its variables.
+	bin  string
+	env0 []string
 }
 
 func newNix(t testing.TB, extraConfig ...string) *nixClient {
@@ -44,7 +48,7 @@ func (n *nixClient) env() []string {
 		"narinfo-cache-negative-ttl = 0",
 		"connect-timeout = 30",
 	}, n.extra...), "\n")
-	env := []string{"NIX_CONFIG=" + conf, "XDG_CACHE_HOME=" + n.xdg, "HOME=" + n.xdg, "PATH=" + os.Getenv("PATH")}
+	env := append([]string{"NIX_CONFIG=" + conf, "XDG_CACHE_HOME=" + n.xdg, "HOME=" + n.xdg, "PATH=" + os.Getenv("PATH")}, n.env0...)
 	for _, k := range []string{"ALL_PROXY", "all_proxy"} {
 		if v := os.Getenv(k); v != "" {
 			env = append(env, k+"="+v)
@@ -59,6 +63,9 @@ func (n *nixClient) run(env []string, name string, args ...string) (string, erro
 	n.t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
+	if n.bin != "" {
+		name = filepath.Join(n.bin, name)
+	}
 	cmd := exec.CommandContext(ctx, name, append([]string{"--store", n.root}, args...)...)
 	cmd.Env = append(n.env(), env...)
 	var out bytes.Buffer
