@@ -155,12 +155,13 @@ func newModernNix(t testing.TB, extraConfig ...string) *nixClient {
 
 // wideClosureExpr builds top -> mid-i -> leaf-i, leaf-(i+1): 2n paths, each
 // leaf a random file of i+1 KiB, so that nix copy has many paths to send
-// at once.
+// at once. (head, not dd: Nix 2.18's sandbox now and then kills busybox dd
+// with signal 9 in a run of many builds.)
 const wideClosureExpr = `{ nonce, n }:
 let
   bb = "` + busybox + `";
   mk = name: script: derivation { inherit name nonce; system = builtins.currentSystem; builder = bb; args = [ "sh" "-c" script ]; };
-  leaves = builtins.genList (i: mk "leaf-${toString i}" "${bb} dd if=/dev/urandom of=$out bs=1024 count=${toString (i + 1)} 2>/dev/null") n;
+  leaves = builtins.genList (i: mk "leaf-${toString i}" "${bb} head -c ${toString ((i + 1) * 1024)} /dev/urandom > $out") n;
   mids = builtins.genList (i: mk "mid-${toString i}" "echo ${builtins.elemAt leaves i} ${builtins.elemAt leaves (i + 1)} > $out") (n - 1);
 in mk "top" "echo ${toString mids} > $out"
 `
