@@ -1,6 +1,8 @@
-// Package prune deletes from a kiss-onion cache directory what no GC root
-// reaches, under the lock protocol of package cachelock that keeps prunes
-// and uploads from racing.
+// Package prune deletes store paths from a kiss-onion cache directory:
+// what no GC root reaches (Run), or the paths an operator names and, on
+// request, what refers to them (Forget). Both work under the lock protocol
+// of package cachelock that keeps deletions and uploads from racing, and
+// share one scanner of the narinfos.
 //
 // Run keeps the closure of the roots (the store paths named by the
 // markers under gcroots/ and any extra root directories) through
@@ -29,7 +31,17 @@
 // deleting it re-reads the markers and every narinfo that appeared during
 // the prune, and keeps what they reach.
 //
+// Forget deletes the narinfos it is asked to (referrers first, with
+// WithReferrers), their listings and the NARs no narinfo left names, and
+// refuses (ErrReferenced) while a path that stays refers to one of them,
+// naming the referrers and the markers that root them. It holds the cache
+// as a prune does, reads the metadata cache without writing it, and looks
+// again, before deleting, at the narinfos that came during its scan.
+//
+// A prune that keeps a metadata cache also records its outcome there
+// (LastRun), for 'kiss-onion status'.
+//
 // The package does not serve HTTP, upload, or schedule prunes: serve
-// answers the lock requests and calls Run on its schedule, and the CLI
-// shows progress.
+// answers the lock requests, calls Run on its schedule and Forget for a
+// DELETE of a narinfo, and the CLI shows progress.
 package prune

@@ -22,7 +22,8 @@ import (
 type Options struct {
 	// CacheDir is the binary cache directory; it must hold nix-cache-info.
 	CacheDir string
-	// StateDir holds the metadata cache (prune-<id>.meta). Empty means no
+	// StateDir holds the metadata cache (prune-<id>.meta) and the record
+	// of the last prune (prune-<id>.last, see LastRun). Empty means no
 	// metadata cache: every narinfo is read every time.
 	StateDir string
 	// GCRoots are more directories of markers besides CacheDir/gcroots.
@@ -176,26 +177,7 @@ type pruner struct {
 // returns what it did, also when it fails midway.
 func Run(ctx context.Context, opt Options) (Stats, error) {
 	start := time.Now()
-	if opt.StoreDir == "" {
-		opt.StoreDir = nixcache.DefaultStoreDir
-	}
-	p := &pruner{opt: opt, log: opt.Log, locks: cachelock.New(opt.CacheDir), workers: opt.Workers, unlinkers: opt.Workers}
-	if p.log == nil {
-		p.log = logrus.NewEntry(logrus.StandardLogger())
-	}
-	if p.workers <= 0 {
-		// Reading cached files is CPU work; a few more than the CPUs
-		// cover the reads that wait for the disk.
-		p.workers = max(8, 4*runtime.GOMAXPROCS(0))
-	}
-	if p.unlinkers <= 0 {
-		// An unlink spends most of its time waiting, after the directory's
-		// lock is dropped: for the journal, or on a disk mounted with
-		// discard for the device to discard the freed block. Only many in
-		// flight keep the device busy (on a 2-CPU VM, 64 per directory
-		// deleted a quarter faster than 16).
-		p.unlinkers = max(64, 16*runtime.GOMAXPROCS(0))
-	}
+	p := newPruner(opt)
 	p.c.phase.Store(PhaseScanning)
 
 	done := make(chan struct{})
@@ -227,7 +209,38 @@ func Run(ctx context.Context, opt Options) (Stats, error) {
 	if opt.Progress != nil {
 		opt.Progress(st)
 	}
+	// Another prune's outcome is its own to record.
+	if !opt.DryRun && opt.StateDir != "" && !errors.Is(err, cachelock.ErrPruneRunning) {
+		if rerr := saveRecord(opt.StateDir, opt.CacheDir, start, st, err); rerr != nil {
+			p.log.WithError(rerr).Warn("the prune's record for 'kiss-onion status' not written")
+		}
+	}
 	return st, err
+}
+
+// newPruner returns a pruner for opt, with its defaults filled in.
+func newPruner(opt Options) *pruner {
+	if opt.StoreDir == "" {
+		opt.StoreDir = nixcache.DefaultStoreDir
+	}
+	p := &pruner{opt: opt, log: opt.Log, locks: cachelock.New(opt.CacheDir), workers: opt.Workers, unlinkers: opt.Workers}
+	if p.log == nil {
+		p.log = logrus.NewEntry(logrus.StandardLogger())
+	}
+	if p.workers <= 0 {
+		// Reading cached files is CPU work; a few more than the CPUs
+		// cover the reads that wait for the disk.
+		p.workers = max(8, 4*runtime.GOMAXPROCS(0))
+	}
+	if p.unlinkers <= 0 {
+		// An unlink spends most of its time waiting, after the directory's
+		// lock is dropped: for the journal, or on a disk mounted with
+		// discard for the device to discard the freed block. Only many in
+		// flight keep the device busy (on a 2-CPU VM, 64 per directory
+		// deleted a quarter faster than 16).
+		p.unlinkers = max(64, 16*runtime.GOMAXPROCS(0))
+	}
+	return p
 }
 
 func (p *pruner) stats() Stats {

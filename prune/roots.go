@@ -98,18 +98,25 @@ func (p *pruner) parseMarker(path string, data []byte, roots []key) []key {
 		if len(l) == 0 || l[0] == '#' {
 			continue
 		}
-		s := string(l)
-		base, ok := strings.CutPrefix(s, prefix)
-		if ok {
-			base, _, _ = strings.Cut(base, "/")
-			if err := nixcache.CheckBaseName(base); err == nil {
-				k, _ := parseKey(base[:nixcache.HashLen])
-				roots = append(roots, k)
-				continue
-			}
+		if base, ok := markerLine(string(l), prefix); ok {
+			k, _ := parseKey(base[:nixcache.HashLen])
+			roots = append(roots, k)
+			continue
 		}
 		p.log.WithFields(logrus.Fields{"path": path, "line": i + 1, "store_dir": p.opt.StoreDir}).
 			Warn("marker line is not a store path: ignored")
 	}
 	return roots
+}
+
+// markerLine returns the base name of the store path that the marker line
+// l names (l may name a file inside it), prefix being the store directory
+// and a slash.
+func markerLine(l, prefix string) (string, bool) {
+	base, ok := strings.CutPrefix(l, prefix)
+	if !ok {
+		return "", false
+	}
+	base, _, _ = strings.Cut(base, "/")
+	return base, nixcache.CheckBaseName(base) == nil
 }
