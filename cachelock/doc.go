@@ -8,7 +8,8 @@
 // locks are refused with ErrBusy, and waits for the fresh locks to go
 // (ErrLocksHeld when they do not in time). serve checks and renames a
 // narinfo into place inside Guard, and a prune deletes inside Exclusive,
-// so the two never overlap.
+// so the two never overlap. A forget holds the cache as a prune does.
+// List and Holder tell who holds what now, for 'kiss-onion status'.
 //
 // The package decides nothing about what to keep or delete (package prune)
 // and speaks no HTTP (package serve answers PUT and DELETE of
