@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/sirupsen/logrus"
@@ -53,6 +54,9 @@ type Config struct {
 	// UploadIdleTimeout cuts off an upload that sends nothing for this
 	// long; default 60 s.
 	UploadIdleTimeout time.Duration
+	// StateDir, when set, is where scheduled prunes keep their metadata
+	// cache: a DELETE of a narinfo reads it to scan the cache faster.
+	StateDir string
 	// Log receives refusals and errors; default the standard logger.
 	Log *logrus.Entry
 }
@@ -67,7 +71,11 @@ type Cache struct {
 	root     *cacheRoot // reads open files through it
 	narinfos *memCache
 	durable  *durability
-	log      *logrus.Entry
+	// forgetting is held for writing while a DELETE of a narinfo holds the
+	// cache, and for reading by a narinfo upload from its check until its
+	// commit begins (forget.go).
+	forgetting sync.RWMutex
+	log        *logrus.Entry
 
 	// nix-cache-info's validators, computed once.
 	infoETag, infoModified string
@@ -196,7 +204,7 @@ func (h *handler) allowed(method string, t target, routeStatus int) bool {
 	case http.MethodPut:
 		return h.role == Write
 	case http.MethodDelete:
-		return h.role == Write && (routeStatus != 0 || t.kind == kindRoot || t.kind == kindLock)
+		return h.role == Write && (routeStatus != 0 || t.kind == kindRoot || t.kind == kindLock || t.kind == kindNarInfo)
 	}
 	return false
 }
@@ -205,7 +213,7 @@ func (h *handler) refuseMethod(w http.ResponseWriter, r *http.Request, t target)
 	allow := "GET, HEAD"
 	if h.role == Write {
 		allow = "GET, HEAD, PUT"
-		if t.kind == kindRoot || t.kind == kindLock {
+		if t.kind == kindRoot || t.kind == kindLock || t.kind == kindNarInfo {
 			allow += ", DELETE"
 		}
 	}

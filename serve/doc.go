@@ -4,7 +4,9 @@
 //
 // A Cache hands out one Server per Role: the read role (on fasthttp, for
 // the rate of narinfo GETs) answers GET and HEAD; the write role (on
-// net/http, for streamed uploads) also takes PUT, and DELETE for gcroots/.
+// net/http, for streamed uploads) also takes PUT, and DELETE for gcroots/
+// and for a narinfo (forget.go: the store path leaves the cache as
+// 'kiss-onion forget' takes it, with prune.Forget).
 // Both answer reads the same way (read.go). Which role a client gets is
 // decided outside, by which listener or onion it reached.
 //
@@ -21,5 +23,5 @@
 // Locks on gcroots/.lock/ are answered with package cachelock, whose Guard
 // also keeps a narinfo's check and rename apart from a prune's deletions.
 // serve knows nothing of Tor (package onion, and package access for who
-// may connect) and does not prune (package prune).
+// may connect) and does not decide what to delete (package prune).
 package serve

@@ -258,20 +258,26 @@ func (c *Cache) putNarInfo(body io.Reader, t target) error {
 		tf.abort()
 		return err
 	}
+	// No forget deletes what the check finds until the commit has begun.
+	c.forgetting.RLock()
 	deps, err := c.checkNarInfo(data, t)
 	if err != nil {
+		c.forgetting.RUnlock()
 		tf.abort()
 		return err
 	}
 	f, err := tf.get()
 	if err != nil {
+		c.forgetting.RUnlock()
 		return err
 	}
 	if _, err := f.Write(data); err != nil {
+		c.forgetting.RUnlock()
 		f.Abort()
 		return err
 	}
 	cm := c.durable.begin(t.rel)
+	c.forgetting.RUnlock()
 	go func() {
 		visible, err := c.commitNarInfo(f, t, data, deps)
 		if err != nil {
@@ -386,6 +392,9 @@ func (c *Cache) putMarker(body io.Reader, t target) error {
 func (c *Cache) delete(w http.ResponseWriter, r *http.Request, t target) {
 	var err error
 	switch t.kind {
+	case kindNarInfo:
+		c.forget(w, r, t)
+		return
 	case kindLock:
 		err = c.locks.Release(t.name)
 	case kindRoot:

@@ -1,0 +1,130 @@
+package serve
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/kiss-onion/kiss-onion/cachelock"
+	"github.com/kiss-onion/kiss-onion/prune"
+)
+
+// forgetLockWait is how long a DELETE of a narinfo waits for the upload
+// locks held, or for a prune, before answering 503.
+var forgetLockWait = 30 * time.Second
+
+// forgetRetryAfter is the Retry-After of that 503, in seconds.
+const forgetRetryAfter = "60"
+
+// maxListed bounds the referrers a refused DELETE names.
+const maxListed = 1000
+
+// forget answers DELETE /<hash>.narinfo on the write role: the store path
+// goes from the cache as 'kiss-onion forget' (without --with-referrers)
+// takes it, with prune.Forget: 200 once it is gone, 404 when it is not in
+// the cache, 409 naming the paths that refer to it and the markers that
+// root them when there are any (then nothing changes), 503 while upload
+// locks stay held or a prune runs.
+//
+// While the forget holds the cache no narinfo upload is checked, and those
+// acknowledged become visible first (quiesce): so no upload is acknowledged
+// on the strength of what the forget deletes, and every referrer
+// acknowledged before is seen. Once the answer is sent, neither role
+// serves the narinfo, from memory or otherwise.
+func (c *Cache) forget(w http.ResponseWriter, r *http.Request, t target) {
+	var mu sync.Mutex
+	var lastNarInfo time.Time
+	res, err := prune.Forget(r.Context(), prune.ForgetOptions{
+		CacheDir: c.cfg.Dir,
+		StateDir: c.cfg.StateDir,
+		StoreDir: c.cfg.StoreDir,
+		Paths:    []string{t.name},
+		LockWait: forgetLockWait,
+		Quiesce:  c.quiesce,
+		Log:      c.log,
+		Deleted: func(rel string, size int64) {
+			if strings.HasSuffix(rel, ".narinfo") && !strings.Contains(rel, "/") {
+				if c.narinfos != nil {
+					c.narinfos.drop(rel)
+				}
+				mu.Lock()
+				lastNarInfo = time.Now()
+				mu.Unlock()
+			}
+		},
+	})
+	c.forgotten(lastNarInfo)
+	var body strings.Builder
+	switch {
+	case errors.Is(err, prune.ErrReferenced):
+		fmt.Fprintf(&body, "%s: %v; forget them first\n", t.rel, err)
+		writeForgetListing(&body, res)
+		c.log.WithFields(logrus.Fields{"path": t.rel, "referrers": len(res.Referrers), "markers": len(res.Markers)}).Info("forget refused: referenced")
+		writePlain(w, http.StatusConflict, strings.TrimSuffix(body.String(), "\n"))
+	case errors.Is(err, cachelock.ErrLocksHeld), errors.Is(err, cachelock.ErrPruneRunning):
+		w.Header().Set("Retry-After", forgetRetryAfter)
+		c.refuse(w, r, http.StatusServiceUnavailable, "%s: %v", t.rel, err)
+	case errors.Is(err, context.Canceled):
+		c.refuse(w, r, http.StatusServiceUnavailable, "%s: the forget was cut short: %v", t.rel, err)
+	case err != nil:
+		c.log.WithField("path", t.rel).WithError(err).Error("forget failed")
+		writePlain(w, http.StatusInternalServerError, fmt.Sprintf("%s: forget failed: %v", t.rel, err))
+	case len(res.Paths) == 0:
+		c.refuse(w, r, http.StatusNotFound, "%s: not in the cache", t.rel)
+	default:
+		c.log.WithFields(logrus.Fields{"path": res.Paths[0], "files": res.Files, "bytes": res.Bytes}).Info("forgot")
+		fmt.Fprintf(&body, "forgot %s: %d files, %s deleted\n", res.Paths[0], res.Files, prune.FormatBytes(res.Bytes))
+		for _, m := range res.Markers {
+			fmt.Fprintf(&body, "marker %s names %s, which is gone\n", m.Marker, m.Root)
+		}
+		writePlain(w, http.StatusOK, strings.TrimSuffix(body.String(), "\n"))
+	}
+}
+
+// writeForgetListing writes the referrers and the markers of a refused
+// forget, a line each: "referrer STORE_PATH" and "marker REL names
+// STORE_PATH"; 'kiss-onion forget' prints them as they come.
+func writeForgetListing(b *strings.Builder, res prune.ForgetResult) {
+	for i, p := range res.Referrers {
+		if i == maxListed {
+			fmt.Fprintf(b, "... and %d more referrers\n", len(res.Referrers)-maxListed)
+			break
+		}
+		fmt.Fprintf(b, "referrer %s\n", p)
+	}
+	for i, m := range res.Markers {
+		if i == maxListed {
+			fmt.Fprintf(b, "... and %d more markers\n", len(res.Markers)-maxListed)
+			break
+		}
+		fmt.Fprintf(b, "marker %s names %s\n", m.Marker, m.Root)
+	}
+}
+
+// quiesce is the forget's prune.ForgetOptions.Quiesce: it stops narinfo
+// uploads between their check and the begin of their commit, and waits
+// for every commit pending, so that what the forget scans is all that was
+// acknowledged. Commits need no more than the guard, which the forget
+// takes only later.
+func (c *Cache) quiesce() (resume func()) {
+	c.forgetting.Lock()
+	c.durable.barrier()
+	return c.forgetting.Unlock
+}
+
+// forgotten returns once no read can serve a narinfo that a forget deleted
+// at or before last (zero: none) from memory: a read that looked at the
+// file just before it went may have put it back after its drop, trusted
+// for revalidateAfter from that look.
+func (c *Cache) forgotten(last time.Time) {
+	if c.narinfos == nil || last.IsZero() {
+		return
+	}
+	time.Sleep(time.Until(last.Add(revalidateAfter)))
+}
