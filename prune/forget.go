@@ -128,26 +128,36 @@ func Forget(ctx context.Context, opt ForgetOptions) (ForgetResult, error) {
 	return f.run(ctx)
 }
 
-// forgetKey returns the key of a store path given as an absolute path (or
-// a file inside one), a base name or a hash part.
-func forgetKey(storeDir, arg string) (key, error) {
+// PathHash returns the hash part of a store path given as ForgetOptions.Paths
+// takes them: an absolute path under storeDir (or a file inside one), a
+// base name or a hash part.
+func PathHash(storeDir, arg string) (string, error) {
 	s := arg
 	if strings.HasPrefix(s, "/") {
 		base, ok := markerLine(s, strings.TrimSuffix(storeDir, "/")+"/")
 		if !ok {
-			return key{}, fmt.Errorf("%q is not a store path under %s", arg, storeDir)
+			return "", fmt.Errorf("%q is not a store path under %s", arg, storeDir)
 		}
 		s = base
 	}
 	if len(s) > nixcache.HashLen {
 		if err := nixcache.CheckBaseName(s); err != nil {
-			return key{}, fmt.Errorf("%q: %w", arg, err)
+			return "", fmt.Errorf("%q: %w", arg, err)
 		}
 	}
-	k, ok := parseKey(s[:min(len(s), nixcache.HashLen)])
-	if !ok {
-		return key{}, fmt.Errorf("%q is neither a store path nor a store path's hash", arg)
+	if !nixcache.IsHashPart(s[:min(len(s), nixcache.HashLen)]) {
+		return "", fmt.Errorf("%q is neither a store path nor a store path's hash", arg)
 	}
+	return s[:nixcache.HashLen], nil
+}
+
+// forgetKey returns the key of a store path given as PathHash takes it.
+func forgetKey(storeDir, arg string) (key, error) {
+	h, err := PathHash(storeDir, arg)
+	if err != nil {
+		return key{}, err
+	}
+	k, _ := parseKey(h)
 	return k, nil
 }
 
@@ -495,9 +505,9 @@ func (f *forgetter) refused(pl forgetPlan, res *ForgetResult) error {
 	}
 	markers := ""
 	if len(res.Markers) > 0 {
-		markers = fmt.Sprintf(", rooted by %d marker line(s)", len(res.Markers))
+		markers = fmt.Sprintf(", rooted by %d marker(s)", len(res.Markers))
 	}
-	return fmt.Errorf("%s %w: %d referrer(s)%s", strings.Join(names, ", "), ErrReferenced, len(pl.referrers), markers)
+	return fmt.Errorf("%s: %w: %d referrer(s)%s", strings.Join(names, ", "), ErrReferenced, len(pl.referrers), markers)
 }
 
 // recheck runs once no narinfo can be committed: it reads the narinfos

@@ -63,7 +63,7 @@ func (c *Cache) forget(w http.ResponseWriter, r *http.Request, t target) {
 	var body strings.Builder
 	switch {
 	case errors.Is(err, prune.ErrReferenced):
-		fmt.Fprintf(&body, "%s: %v; forget them first\n", t.rel, err)
+		fmt.Fprintf(&body, "%v; forget them first\n", err)
 		writeForgetListing(&body, res)
 		c.log.WithFields(logrus.Fields{"path": t.rel, "referrers": len(res.Referrers), "markers": len(res.Markers)}).Info("forget refused: referenced")
 		writePlain(w, http.StatusConflict, strings.TrimSuffix(body.String(), "\n"))
@@ -128,3 +128,9 @@ func (c *Cache) forgotten(last time.Time) {
 	}
 	time.Sleep(time.Until(last.Add(revalidateAfter)))
 }
+
+// ForgetSettle is how long a running serve may go on serving, from
+// memory, a narinfo deleted behind its back (by 'kiss-onion forget' or
+// 'kiss-onion prune' on the cache directory): whoever deletes one and
+// must see it gone from both roles waits that long after the deletion.
+const ForgetSettle = revalidateAfter

@@ -216,6 +216,7 @@ func serveMain(f serveFlags, log *logrus.Entry) error {
 		WantMassQuery: f.wantMassQuery,
 		TrustedKeys:   keys,
 		MaxUploadSize: int64(f.maxUpload),
+		StateDir:      f.stateDir,
 		Log:           log,
 	})
 	if err != nil {
