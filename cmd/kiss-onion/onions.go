@@ -31,6 +31,8 @@ type onions struct {
 	network *testnet.Network
 	access  *access.Onions
 	socks   map[serve.Role]string // unix socket of each role
+	// published tells the status socket what is published, and since when.
+	published *publishLog
 }
 
 // identityPaths are where the onion identities live in the state directory;
@@ -116,12 +118,13 @@ func startOnions(ctx context.Context, f serveFlags, log *logrus.Entry, serveOn f
 	if err != nil {
 		return nil, err
 	}
+	o.published = &publishLog{Publisher: o.tor}
 	o.access = access.New(access.Config{
 		Read:       access.Onion{Identity: read, Target: "unix:" + o.socks[serve.Read]},
 		Write:      access.Onion{Identity: write, Target: "unix:" + o.socks[serve.Write]},
 		Registries: registries,
 		PublicRead: f.publicRead,
-		Publisher:  o.tor,
+		Publisher:  o.published,
 		Log:        log,
 	})
 	if err := o.access.Apply(ctx, keys); err != nil {

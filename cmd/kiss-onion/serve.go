@@ -226,6 +226,7 @@ func serveMain(f serveFlags, log *logrus.Entry) error {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	errc := make(chan error, 4)
+	status := newStatusServer(f, log)
 	var servers []*serve.Server
 	defer func() {
 		shutCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -249,6 +250,7 @@ func serveMain(f serveFlags, log *logrus.Entry) error {
 			return fmt.Errorf("--%s: %w", l.flag, err)
 		}
 		log.WithFields(logrus.Fields{"role": l.role.String(), "url": "http://" + ln.Addr().String()}).Info("listening")
+		status.listening(l.role, "http://"+ln.Addr().String())
 		serveOn(ln, l.role)
 	}
 
@@ -259,9 +261,14 @@ func serveMain(f serveFlags, log *logrus.Entry) error {
 		}
 		defer o.close()
 		go o.watchClients(ctx)
+		status.setOnions(o)
 	}
+	if err := status.start(log); err != nil {
+		log.WithError(err).Warn("no status socket: 'kiss-onion status' will not reach this serve")
+	}
+	defer status.stop()
 	if f.pruneEvery > 0 {
-		go pruneEvery(ctx, f, log)
+		go pruneEvery(ctx, f, log, status.size.recount)
 	}
 	log.WithField("cache", f.cacheDir).Info("serving")
 	select {
@@ -290,8 +297,8 @@ func checkApart(cacheDir, stateDir string) error {
 
 // pruneEvery runs the pruner on the cache every f.pruneEvery until ctx
 // ends, with the same lock protocol as 'kiss-onion prune', so uploads in
-// flight and those under a lock are safe.
-func pruneEvery(ctx context.Context, f serveFlags, log *logrus.Entry) {
+// flight and those under a lock are safe. after runs after each prune.
+func pruneEvery(ctx context.Context, f serveFlags, log *logrus.Entry, after func()) {
 	log = log.WithField("component", "prune")
 	tick := time.NewTicker(f.pruneEvery)
 	defer tick.Stop()
@@ -310,6 +317,7 @@ func pruneEvery(ctx context.Context, f serveFlags, log *logrus.Entry) {
 			StoreDir:   f.storeDir,
 			Log:        log,
 		})
+		after()
 		if err != nil {
 			log.WithError(err).Error("scheduled prune failed")
 			continue
