@@ -311,19 +311,40 @@ func countCache(dir string) (cacheCount, error) {
 	return c, err
 }
 
-// sizeRecount is how old a count of the cache may be before a status
-// request starts another, in the background.
-const sizeRecount = 10 * time.Minute
+// When a status request starts a count of the cache in the background:
+// when the last is older than sizeRecount, or when the cache changed since
+// it began (entries came or went in the cache directory, nar/ or log/) and
+// it is older than sizeMinAge and three times what it took. Requests never
+// wait for a count, and walks take at most a quarter of the time however
+// often status is asked.
+const (
+	sizeRecount = 10 * time.Minute
+	sizeMinAge  = 10 * time.Second
+)
 
 // cacheSize is serve's count of the cache's size: made in the background
 // at start, after each scheduled prune, and when a status request finds it
-// older than sizeRecount. A request never waits for a count.
+// out of date (see sizeRecount).
 type cacheSize struct {
 	dir      string
 	log      *logrus.Entry
 	mu       sync.Mutex
 	counting bool
 	last     cacheCount
+	stamp    [3]time.Time  // dirStamp when the last count began
+	took     time.Duration // what the last count took
+}
+
+// dirStamp returns the modification times of the directories whose
+// entries make most of the cache: a file added or removed changes them.
+func (s *cacheSize) dirStamp() [3]time.Time {
+	var st [3]time.Time
+	for i, d := range []string{s.dir, filepath.Join(s.dir, "nar"), filepath.Join(s.dir, "log")} {
+		if fi, err := os.Stat(d); err == nil {
+			st[i] = fi.ModTime()
+		}
+	}
+	return st
 }
 
 // recount starts a count unless one runs.
@@ -335,6 +356,7 @@ func (s *cacheSize) recount() {
 	}
 	s.counting = true
 	go func() {
+		stamp, began := s.dirStamp(), time.Now()
 		c, err := countCache(s.dir)
 		if err != nil {
 			s.log.WithError(err).Warn("cache size not counted")
@@ -343,17 +365,18 @@ func (s *cacheSize) recount() {
 		defer s.mu.Unlock()
 		s.counting = false
 		if err == nil {
-			s.last = c
+			s.last, s.stamp, s.took = c, stamp, time.Since(began)
 		}
 	}()
 }
 
-// get returns the last count, starting a new one when it is old.
+// get returns the last count, starting a new one when it is out of date.
 func (s *cacheSize) get(now time.Time) cacheStatus {
 	s.mu.Lock()
-	last, counting := s.last, s.counting
+	last, counting, stamp, took := s.last, s.counting, s.stamp, s.took
 	s.mu.Unlock()
-	if !counting && now.Sub(last.at) > sizeRecount {
+	age := now.Sub(last.at)
+	if !counting && (age > sizeRecount || age > max(sizeMinAge, 3*took) && s.dirStamp() != stamp) {
 		s.recount()
 		counting = true
 	}

@@ -232,3 +232,60 @@ func TestPrintStatus(t *testing.T) {
 		})
 	}
 }
+
+func TestCacheSizeRecountsWhenTheCacheChanges(t *testing.T) {
+	dir := t.TempDir()
+	must(t, pt.Init(dir))
+	s := &cacheSize{dir: dir, log: quietLog()}
+	wait := func() cacheStatus {
+		t.Helper()
+		for end := time.Now().Add(10 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+			s.mu.Lock()
+			counting, at := s.counting, s.last.at
+			s.mu.Unlock()
+			if !counting {
+				return s.get(at)
+			}
+			if time.Now().After(end) {
+				t.Fatal("count never ends")
+			}
+		}
+	}
+	s.recount()
+	if c := wait(); c.NarInfos != 0 || c.CountedAt == nil {
+		t.Fatalf("first count: %+v", c)
+	}
+	counted := *wait().CountedAt
+	for _, tc := range []struct {
+		name    string
+		change  bool
+		after   time.Duration
+		recount bool
+	}{
+		{"unchanged and recent", false, time.Minute, false},
+		{"changed but just counted", true, time.Second, false},
+		{"changed a while ago", true, sizeMinAge + time.Second, true},
+		{"unchanged but old", false, sizeRecount + time.Second, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if tc.change {
+				time.Sleep(10 * time.Millisecond) // a new modification time
+				must(t, pt.Write(dir, pt.Path{Name: tc.name}))
+			}
+			s.mu.Lock()
+			s.last.at = counted
+			s.mu.Unlock()
+			got := s.get(counted.Add(tc.after))
+			if got.Counting != tc.recount {
+				t.Errorf("counting %v, want %v", got.Counting, tc.recount)
+			}
+			wait()
+			s.mu.Lock()
+			counted = s.last.at
+			s.mu.Unlock()
+		})
+	}
+	if c := wait(); c.NarInfos != 2 {
+		t.Errorf("last count: %+v, want 2 narinfos", c)
+	}
+}
