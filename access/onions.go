@@ -48,6 +48,10 @@ type Config struct {
 	// Log receives what is published and taken down, and the errors of
 	// Watch; logrus's standard logger when nil.
 	Log *logrus.Entry
+	// Published, when not nil, is told what Apply did with an onion
+	// ("read" or "write"): published it, again with other keys (up), or
+	// took it down or left it unpublished for want of keys (not up).
+	Published func(onion string, up bool)
 }
 
 // Keys are the client keys the registries admit at one moment, and the
@@ -141,6 +145,7 @@ func (o *Onions) Apply(ctx context.Context, k Keys) error {
 				l.Warn("no client keys: onion not published")
 			}
 			s.cur.keys = nil
+			o.published(s.name, false)
 			continue
 		}
 		err := o.cfg.Publisher.Publish(ctx, onion.Service{Name: s.name, Identity: s.onion.Identity, Target: s.onion.Target, ClientKeys: s.keys})
@@ -148,6 +153,7 @@ func (o *Onions) Apply(ctx context.Context, k Keys) error {
 			return err
 		}
 		s.cur.up, s.cur.keys = true, s.keys
+		o.published(s.name, true)
 		if s.public {
 			l.Warn("onion published without client authorization (--public-read)")
 		} else {
@@ -155,6 +161,12 @@ func (o *Onions) Apply(ctx context.Context, k Keys) error {
 		}
 	}
 	return nil
+}
+
+func (o *Onions) published(name string, up bool) {
+	if o.cfg.Published != nil {
+		o.cfg.Published(name, up)
+	}
 }
 
 // sameKeys reports whether a and b hold the same keys, in any order.

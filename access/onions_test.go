@@ -39,6 +39,9 @@ type world struct {
 	log                     *logrus.Entry
 	hook                    *recordHook
 	readTarget, writeTarget string
+
+	mu        sync.Mutex
+	published []string // what Config.Published was told: "<onion> <up>"
 }
 
 func newWorld(t *testing.T, publicRead bool) *world {
@@ -86,6 +89,11 @@ func (w *world) onions() *access.Onions {
 		Publisher:  w,
 		Poll:       poll,
 		Log:        w.log,
+		Published: func(onion string, up bool) {
+			w.mu.Lock()
+			defer w.mu.Unlock()
+			w.published = append(w.published, fmt.Sprint(onion, " ", up))
+		},
 	})
 }
 
@@ -440,28 +448,33 @@ func TestApplyLogsEachOnion(t *testing.T) {
 		before     []string // keys of the read and the write onion applied first
 		keys       []string // then these
 		want       []string // "<level> <message> <onion> <clients>"
+		published  []string // what Config.Published is told
 	}{
 		{
-			name: "both onions published",
-			keys: []string{"a w", "w"},
-			want: []string{"info onion published read 2", "info onion published write 1"},
+			name:      "both onions published",
+			keys:      []string{"a w", "w"},
+			want:      []string{"info onion published read 2", "info onion published write 1"},
+			published: []string{"read true", "write true"},
 		},
 		{
-			name: "no writer: the write onion is not published",
-			keys: []string{"a", ""},
-			want: []string{"info onion published read 1", "warning no client keys: onion not published write 0"},
+			name:      "no writer: the write onion is not published",
+			keys:      []string{"a", ""},
+			want:      []string{"info onion published read 1", "warning no client keys: onion not published write 0"},
+			published: []string{"read true", "write false"},
 		},
 		{
-			name:   "the last writer gone: the write onion is taken down",
-			before: []string{"a w", "w"},
-			keys:   []string{"a", ""},
-			want:   []string{"info onion published read 1", "warning no client keys left: onion taken down write 0"},
+			name:      "the last writer gone: the write onion is taken down",
+			before:    []string{"a w", "w"},
+			keys:      []string{"a", ""},
+			want:      []string{"info onion published read 1", "warning no client keys left: onion taken down write 0"},
+			published: []string{"read true", "write false"},
 		},
 		{
 			name:       "public read: the read onion is published open",
 			publicRead: true,
 			keys:       []string{"a", "w"},
 			want:       []string{"warning onion published without client authorization (--public-read) read 0", "info onion published write 1"},
+			published:  []string{"read true", "write true"},
 		},
 	}
 	for _, tt := range tests {
@@ -482,6 +495,7 @@ func TestApplyLogsEachOnion(t *testing.T) {
 					t.Fatal(err)
 				}
 				w.hook.Reset()
+				w.published = nil
 			}
 			if err := o.Apply(context.Background(), keys(tt.keys)); err != nil {
 				t.Fatal(err)
@@ -496,6 +510,9 @@ func TestApplyLogsEachOnion(t *testing.T) {
 			}
 			if !slices.Equal(got, tt.want) {
 				t.Errorf("logged\n%q\nwant\n%q", got, tt.want)
+			}
+			if !slices.Equal(w.published, tt.published) {
+				t.Errorf("Published was told %q, want %q", w.published, tt.published)
 			}
 		})
 	}

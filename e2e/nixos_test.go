@@ -509,6 +509,45 @@ var nixosServerCases = []nixosCase{
 		},
 	},
 	{
+		name:    "server serves its metrics on loopback when asked",
+		modules: "server",
+		config:  `{ services.kiss-onion = { enable = true; writers.ci.publicKey = "` + nixosWriterKey + `"; metrics.enable = true; }; }`,
+		check: func(t *testing.T, r *nixosEval) {
+			nixosAssertions(t, r)
+			nixosEq(t, "metrics-listen", r.Etc["kiss-onion/kiss-onion.toml"].(map[string]any)["metrics-listen"], "127.0.0.1:37512")
+		},
+	},
+	{
+		name:    "server has no metrics by default",
+		modules: "server",
+		config:  `{ services.kiss-onion = { enable = true; writers.ci.publicKey = "` + nixosWriterKey + `"; metrics.listen = "0.0.0.0:9437"; }; }`,
+		check: func(t *testing.T, r *nixosEval) {
+			nixosAssertions(t, r)
+			if v, ok := r.Etc["kiss-onion/kiss-onion.toml"].(map[string]any)["metrics-listen"]; ok {
+				t.Errorf("metrics-listen = %v without metrics.enable", v)
+			}
+		},
+	},
+	{
+		name:    "server refuses remote metrics without allow-remote",
+		modules: "server",
+		config: `{ services.kiss-onion = { enable = true; writers.ci.publicKey = "` + nixosWriterKey + `";
+			metrics = { enable = true; listen = "0.0.0.0:9437"; }; }; }`,
+		check: func(t *testing.T, r *nixosEval) {
+			nixosAssertions(t, r, `metrics.listen = "0.0.0.0:9437" is not a loopback address`)
+		},
+	},
+	{
+		name:    "server serves remote metrics with allow-remote",
+		modules: "server",
+		config: `{ services.kiss-onion = { enable = true; writers.ci.publicKey = "` + nixosWriterKey + `";
+			metrics = { enable = true; listen = "10.0.0.1:9437"; }; settings.allow-remote = true; }; }`,
+		check: func(t *testing.T, r *nixosEval) {
+			nixosAssertions(t, r)
+			nixosEq(t, "metrics-listen", r.Etc["kiss-onion/kiss-onion.toml"].(map[string]any)["metrics-listen"], "10.0.0.1:9437")
+		},
+	},
+	{
 		name:    "server warns about a public read onion",
 		modules: "server",
 		config:  `{ services.kiss-onion = { enable = true; publicRead = true; writers.ci.publicKey = "` + nixosWriterKey + `"; }; }`,
@@ -727,6 +766,7 @@ const nixosEverything = `{
 		trustedWriterKeys = [ "` + nixosSignerKey + `" ];
 		listen = "127.0.0.1:8080";
 		prune = { enable = true; maxRootAge = "720h"; };
+		metrics.enable = true;
 		tor.extraConfig = "UseBridges 1";
 		proxy = { enable = true; bundle = "` + nixosWriterBundle + `"; write = true; trustedPublicKeys = [ "` + nixosSignerKey + `" ]; };
 		update = { enable = true; bundle = "` + nixosReaderBundle + `"; publisherKey = "` + nixosSignerKey + `"; };

@@ -186,6 +186,23 @@ in
       '';
     };
 
+    metrics = {
+      enable = mkEnableOption "Prometheus metrics of the server at http://<metrics.listen>/metrics (see docs/operating.md)";
+
+      listen = mkOption {
+        type = types.str;
+        default = "127.0.0.1:37512";
+        example = "127.0.0.1:9437";
+        description = ''
+          Where the server serves its metrics (host:port), for a Prometheus
+          on the same machine. A non-loopback address also needs
+          `settings.allow-remote = true` and an open firewall port: the
+          metrics say how busy the cache is and who may use it (counts,
+          never keys or store paths).
+        '';
+      };
+    };
+
     tor.extraConfig = mkOption {
       type = types.lines;
       default = "";
@@ -240,6 +257,7 @@ in
       tor-config = mkIf (cfg.tor.extraConfig != "") torrcPath;
       prune-interval = mkIf cfg.prune.enable cfg.prune.interval;
       max-root-age = mkIf (cfg.prune.enable && cfg.prune.maxRootAge != null) cfg.prune.maxRootAge;
+      metrics-listen = mkIf cfg.metrics.enable cfg.metrics.listen;
     };
 
     assertions = [
@@ -272,6 +290,10 @@ in
       {
         assertion = cfg.listen == null || isLoopback cfg.listen || (cfg.settings.allow-remote or false);
         message = "services.kiss-onion.listen = \"${toString cfg.listen}\" is not a loopback address: serve refuses it unless services.kiss-onion.settings.allow-remote = true (then open the port in networking.firewall)";
+      }
+      {
+        assertion = !cfg.metrics.enable || isLoopback cfg.metrics.listen || (cfg.settings.allow-remote or false);
+        message = "services.kiss-onion.metrics.listen = \"${cfg.metrics.listen}\" is not a loopback address: serve refuses it unless services.kiss-onion.settings.allow-remote = true (then open the port in networking.firewall)";
       }
     ];
 

@@ -82,6 +82,9 @@ type Tor struct {
 
 	pid   atomic.Int64
 	socks atomic.Pointer[string]
+	// restarts counts the restarts that republished the services, the
+	// last at restored (Unix ns); see Restarts.
+	restarts, restored atomic.Int64
 
 	life   context.Context // done once Close is called
 	cancel context.CancelFunc
@@ -158,6 +161,17 @@ func (t *Tor) SocksAddr() string {
 		return *p
 	}
 	return ""
+}
+
+// Restarts returns how many times tor was restarted after it exited or
+// hung, and when the last restart republished the services (the zero
+// time when it never was).
+func (t *Tor) Restarts() (int, time.Time) {
+	var at time.Time
+	if ns := t.restored.Load(); ns != 0 {
+		at = time.Unix(0, ns)
+	}
+	return int(t.restarts.Load()), at
 }
 
 // Close stops supervision and tor, and returns once tor is gone.
@@ -322,6 +336,8 @@ func (t *Tor) supervise() {
 			}
 			t.inst = next
 			t.restore(next)
+			t.restored.Store(time.Now().UnixNano())
+			t.restarts.Add(1)
 			t.release()
 			go t.logBootstrap(next)
 			break

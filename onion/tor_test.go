@@ -179,7 +179,7 @@ func TestSupervisorRestartsTor(t *testing.T) {
 		{"killed", syscall.SIGKILL},
 		{"hung", syscall.SIGSTOP}, // alive, but its control port no longer answers
 	}
-	for _, c := range cases {
+	for i, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
 			old := svc.PID()
 			if err := syscall.Kill(old, c.signal); err != nil {
@@ -204,6 +204,9 @@ func TestSupervisorRestartsTor(t *testing.T) {
 				t.Fatalf("after the restart: %q, %v", body, err)
 			}
 			t.Logf("onion reachable again %v after tor was %s", time.Since(hit).Round(time.Millisecond), c.name)
+			if n, at := svc.Restarts(); n != i+1 || at.Before(hit) {
+				t.Errorf("Restarts() = %d, %v; want %d, after %v", n, at, i+1, hit)
+			}
 		})
 	}
 }

@@ -90,6 +90,9 @@ type Stats struct {
 	BytesFreed      int64 // total size of the files deleted
 	TmpRemoved      int64 // stale partial uploads removed from .tmp/
 	Elapsed         time.Duration
+	// Waited is the part of Elapsed spent waiting for upload locks to be
+	// released.
+	Waited time.Duration
 }
 
 // String returns the one-line summary of a prune.
@@ -118,6 +121,7 @@ type counters struct {
 	markers, expired, roots                 atomic.Int64
 	scanned, read, malformed, kept          atomic.Int64
 	deleted, deletedNarInfos, bytes, tmpDel atomic.Int64
+	waited                                  atomic.Int64 // ns
 }
 
 // Timestamps on Linux file systems move with the kernel's coarse clock,
@@ -258,6 +262,7 @@ func (p *pruner) stats() Stats {
 		DeletedNarInfos: c.deletedNarInfos.Load(),
 		BytesFreed:      c.bytes.Load(),
 		TmpRemoved:      c.tmpDel.Load(),
+		Waited:          time.Duration(c.waited.Load()),
 	}
 }
 
@@ -282,12 +287,14 @@ func (p *pruner) run(ctx context.Context) error {
 	if !p.opt.DryRun {
 		p.c.phase.Store(PhaseWaiting)
 		lastLog := time.Time{}
+		began := time.Now()
 		h, err := p.locks.Hold(ctx, p.opt.LockWait, func(names []string) {
 			if time.Since(lastLog) > 10*time.Second {
 				lastLog = time.Now()
 				p.log.WithField("locks", names).Info("waiting for upload locks to be released")
 			}
 		})
+		p.c.waited.Store(int64(time.Since(began)))
 		if err != nil {
 			return err
 		}

@@ -71,6 +71,7 @@ type Cache struct {
 	root     *cacheRoot // reads open files through it
 	narinfos *memCache
 	durable  *durability
+	metrics  *metrics
 	// forgetting is held for writing while a DELETE of a narinfo holds the
 	// cache, and for reading by a narinfo upload from its check until its
 	// commit begins (forget.go).
@@ -111,10 +112,11 @@ func New(cfg Config) (*Cache, error) {
 		cfg.Log = logrus.NewEntry(logrus.StandardLogger())
 	}
 	c := &Cache{
-		cfg:    cfg,
-		tmpDir: filepath.Join(cfg.Dir, ".tmp"),
-		locks:  cachelock.New(cfg.Dir),
-		log:    cfg.Log,
+		cfg:     cfg,
+		tmpDir:  filepath.Join(cfg.Dir, ".tmp"),
+		locks:   cachelock.New(cfg.Dir),
+		metrics: newMetrics(),
+		log:     cfg.Log,
 	}
 	c.durable = newDurability()
 	if cfg.NarInfoMemory > 0 {

@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/kiss-onion/kiss-onion/internal/atomicfile"
@@ -26,6 +27,8 @@ type durability struct {
 	pending map[string]*commit // by path relative to the cache directory
 	settled map[string]bool    // directories fsynced since the start
 	dirs    map[string]*dirSync
+	// queued counts the commits begun and not yet ended.
+	queued atomic.Int64
 	// syncDir fsyncs a directory; tests replace it.
 	syncDir func(dir string) error
 }
@@ -49,6 +52,7 @@ func (d *durability) begin(rel string) *commit {
 	d.mu.Lock()
 	d.pending[rel] = cm
 	d.mu.Unlock()
+	d.queued.Add(1)
 	return cm
 }
 
@@ -56,8 +60,8 @@ func (d *durability) begin(rel string) *commit {
 // A failed commit stays pending, failed, until the next upload of its
 // name, so that nothing counts on it; visible names the file when it
 // already has its final name, which then goes, as if never uploaded, so
-// that the client uploads it again.
-func (cm *commit) end(err error, visible string) {
+// that the client uploads it again. It reports whether it removed it.
+func (cm *commit) end(err error, visible string) (removed bool) {
 	cm.err = err
 	cm.d.mu.Lock()
 	if cm.d.pending[cm.rel] == cm {
@@ -66,11 +70,13 @@ func (cm *commit) end(err error, visible string) {
 		} else if visible != "" {
 			// Under the lock: no later upload of the name can be renamed
 			// into place in between.
-			os.Remove(visible)
+			removed = os.Remove(visible) == nil
 		}
 	}
 	cm.d.mu.Unlock()
+	cm.d.queued.Add(-1)
 	close(cm.done)
+	return removed
 }
 
 func (cm *commit) wait() error {

@@ -49,6 +49,7 @@ func (c *Cache) forget(w http.ResponseWriter, r *http.Request, t target) {
 		Quiesce:  c.quiesce,
 		Log:      c.log,
 		Deleted: func(rel string, size int64) {
+			c.Removed(rel, size)
 			if strings.HasSuffix(rel, ".narinfo") && !strings.Contains(rel, "/") {
 				if c.narinfos != nil {
 					c.narinfos.drop(rel)

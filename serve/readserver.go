@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"sync/atomic"
 	"time"
 
 	"github.com/sirupsen/logrus"
@@ -64,6 +65,22 @@ func trackFast(c net.Conn, st fasthttp.ConnState) {
 const narInfoPathLen = 1 + 32 + len(".narinfo")
 
 func (c *Cache) handleRead(ctx *fasthttp.RequestCtx) {
+	c.serveRead(ctx)
+	c.countFast(ctx)
+}
+
+// countFast counts an answered read (metrics.go): a file's bytes are
+// counted as they are sent (fileBody), the rest here.
+func (c *Cache) countFast(ctx *fasthttp.RequestCtx) {
+	m := c.metrics
+	method := methodIndex(string(ctx.Method()))
+	m.count(Read, method, ctx.Response.StatusCode())
+	if method != methodHead && !ctx.Response.IsBodyStream() {
+		m.sent[Read].Add(uint64(len(ctx.Response.Body())))
+	}
+}
+
+func (c *Cache) serveRead(ctx *fasthttp.RequestCtx) {
 	// fasthttp takes any HTTP/d.d; net/http, on the write role, answers
 	// 505 to all but HTTP/1.x.
 	if p := ctx.Request.Header.Protocol(); len(p) != len("HTTP/1.1") || p[5] != '1' {
@@ -165,7 +182,7 @@ func (c *Cache) writeFast(ctx *fasthttp.RequestCtx, a answer) {
 	h.Set("Accept-Ranges", "bytes")
 	switch {
 	case a.file != nil:
-		ctx.SetBodyStream(&fileBody{f: a.file, n: a.length, conn: ctx.Conn()}, int(a.length))
+		ctx.SetBodyStream(&fileBody{f: a.file, n: a.length, conn: ctx.Conn(), sent: &c.metrics.sent[Read]}, int(a.length))
 	case a.data != nil:
 		ctx.SetBody(a.data)
 	default: // HEAD
@@ -195,11 +212,12 @@ func (c *Cache) refuseFast(ctx *fasthttp.RequestCtx, a answer) {
 
 // fileBody is a response body of n bytes from f's current offset. fasthttp
 // closes it once sent; WriteTo hands the file to the connection's ReadFrom,
-// which sends it with sendfile.
+// which sends it with sendfile. sent counts the bytes sent.
 type fileBody struct {
 	f    *os.File
 	n    int64
 	conn net.Conn
+	sent *atomic.Uint64
 }
 
 func (b *fileBody) Read(p []byte) (int, error) {
@@ -211,6 +229,7 @@ func (b *fileBody) Read(p []byte) (int, error) {
 	}
 	n, err := b.f.Read(p)
 	b.n -= int64(n)
+	b.sent.Add(uint64(n))
 	return n, err
 }
 
@@ -228,6 +247,7 @@ func (b *fileBody) WriteTo(w io.Writer) (int64, error) {
 	lr := &io.LimitedReader{R: b.f, N: b.n}
 	n, err := io.Copy(w, lr)
 	b.n -= n
+	b.sent.Add(uint64(n))
 	if err == nil && b.n > 0 {
 		err = io.ErrUnexpectedEOF
 	}

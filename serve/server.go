@@ -52,7 +52,7 @@ func (c *Cache) NewServer(role Role, l *logrus.Entry) *Server {
 		return s
 	}
 	s.write = &http.Server{
-		Handler:           s.paced(c.handler(Write)),
+		Handler:           s.paced(c.countHTTP(Write, c.handler(Write))),
 		ReadHeaderTimeout: 10 * time.Second,
 		IdleTimeout:       2 * time.Minute,
 		MaxHeaderBytes:    64 << 10,

@@ -57,6 +57,7 @@ func (c *Cache) put(w http.ResponseWriter, r *http.Request, t target) {
 	case errors.As(err, &he):
 		c.refuse(w, r, he.status, "%s", he.msg)
 	case errors.Is(err, cachelock.ErrBusy):
+		c.metrics.busy.Add(1)
 		c.refuse(w, r, http.StatusServiceUnavailable, "%v", err)
 	case errors.Is(err, errNoRoom) || isDiskFull(err):
 		// The partial file is already gone.
@@ -75,6 +76,7 @@ func isDiskFull(err error) bool {
 
 // putErr stores an upload.
 func (c *Cache) putErr(w http.ResponseWriter, r *http.Request, t target) error {
+	start := time.Now()
 	limit := c.limitFor(t.kind)
 	if r.ContentLength > limit {
 		return refusef(http.StatusRequestEntityTooLarge, "body of %d bytes is over the limit of %d for %s", r.ContentLength, limit, t.rel)
@@ -95,9 +97,9 @@ func (c *Cache) putErr(w http.ResponseWriter, r *http.Request, t target) error {
 		_, err := io.Copy(io.Discard, body)
 		return err
 	case kindNarInfo:
-		return c.putNarInfo(body, t)
+		return c.putNarInfo(body, t, start)
 	case kindRoot:
-		return c.putMarker(body, t)
+		return c.putMarker(body, t, start)
 	case kindLock:
 		data, err := io.ReadAll(body)
 		if err != nil {
@@ -105,7 +107,7 @@ func (c *Cache) putErr(w http.ResponseWriter, r *http.Request, t target) error {
 		}
 		return c.locks.Acquire(t.name, data)
 	}
-	return c.putStream(body, t)
+	return c.putStream(body, t, start)
 }
 
 // body returns the request body, decoded per Content-Encoding, refusing
@@ -194,8 +196,9 @@ func (b *limitedBody) Close() error {
 // durable, moments later. A narinfo that names it waits for that (see
 // putNarInfo). Should the server stop first, the NAR is lost and a narinfo
 // naming it is refused, as if the NAR had never come. Other files are
-// durable when acknowledged.
-func (c *Cache) putStream(body io.Reader, t target) error {
+// durable when acknowledged. start is when the request came, for the
+// metrics.
+func (c *Cache) putStream(body io.Reader, t target, start time.Time) error {
 	dst := c.path(t)
 	if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
 		return err
@@ -209,7 +212,8 @@ func (c *Cache) putStream(body io.Reader, t target) error {
 			sum = sha256.New()
 		}
 	}
-	if _, err := copyHashed(tf, body, sum); err != nil {
+	size, err := copyHashed(tf, body, sum)
+	if err != nil {
 		tf.abort()
 		return err
 	}
@@ -224,20 +228,29 @@ func (c *Cache) putStream(body io.Reader, t target) error {
 		}
 	}
 	if t.kind != kindNar {
-		return f.Commit()
+		old := sizeOf(dst)
+		if err := f.Commit(); err != nil {
+			return err
+		}
+		c.metrics.stored(uploadOther, start, old, size)
+		return nil
 	}
 	cm := c.durable.begin(t.rel)
 	go func() {
+		old := sizeOf(dst)
 		err := f.Rename()
 		visible := ""
 		if err == nil {
 			visible = dst
+			c.metrics.stored(uploadNar, start, old, size)
 			err = c.durable.sync(filepath.Dir(dst))
 		}
 		if err != nil {
 			c.log.WithField("path", t.rel).WithError(err).Error("storing an acknowledged NAR failed")
 		}
-		cm.end(err, visible)
+		if cm.end(err, visible) {
+			c.metrics.resized(size, -1)
+		}
 	}()
 	return nil
 }
@@ -251,7 +264,7 @@ func (c *Cache) putStream(body io.Reader, t target) error {
 // from 2.11 paths go in parallel, a narinfo after its NAR and its
 // references' narinfos got their 2xx, and Nix 2.35 sends all NARs first
 // (prune keeps those waiting for their narinfo while uploads go on).
-func (c *Cache) putNarInfo(body io.Reader, t target) error {
+func (c *Cache) putNarInfo(body io.Reader, t target, start time.Time) error {
 	tf := c.startTemp(c.path(t))
 	data, err := io.ReadAll(body)
 	if err != nil {
@@ -279,14 +292,16 @@ func (c *Cache) putNarInfo(body io.Reader, t target) error {
 	cm := c.durable.begin(t.rel)
 	c.forgetting.RUnlock()
 	go func() {
-		visible, err := c.commitNarInfo(f, t, data, deps)
+		visible, err := c.commitNarInfo(f, t, data, deps, start)
 		if err != nil {
 			c.log.WithField("path", t.rel).WithError(err).Error("storing an acknowledged narinfo failed")
 			if c.narinfos != nil {
 				c.narinfos.drop(t.rel)
 			}
 		}
-		cm.end(err, visible)
+		if cm.end(err, visible) {
+			c.metrics.resized(int64(len(data)), -1)
+		}
 	}()
 	return nil
 }
@@ -331,31 +346,34 @@ func (c *Cache) checkNarInfo(data []byte, t target) ([]dependency, error) {
 // commitNarInfo makes an acknowledged narinfo visible once its content
 // and deps are durable, then makes its name durable. It returns the path
 // it became visible at, if it did.
-func (c *Cache) commitNarInfo(f *atomicfile.File, t target, data []byte, deps []dependency) (visible string, err error) {
+func (c *Cache) commitNarInfo(f *atomicfile.File, t target, data []byte, deps []dependency, start time.Time) (visible string, err error) {
 	defer f.Abort()
 	if err := f.Flush(); err != nil {
 		return "", err
 	}
 	// Under the guard no prune deletes anything, so what we check here is
 	// still there when the narinfo appears.
+	old := int64(-1)
 	err = c.locks.Guard(func() error {
 		for _, dep := range deps {
 			if err := c.durable.ready(c.cfg.Dir, dep); err != nil {
 				return fmt.Errorf("%s needs %s: %w", t.rel, dep.rel, err)
 			}
 		}
+		old = sizeOf(f.Path())
 		return f.Rename()
 	})
 	if err != nil {
 		return "", err
 	}
+	c.metrics.stored(uploadNarInfo, start, old, int64(len(data)))
 	if c.narinfos != nil {
 		c.narinfos.stored(c.cfg.Dir, t.rel, data)
 	}
 	return f.Path(), c.durable.sync(c.cfg.Dir)
 }
 
-func (c *Cache) putMarker(body io.Reader, t target) error {
+func (c *Cache) putMarker(body io.Reader, t target, start time.Time) error {
 	data, err := io.ReadAll(body)
 	if err != nil {
 		return err
@@ -385,7 +403,12 @@ func (c *Cache) putMarker(body io.Reader, t target) error {
 				return refusef(http.StatusConflict, "%s: %s is not in the cache", t.rel, root)
 			}
 		}
-		return f.Commit()
+		old := sizeOf(dst)
+		if err := f.Commit(); err != nil {
+			return err
+		}
+		c.metrics.stored(uploadOther, start, old, int64(len(data)))
+		return nil
 	})
 }
 
@@ -398,12 +421,14 @@ func (c *Cache) delete(w http.ResponseWriter, r *http.Request, t target) {
 	case kindLock:
 		err = c.locks.Release(t.name)
 	case kindRoot:
+		old := sizeOf(c.path(t))
 		err = os.Remove(c.path(t))
 		if errors.Is(err, fs.ErrNotExist) {
 			c.refuse(w, r, http.StatusNotFound, "%s: no such marker", t.rel)
 			return
 		}
 		if err == nil {
+			c.metrics.resized(old, -1)
 			err = atomicfile.SyncDir(filepath.Dir(c.path(t)))
 		}
 	}

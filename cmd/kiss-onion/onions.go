@@ -41,7 +41,17 @@ func identityPaths(stateDir string) (read, write string) {
 	return filepath.Join(stateDir, "onion", "read.key"), filepath.Join(stateDir, "onion", "write.key")
 }
 
-func startOnions(ctx context.Context, f serveFlags, log *logrus.Entry, serveOn func(net.Listener, serve.Role)) (*onions, error) {
+// registryPaths are the client registries serve admits: the state
+// directory's, and --clients-file.
+func registryPaths(f serveFlags) []string {
+	paths := []string{filepath.Join(f.stateDir, clientauth.RegistryFileName)}
+	if f.clientsFile != "" {
+		paths = append(paths, f.clientsFile)
+	}
+	return paths
+}
+
+func startOnions(ctx context.Context, f serveFlags, log *logrus.Entry, serveOn func(net.Listener, serve.Role), metrics *serveMetrics) (*onions, error) {
 	o := &onions{socks: map[serve.Role]string{}}
 	readPath, writePath := identityPaths(f.stateDir)
 	read, err := onion.LoadOrCreateIdentity(readPath)
@@ -52,10 +62,7 @@ func startOnions(ctx context.Context, f serveFlags, log *logrus.Entry, serveOn f
 	if err != nil {
 		return nil, err
 	}
-	registries := []string{filepath.Join(f.stateDir, clientauth.RegistryFileName)}
-	if f.clientsFile != "" {
-		registries = append(registries, f.clientsFile)
-	}
+	registries := registryPaths(f)
 	keys, err := access.Load(registries...)
 	if err != nil {
 		return nil, err
@@ -119,6 +126,7 @@ func startOnions(ctx context.Context, f serveFlags, log *logrus.Entry, serveOn f
 		return nil, err
 	}
 	o.published = &publishLog{Publisher: o.tor}
+	metrics.watchTor(o.tor)
 	o.access = access.New(access.Config{
 		Read:       access.Onion{Identity: read, Target: "unix:" + o.socks[serve.Read]},
 		Write:      access.Onion{Identity: write, Target: "unix:" + o.socks[serve.Write]},
@@ -126,6 +134,7 @@ func startOnions(ctx context.Context, f serveFlags, log *logrus.Entry, serveOn f
 		PublicRead: f.publicRead,
 		Publisher:  o.published,
 		Log:        log,
+		Published:  metrics.published,
 	})
 	if err := o.access.Apply(ctx, keys); err != nil {
 		return nil, err

@@ -100,6 +100,7 @@ type serveFlags struct {
 	pruneEvery    time.Duration
 	pruneGrace    time.Duration
 	maxRootAge    time.Duration
+	metricsListen string
 }
 
 func runServe(args []string) error {
@@ -111,7 +112,7 @@ func runServe(args []string) error {
 	fs.StringVar(&f.stateDir, "state-dir", "/var/lib/kiss-onion", "keys and tor data `directory` (created 0700), never under the cache")
 	fs.StringVar(&f.listen, "listen", "", "also serve reads on this local `address` (host:port)")
 	fs.StringVar(&f.listenWrite, "listen-write", "", "also take uploads on this local `address` (host:port)")
-	fs.BoolVar(&f.allowRemote, "allow-remote", false, "let --listen and --listen-write bind non-loopback addresses")
+	fs.BoolVar(&f.allowRemote, "allow-remote", false, "let --listen, --listen-write and --metrics-listen bind non-loopback addresses")
 	fs.StringVar(&f.torMode, "tor", "public", "`mode`: public (the Tor network), local (a private offline Tor network) or off")
 	fs.IntVar(&f.priority, "priority", 30, "cache `priority` in nix-cache-info (lower is preferred)")
 	fs.BoolVar(&f.wantMassQuery, "want-mass-query", true, "advertise WantMassQuery in nix-cache-info")
@@ -125,6 +126,7 @@ func runServe(args []string) error {
 	fs.DurationVar(&f.pruneEvery, "prune-interval", 0, "prune the cache this `often` (0: never; see 'kiss-onion prune')")
 	fs.DurationVar(&f.pruneGrace, "prune-grace", time.Hour, "scheduled prunes keep files younger than this `age`, for uploads made without a lock")
 	fs.DurationVar(&f.maxRootAge, "max-root-age", 0, "scheduled prunes ignore markers older than this `age` (0: markers never expire)")
+	fs.StringVar(&f.metricsListen, "metrics-listen", "", "serve Prometheus metrics at http://`address`/metrics (host:port; off when empty)")
 	fs.StringVar(&f.logFormat, "log-format", "text", "log `format`: text or json")
 	fs.StringVar(&f.logLevel, "log-level", "info", "log `level`: debug, info, warn or error")
 	rest, err := parseArgs(fs, args)
@@ -189,6 +191,11 @@ func serveMain(f serveFlags, log *logrus.Entry) error {
 			return err
 		}
 	}
+	if f.metricsListen != "" {
+		if err := checkListenAddr("metrics-listen", f.metricsListen, f.allowRemote); err != nil {
+			return err
+		}
+	}
 	if f.torMode == "off" && len(listeners) == 0 {
 		return usagef("with --tor off, give --listen or --listen-write")
 	}
@@ -227,6 +234,12 @@ func serveMain(f serveFlags, log *logrus.Entry) error {
 	defer stop()
 	errc := make(chan error, 4)
 	status := newStatusServer(f, log)
+	metrics := newServeMetrics(registryPaths(f))
+	if f.metricsListen != "" {
+		if err := serveMetricsOn(ctx, f.metricsListen, metrics, cache, log, errc); err != nil {
+			return fmt.Errorf("--metrics-listen: %w", err)
+		}
+	}
 	var servers []*serve.Server
 	defer func() {
 		shutCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -255,7 +268,7 @@ func serveMain(f serveFlags, log *logrus.Entry) error {
 	}
 
 	if f.torMode != "off" {
-		o, err := startOnions(ctx, f, log, serveOn)
+		o, err := startOnions(ctx, f, log, serveOn, metrics)
 		if err != nil {
 			return err
 		}
@@ -268,7 +281,7 @@ func serveMain(f serveFlags, log *logrus.Entry) error {
 	}
 	defer status.stop()
 	if f.pruneEvery > 0 {
-		go pruneEvery(ctx, f, log, status.size.recount)
+		go pruneEvery(ctx, f, log, cache, metrics, status.size.recount)
 	}
 	log.WithField("cache", f.cacheDir).Info("serving")
 	select {
@@ -297,8 +310,10 @@ func checkApart(cacheDir, stateDir string) error {
 
 // pruneEvery runs the pruner on the cache every f.pruneEvery until ctx
 // ends, with the same lock protocol as 'kiss-onion prune', so uploads in
-// flight and those under a lock are safe. after runs after each prune.
-func pruneEvery(ctx context.Context, f serveFlags, log *logrus.Entry, after func()) {
+// flight and those under a lock are safe. What it deletes is taken off
+// the cache's size, each run goes to the metrics, and after runs after
+// each prune.
+func pruneEvery(ctx context.Context, f serveFlags, log *logrus.Entry, cache *serve.Cache, metrics *serveMetrics, after func()) {
 	log = log.WithField("component", "prune")
 	tick := time.NewTicker(f.pruneEvery)
 	defer tick.Stop()
@@ -308,6 +323,7 @@ func pruneEvery(ctx context.Context, f serveFlags, log *logrus.Entry, after func
 			return
 		case <-tick.C:
 		}
+		metrics.pruneRunning.Set(1)
 		stats, err := prune.Run(ctx, prune.Options{
 			CacheDir:   f.cacheDir,
 			StateDir:   f.stateDir,
@@ -316,7 +332,10 @@ func pruneEvery(ctx context.Context, f serveFlags, log *logrus.Entry, after func
 			LockWait:   5 * time.Minute,
 			StoreDir:   f.storeDir,
 			Log:        log,
+			Deleted:    cache.Removed,
 		})
+		metrics.pruneRunning.Set(0)
+		metrics.prune(stats, err)
 		after()
 		if err != nil {
 			log.WithError(err).Error("scheduled prune failed")

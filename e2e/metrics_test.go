@@ -1,0 +1,272 @@
+package e2e
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"io/fs"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestMetrics runs serve with --metrics-listen and a scheduled prune, and
+// reads /metrics back after real uploads (nix copy), a prune that deletes
+// an unrooted closure, a substitution and a key revoked: the counts are
+// those of what happened, and no metric names a store path or a key.
+func TestMetrics(t *testing.T) {
+	metricsAddr := freeAddr(t)
+	srv := startServer(t, "", "--metrics-listen", metricsAddr, "--prune-interval", "1s", "--prune-grace", "0s")
+	metricsURL := "http://" + metricsAddr + "/metrics"
+
+	// Clients: a reader and a writer, then the reader revoked.
+	bundles := t.TempDir()
+	for _, c := range []struct{ name, role string }{{"laptop", "reader"}, {"ci", "writer"}} {
+		if out, code := runKissOnion(t, "keys", "add", c.name, "--role", c.role, "--state-dir", srv.stateDir, "--out", filepath.Join(bundles, c.name)); code != 0 {
+			t.Fatalf("keys add %s: %s", c.name, out)
+		}
+	}
+	if out, code := runKissOnion(t, "keys", "revoke", "laptop", "--state-dir", srv.stateDir); code != 0 {
+		t.Fatalf("keys revoke: %s", out)
+	}
+
+	src := newNix(t)
+	key := newSigningKey(t, "e2e-1")
+	kept, keptClosure := src.buildClosure(64)
+	gone, goneClosure := src.buildClosure(64)
+	// The NARs (by URL, with their size) each closure names, and the
+	// bytes of the narinfos of the one that goes. Two closures may share a
+	// NAR (the same content): nix uploads it once, and the prune keeps it.
+	nars := map[string]map[string]int64{kept: {}, gone: {}}
+	var goneNarInfoBytes int64
+	// Each closure goes up under a lock, as with-lock does, so that no
+	// prune runs between its upload and its marker.
+	for _, top := range []string{kept, gone} {
+		for end := time.Now().Add(time.Minute); ; time.Sleep(100 * time.Millisecond) {
+			code, body := httpDo(t, "PUT", srv.writeURL+"/gcroots/.lock/upload", strings.NewReader("e2e"))
+			if code == 201 {
+				break
+			}
+			if code != 503 || time.Now().After(end) {
+				t.Fatalf("take lock: %d %s", code, body)
+			}
+		}
+		src.must("nix", "copy", "--to", srv.writeURL+"?compression=zstd&secret-key="+key.secretFile, top)
+		closure := keptClosure
+		if top == gone {
+			closure = goneClosure
+		}
+		for _, p := range closure {
+			rel := strings.TrimPrefix(p, "/nix/store/")[:32] + ".narinfo"
+			info, err := visibleFile(t, srv.cacheDir, rel)
+			if err != nil {
+				t.Fatal(err)
+			}
+			nars[top][narinfoField(t, info, "URL")] = narinfoNumber(t, info, "FileSize")
+			if top == gone {
+				goneNarInfoBytes += int64(len(info))
+			}
+		}
+		if top == kept {
+			if code, body := httpDo(t, "PUT", srv.writeURL+"/gcroots/web1", strings.NewReader(kept+"\n")); code != 201 {
+				t.Fatalf("PUT marker: %d %s", code, body)
+			}
+		}
+		if code, body := httpDo(t, "DELETE", srv.writeURL+"/gcroots/.lock/upload", nil); code != 204 {
+			t.Fatalf("drop lock: %d %s", code, body)
+		}
+	}
+
+	// The scheduled prune deletes the unrooted closure.
+	var m metricValues
+	for deadline := time.Now().Add(time.Minute); ; time.Sleep(200 * time.Millisecond) {
+		m = scrapeMetrics(t, metricsURL)
+		if m.get("kiss_onion_prune_deleted_narinfos_total") >= 3 && m.get("kiss_onion_prune_running") == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the unrooted closure not pruned a minute later:\n%s", srv.out)
+		}
+	}
+	dst := newNix(t, "substituters = "+srv.readURL, "trusted-public-keys = "+key.public)
+	dst.must("nix-store", "--realise", kept)
+	m = scrapeMetrics(t, metricsURL)
+
+	files, bytes := cacheSize(t, srv.cacheDir)
+	uploaded := len(nars[kept]) // NARs
+	var keptBytes, narBytes int64
+	for _, size := range nars[kept] {
+		keptBytes += size
+	}
+	goneFiles, goneBytes := 3, goneNarInfoBytes
+	for url, size := range nars[gone] {
+		if _, shared := nars[kept][url]; !shared {
+			uploaded++
+			goneFiles++
+			goneBytes += size
+		}
+	}
+	narBytes = keptBytes + goneBytes - goneNarInfoBytes
+	for name, want := range map[string]float64{
+		// The NARs and 3 narinfos a closure, the two locks and the marker.
+		`kiss_onion_http_requests_total{method="PUT",role="write",status="201"}`:    float64(uploaded + 6 + 3),
+		`kiss_onion_http_requests_total{method="DELETE",role="write",status="204"}`: 2,
+		`kiss_onion_upload_visible_seconds_count{kind="nar"}`:                       float64(uploaded),
+		`kiss_onion_upload_visible_seconds_count{kind="narinfo"}`:                   6,
+		`kiss_onion_upload_visible_seconds_count{kind="other"}`:                     1,
+		`kiss_onion_durability_queue`:                                               0,
+		`kiss_onion_prune_deleted_narinfos_total`:                                   3,
+		`kiss_onion_prune_deleted_files_total`:                                      float64(goneFiles),
+		`kiss_onion_prune_freed_bytes_total`:                                        float64(goneBytes),
+		`kiss_onion_prune_kept_narinfos`:                                            3,
+		`kiss_onion_prune_runs_total{result="failed"}`:                              0,
+		`kiss_onion_upload_locks{state="fresh"}`:                                    0,
+		`kiss_onion_cache_files`:                                                    files,
+		`kiss_onion_cache_bytes`:                                                    bytes,
+		`kiss_onion_clients{door="onion",role="reader",state="active"}`:             0,
+		`kiss_onion_clients{door="onion",role="reader",state="revoked"}`:            1,
+		`kiss_onion_clients{door="onion",role="writer",state="active"}`:             1,
+		`kiss_onion_clients{door="onion",role="writer",state="revoked"}`:            0,
+	} {
+		if got := m.get(name); got != want {
+			t.Errorf("%s = %v, want %v", name, got, want)
+		}
+	}
+	for name, atLeast := range map[string]float64{
+		`kiss_onion_prune_runs_total{result="ok"}`: 1,
+		// nix-cache-info, 3 narinfos and 3 NARs to substitute.
+		`kiss_onion_http_requests_total{method="GET",role="read",status="200"}`: 7,
+		`kiss_onion_http_sent_bytes_total{role="read"}`:                         float64(keptBytes),
+		`kiss_onion_http_received_bytes_total{role="write"}`:                    float64(narBytes),
+		`kiss_onion_prune_duration_seconds_count`:                               1,
+	} {
+		if got := m.get(name); got < atLeast {
+			t.Errorf("%s = %v, want at least %v", name, got, atLeast)
+		}
+	}
+	if m.get(`kiss_onion_prune_last_success_timestamp_seconds`) < float64(time.Now().Add(-time.Minute).Unix()) {
+		t.Errorf("last successful prune at %v, want within the last minute", m.get(`kiss_onion_prune_last_success_timestamp_seconds`))
+	}
+	// Nothing that names a path or a key.
+	secrets := append(append([]string{"/nix/store/"}, keptClosure...), goneClosure...)
+	filepath.WalkDir(bundles, func(p string, d fs.DirEntry, err error) error {
+		if err == nil && d.Type().IsRegular() {
+			b, _ := os.ReadFile(p)
+			for _, line := range strings.Split(string(b), "\n") {
+				for _, f := range strings.FieldsFunc(line, func(r rune) bool { return strings.ContainsRune(" =\":", r) }) {
+					if len(f) >= 32 {
+						secrets = append(secrets, f)
+					}
+				}
+			}
+		}
+		return nil
+	})
+	for _, s := range secrets {
+		if base := strings.TrimPrefix(s, "/nix/store/"); base != "" && strings.Contains(m.text, base[:min(32, len(base))]) {
+			t.Errorf("the metrics name %q", s)
+		}
+	}
+}
+
+// TestMetricsListenIsLoopback: --metrics-listen refuses another address
+// without --allow-remote.
+func TestMetricsListenIsLoopback(t *testing.T) {
+	dir := t.TempDir()
+	out, code := runKissOnion(t, "serve", "--tor", "off", "--cache-dir", filepath.Join(dir, "cache"), "--state-dir", filepath.Join(dir, "state"),
+		"--listen", "127.0.0.1:0", "--metrics-listen", "0.0.0.0:9437")
+	if code != 2 || !strings.Contains(out, `--metrics-listen "0.0.0.0:9437" is not a loopback address`) {
+		t.Errorf("exit %d, want 2 and a refusal of the address:\n%s", code, out)
+	}
+}
+
+// metricValues is one scrape: the exposition text and each sample's value
+// by its name and labels as printed.
+type metricValues struct {
+	text   string
+	values map[string]float64
+}
+
+func (m metricValues) get(name string) float64 { return m.values[name] }
+
+func scrapeMetrics(t *testing.T, url string) metricValues {
+	t.Helper()
+	resp, err := http.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil || resp.StatusCode != 200 {
+		t.Fatalf("GET %s: %d %v\n%s", url, resp.StatusCode, err, b)
+	}
+	m := metricValues{text: string(b), values: map[string]float64{}}
+	sc := bufio.NewScanner(strings.NewReader(m.text))
+	for sc.Scan() {
+		line := sc.Text()
+		if line == "" || line[0] == '#' {
+			continue
+		}
+		i := strings.LastIndexByte(line, ' ')
+		v, err := strconv.ParseFloat(line[i+1:], 64)
+		if err != nil {
+			t.Fatalf("metrics line %q: %v", line, err)
+		}
+		m.values[line[:i]] = v
+	}
+	return m
+}
+
+// narinfoField returns a narinfo's field.
+func narinfoField(t *testing.T, info []byte, field string) string {
+	t.Helper()
+	for _, line := range strings.Split(string(info), "\n") {
+		if v, ok := strings.CutPrefix(line, field+": "); ok {
+			return v
+		}
+	}
+	t.Fatalf("no %s in the narinfo:\n%s", field, info)
+	return ""
+}
+
+// narinfoNumber returns a narinfo's numeric field.
+func narinfoNumber(t *testing.T, info []byte, field string) int64 {
+	t.Helper()
+	n, err := strconv.ParseInt(narinfoField(t, info, field), 10, 64)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+// cacheSize counts a cache directory as serve's size metrics do: the
+// regular files outside .tmp/ and gcroots/.lock/.
+func cacheSize(t *testing.T, dir string) (files, bytes float64) {
+	t.Helper()
+	err := filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		rel, _ := filepath.Rel(dir, p)
+		if d.IsDir() && (rel == ".tmp" || rel == filepath.Join("gcroots", ".lock")) {
+			return filepath.SkipDir
+		}
+		if d.Type().IsRegular() {
+			fi, err := d.Info()
+			if err != nil {
+				return err
+			}
+			files++
+			bytes += float64(fi.Size())
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(fmt.Errorf("count the cache: %w", err))
+	}
+	return files, bytes
+}
