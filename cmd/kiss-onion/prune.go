@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -36,6 +35,10 @@ Deriver stays.
 It follows the upload lock protocol, so it is safe beside a running
 'kiss-onion serve': new upload locks are refused while it runs, and it
 waits up to --lock-wait for the ones held to be released.
+
+On a terminal a bar shows the phase, the narinfos scanned and kept, the
+files deleted and the bytes freed; elsewhere, and with --log-format json,
+it logs a line at each phase.
 
 Arguments:
 	CACHEDIR   the cache directory, the one holding nix-cache-info
@@ -70,9 +73,13 @@ func runPrune(args []string) error {
 	}
 	cacheDir := rest[0]
 
-	term := isTerminal(os.Stderr)
-	status := &statusLine{w: stderr, term: term}
-	log, err := lf.cli(status)
+	// On a terminal, a bar with the phase and the counts; else log lines.
+	bar := newTermBar(lf.format, -1)
+	logOut := stderr
+	if bar != nil {
+		logOut = bar
+	}
+	log, err := lf.cli(logOut)
 	if err != nil {
 		return err
 	}
@@ -90,26 +97,25 @@ func runPrune(args []string) error {
 		LockWait:   *lockWait,
 		StoreDir:   *storeDir,
 		Log:        log,
-	}
-	if term {
-		opt.Progress = func(st prune.Stats) {
-			if st.Phase != prune.PhaseDone {
-				status.show(fmt.Sprintf("kiss-onion: %s: %d narinfos scanned, %d kept, %d files deleted, %s freed",
-					st.Phase, st.Scanned, st.Kept, st.Deleted, prune.FormatBytes(st.BytesFreed)))
-			}
-		}
+		Progress:   pruneProgress(bar, log),
 	}
 	if *dryRun {
 		var mu sync.Mutex
 		opt.Deleted = func(rel string, size int64) {
 			mu.Lock()
 			defer mu.Unlock()
-			status.clear()
-			fmt.Fprintf(os.Stdout, "would delete %s (%s)\n", rel, prune.FormatBytes(size))
+			line := func() { fmt.Fprintf(os.Stdout, "would delete %s (%s)\n", rel, prune.FormatBytes(size)) }
+			if bar != nil {
+				bar.above(line)
+			} else {
+				line()
+			}
 		}
 	}
 	st, err := prune.Run(ctx, opt)
-	status.clear()
+	if bar != nil {
+		bar.finish()
+	}
 	if err != nil {
 		if errors.Is(err, cachelock.ErrPruneRunning) {
 			return withHint(fmt.Errorf("prune %s: %w", cacheDir, err), "wait for it to finish, or stop it")
@@ -145,40 +151,4 @@ func defaultPruneStateDir() string {
 func isTerminal(f *os.File) bool {
 	fi, err := f.Stat()
 	return err == nil && fi.Mode()&os.ModeCharDevice != 0
-}
-
-// statusLine is stderr with a progress line at the bottom on a terminal:
-// other writes clear it first.
-type statusLine struct {
-	mu    sync.Mutex
-	w     io.Writer
-	term  bool
-	shown bool
-}
-
-func (s *statusLine) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.clearLocked()
-	return s.w.Write(p)
-}
-
-func (s *statusLine) show(line string) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	fmt.Fprintf(s.w, "\r\033[K%s", line)
-	s.shown = true
-}
-
-func (s *statusLine) clear() {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.clearLocked()
-}
-
-func (s *statusLine) clearLocked() {
-	if s.shown {
-		fmt.Fprint(s.w, "\r\033[K")
-		s.shown = false
-	}
 }

@@ -30,6 +30,11 @@ for the run (or the cache's write URL given by --cache). It holds the
 cache's upload lock from before the push until the marker is written, so
 no prune deletes what it uploads. A failed push writes no marker.
 
+On a terminal a bar shows the paths pushed and their size (the NAR sizes
+'nix path-info' gives, uncompressed); elsewhere, and with --log-format
+json, nix's own lines pass as they are. A line at the end says what was
+pushed.
+
 With --signing-key the marker also carries, in comment lines after the
 store paths, a statement of NAME, the paths and a generation that only
 grows, signed with the key: 'kiss-onion update --publisher-key' then
@@ -98,12 +103,17 @@ func runPublish(args []string) error {
 		return err
 	}
 
-	log, err := lf.cli(stderr)
+	// The push's progress: a bar on a terminal, a line at the end.
+	push, logOut := newPushProgress(lf.format)
+	log, err := lf.cli(logOut)
 	if err != nil {
 		return err
 	}
+	push.log = log
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
+	push.measure(ctx, n, paths)
+	n.Output = push
 	cache, done, err := g.openCache(ctx, *cacheURL, true, *wait, log)
 	if err != nil {
 		return err
@@ -121,6 +131,7 @@ func runPublish(args []string) error {
 		LockWait:     *lockWait,
 		Log:          log,
 	})
+	push.end(err)
 	if errors.Is(err, cachelock.ErrBusy) {
 		return withHint(err, "a prune is running on the cache; retry later or raise --lock-wait")
 	}
