@@ -27,9 +27,11 @@ const (
 )
 
 // Writer is an io.Writer for a tor process's stdout and stderr. It splits
-// the output into lines and logs each one at the level tor gave it, without
-// tor's own timestamp: [err] at Error, [warn] at Warn, [notice] at Info,
-// anything else at Debug.
+// the output into lines and logs each one, without tor's own timestamp:
+// [err] at Error, [warn] at Warn, anything else ([notice] included) at
+// Debug. tor's notices are its bootstrap chatter, fifty lines at every
+// start; what matters of them (bootstrapped, published) kiss-onion says
+// itself.
 type Writer struct {
 	// Log receives the lines. It must not be nil; change it with SetLog once
 	// the Writer is in use.
@@ -103,8 +105,6 @@ func (w *Writer) line(s string) {
 		level = logrus.ErrorLevel
 	case "warn":
 		level = logrus.WarnLevel
-	case "notice":
-		level = logrus.InfoLevel
 	default:
 		level = logrus.DebugLevel
 	}

@@ -40,7 +40,7 @@ func TestWriterLogsLinesAtTorsLevel(t *testing.T) {
 	w.Write([]byte("strapped 100% (done): Done\nNov 26 09:27:35.000 [warn] careful\nNov 26 09:27:35.000 [err] bad\npartial"))
 	got := out.String()
 	for _, want := range []string{
-		`level=info msg="tor: Bootstrapped 100% (done): Done"`,
+		`level=debug msg="tor: Bootstrapped 100% (done): Done"`,
 		`level=warning msg="tor: careful"`,
 		`level=error msg="tor: bad"`,
 	} {
