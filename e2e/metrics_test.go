@@ -2,12 +2,14 @@ package e2e
 
 import (
 	"bufio"
+	"encoding/json"
 	"fmt"
 	"io"
 	"io/fs"
 	"net/http"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"testing"
@@ -169,6 +171,54 @@ func TestMetrics(t *testing.T) {
 	for _, s := range secrets {
 		if base := strings.TrimPrefix(s, "/nix/store/"); base != "" && strings.Contains(m.text, base[:min(32, len(base))]) {
 			t.Errorf("the metrics name %q", s)
+		}
+	}
+	metricsDocumented(t, m)
+}
+
+// metricsDocumented checks docs/operating.md and docs/grafana-dashboard.json
+// against a scrape: every kiss_onion_ metric is documented, and the
+// dashboard asks only for metrics that exist (those of the onions and tor
+// are not there with --tor off).
+func metricsDocumented(t *testing.T, m metricValues) {
+	t.Helper()
+	name := regexp.MustCompile(`kiss_onion_[a-z_]+`)
+	scraped := map[string]bool{}
+	for _, line := range strings.Split(m.text, "\n") {
+		if f, ok := strings.CutPrefix(line, "# TYPE "); ok {
+			family, typ, _ := strings.Cut(f, " ")
+			scraped[family] = true
+			if typ == "histogram" {
+				for _, suffix := range []string{"_bucket", "_sum", "_count"} {
+					scraped[family+suffix] = true
+				}
+			}
+		}
+	}
+	for _, torOnly := range []string{"kiss_onion_onion_published", "kiss_onion_onion_published_since_timestamp_seconds", "kiss_onion_tor_restarts_total"} {
+		scraped[torOnly] = true
+	}
+	doc, err := os.ReadFile(filepath.Join("..", "docs", "operating.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for family := range scraped {
+		if strings.HasPrefix(family, "kiss_onion_") && !strings.HasSuffix(family, "_bucket") && !strings.HasSuffix(family, "_sum") &&
+			!strings.HasSuffix(family, "_count") && !strings.Contains(string(doc), "`"+family+"`") {
+			t.Errorf("docs/operating.md does not document %s", family)
+		}
+	}
+	dash, err := os.ReadFile(filepath.Join("..", "docs", "grafana-dashboard.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var parsed map[string]any
+	if err := json.Unmarshal(dash, &parsed); err != nil {
+		t.Fatalf("docs/grafana-dashboard.json: %v", err)
+	}
+	for _, n := range name.FindAllString(string(dash), -1) {
+		if !scraped[n] {
+			t.Errorf("docs/grafana-dashboard.json asks for %s, which serve does not export", n)
 		}
 	}
 }
