@@ -64,6 +64,14 @@ func TestDeleteNarInfo(t *testing.T) {
 		}
 	}
 
+	// A forget keeps a NAR written moments before it began (an upload may
+	// be about to name it): these were uploaded long ago.
+	old := time.Now().Add(-time.Hour)
+	for _, u := range []string{urlA, urlB} {
+		if err := os.Chtimes(filepath.Join(tc.dir, u), old, old); err != nil {
+			t.Fatal(err)
+		}
+	}
 	// The referrer goes, then what it referred to: nothing of either is
 	// served afterwards, from memory or from disk, on either role.
 	for _, h := range []string{hashA, hashB} {
