@@ -64,6 +64,9 @@ func (c *Cache) read(t target, q *query) answer {
 	if a.status == http.StatusNotFound && c.durable.visible(t.rel, pendingWait) {
 		a = c.readNow(t, q)
 	}
+	if a.status == http.StatusNotFound && t.kind == kindNarInfo && c.cfg.Upstream != nil {
+		a = c.readUpstream(t, q)
+	}
 	return a
 }
 

@@ -1,0 +1,24 @@
+// Package upstream fetches into the cache what it lacks from upstream
+// caches such as cache.nixos.org, keeping their signatures (kiss-onion
+// serve --upstream): a machine whose only way out is the onion still gets
+// all of nixpkgs through it.
+//
+// A Fetcher asks its upstreams, in order, for a narinfo; one that no
+// upstream key signed is refused. It then fetches the path's references
+// the same way, downloads the NAR and checks it against the narinfo (the
+// file's hash and size when given, and always the signed NarHash and
+// NarSize, decompressing as it goes), and stores it through the serve
+// package: the NAR, then the narinfo, visible last, so that the cache
+// stays a valid file:// cache closed under references. Nothing of a path
+// that fails a check stays in the cache.
+//
+// Upstream requests are bounded: a connect and a header timeout of a few
+// seconds (a dead upstream costs a reader seconds; Nix disables a slow
+// substituter for a minute), a stall timeout while a NAR downloads, and a
+// size limit. Concurrent fetches of one path share one; a miss is
+// remembered for a short while, so that a storm of queries for paths no
+// upstream has does not become a storm upstream.
+//
+// It does not decide what to delete (package prune) and does not stream a
+// NAR to a client while storing it: serve answers once the path is stored.
+package upstream

@@ -1,0 +1,333 @@
+package upstream
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"net"
+	"net/http"
+	"net/url"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/kiss-onion/kiss-onion/internal/nixcache"
+	"github.com/kiss-onion/kiss-onion/serve"
+)
+
+// Config is where a Fetcher fetches from and what it accepts.
+type Config struct {
+	// URLs are the upstream caches, tried in order (http:// or https://).
+	URLs []string
+	// Keys are the upstream keys: a narinfo must carry a valid signature
+	// by one of them.
+	Keys []nixcache.PublicKey
+	// StoreDir is the Nix store the cache is for; default /nix/store.
+	StoreDir string
+	// Timeout bounds connecting to an upstream and waiting for its
+	// answer's headers; default 5 s. A narinfo must arrive whole within
+	// twice that, and a NAR download may stall for at most StallTimeout.
+	Timeout time.Duration
+	// StallTimeout cuts off a NAR download that receives nothing for this
+	// long; default 30 s.
+	StallTimeout time.Duration
+	// MaxSize is the largest NAR (as stored, and uncompressed) that is
+	// fetched; default 8 GiB.
+	MaxSize int64
+	// NegativeTTL is how long a path that no upstream has, or that could
+	// not be fetched, is not asked for again; default 30 s.
+	NegativeTTL time.Duration
+	// Transport carries the requests (through Tor, for one); default a
+	// direct one with the timeouts above.
+	Transport http.RoundTripper
+	// Log receives what was fetched and what was refused; default the
+	// standard logger.
+	Log *logrus.Entry
+}
+
+// Fetcher fetches store paths from upstream caches into a serve.Cache. It
+// is a serve.Upstream.
+type Fetcher struct {
+	cfg    Config
+	bases  []*url.URL
+	client *http.Client
+	log    *logrus.Entry
+
+	flights flightGroup
+	mu      sync.Mutex
+	misses  map[string]time.Time // hash part -> until when it is not asked again
+	now     func() time.Time
+}
+
+// maxNarInfoSize bounds a narinfo from upstream.
+const maxNarInfoSize = 1 << 20
+
+// New returns a Fetcher for cfg.
+func New(cfg Config) (*Fetcher, error) {
+	if len(cfg.URLs) == 0 {
+		return nil, errors.New("no upstream URL")
+	}
+	if len(cfg.Keys) == 0 {
+		return nil, errors.New("no upstream key: what comes from upstream must be signed")
+	}
+	if cfg.StoreDir == "" {
+		cfg.StoreDir = nixcache.DefaultStoreDir
+	}
+	if cfg.Timeout <= 0 {
+		cfg.Timeout = 5 * time.Second
+	}
+	if cfg.StallTimeout <= 0 {
+		cfg.StallTimeout = 30 * time.Second
+	}
+	if cfg.MaxSize <= 0 {
+		cfg.MaxSize = 8 << 30
+	}
+	if cfg.NegativeTTL <= 0 {
+		cfg.NegativeTTL = 30 * time.Second
+	}
+	if cfg.Log == nil {
+		cfg.Log = logrus.NewEntry(logrus.StandardLogger())
+	}
+	f := &Fetcher{cfg: cfg, log: cfg.Log, misses: map[string]time.Time{}, now: time.Now}
+	for _, s := range cfg.URLs {
+		u, err := url.Parse(strings.TrimSuffix(s, "/") + "/")
+		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			return nil, fmt.Errorf("upstream %q: not an http:// or https:// URL", s)
+		}
+		f.bases = append(f.bases, u)
+	}
+	tr := cfg.Transport
+	if tr == nil {
+		tr = &http.Transport{
+			Proxy:                 http.ProxyFromEnvironment,
+			DialContext:           (&net.Dialer{Timeout: cfg.Timeout, KeepAlive: 30 * time.Second}).DialContext,
+			TLSHandshakeTimeout:   cfg.Timeout,
+			ResponseHeaderTimeout: cfg.Timeout,
+			MaxIdleConnsPerHost:   8,
+			IdleConnTimeout:       90 * time.Second,
+			// NARs are stored as they come: no transparent decoding.
+			DisableCompression: true,
+		}
+	}
+	f.client = &http.Client{Transport: tr}
+	return f, nil
+}
+
+// errNotFound is a path that no upstream has (with a valid signature).
+var errNotFound = fmt.Errorf("not in any upstream: %w", fs.ErrNotExist)
+
+// Fetch brings the store path whose hash part is hash into c with its
+// closure, references first; it implements serve.Upstream. It returns an
+// error wrapping fs.ErrNotExist when no upstream has the path signed by
+// an upstream key.
+func (f *Fetcher) Fetch(ctx context.Context, hash string, c *serve.Cache) error {
+	if !nixcache.IsHashPart(hash) {
+		return fmt.Errorf("%q is not a store hash: %w", hash, fs.ErrNotExist)
+	}
+	if c.HasNarInfo(hash) {
+		return nil
+	}
+	if err := f.remembered(hash); err != nil {
+		return err
+	}
+	err := f.flights.do(hash, func() error {
+		if c.HasNarInfo(hash) {
+			return nil
+		}
+		err := f.fetch(ctx, hash, c)
+		if err != nil {
+			f.remember(hash)
+		}
+		return err
+	})
+	return err
+}
+
+// remembered returns the error of a recent miss of hash, if any.
+func (f *Fetcher) remembered(hash string) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	until, ok := f.misses[hash]
+	if !ok {
+		return nil
+	}
+	if f.now().Before(until) {
+		return fmt.Errorf("%s (remembered): %w", hash, errNotFound)
+	}
+	delete(f.misses, hash)
+	return nil
+}
+
+// remember keeps hash as a miss for NegativeTTL, dropping expired misses
+// now and then so that the map does not grow without bound.
+func (f *Fetcher) remember(hash string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	now := f.now()
+	if len(f.misses) >= 4096 {
+		for h, until := range f.misses {
+			if !now.Before(until) {
+				delete(f.misses, h)
+			}
+		}
+	}
+	f.misses[hash] = now.Add(f.cfg.NegativeTTL)
+}
+
+// fetch fetches one path that c lacks: its narinfo, its references, its
+// NAR, then stores the narinfo.
+func (f *Fetcher) fetch(ctx context.Context, hash string, c *serve.Cache) error {
+	ni, data, base, err := f.narInfo(ctx, hash)
+	if err != nil {
+		return err
+	}
+	if int64(ni.FileSize) > f.cfg.MaxSize || int64(ni.NarSize) > f.cfg.MaxSize {
+		return fmt.Errorf("%s: %d bytes (%d as a file) is over the upstream size limit of %d", ni.StorePath, ni.NarSize, ni.FileSize, f.cfg.MaxSize)
+	}
+	for _, ref := range ni.References {
+		h := ref[:nixcache.HashLen]
+		if h == hash {
+			continue
+		}
+		if err := f.Fetch(ctx, h, c); err != nil {
+			return fmt.Errorf("%s: reference %s: %w", ni.StorePath, ref, err)
+		}
+	}
+	if !c.HasNar(ni.URL) {
+		if err := f.nar(ctx, base, ni, c); err != nil {
+			return err
+		}
+	}
+	if err := c.StoreNarInfo(hash, data); err != nil {
+		return err
+	}
+	f.log.WithFields(logrus.Fields{"path": ni.StorePath, "upstream": base.Redacted(), "size": ni.FileSize}).Info("fetched from upstream")
+	return nil
+}
+
+// narInfo asks each upstream in turn for hash's narinfo and returns the
+// first that is well formed and signed by an upstream key, with the
+// upstream it came from.
+func (f *Fetcher) narInfo(ctx context.Context, hash string) (*nixcache.NarInfo, []byte, *url.URL, error) {
+	var errs []error
+	for _, base := range f.bases {
+		ni, data, err := f.narInfoFrom(ctx, base, hash)
+		if err == nil {
+			return ni, data, base, nil
+		}
+		if !errors.Is(err, fs.ErrNotExist) {
+			errs = append(errs, err)
+		}
+	}
+	if len(errs) > 0 {
+		return nil, nil, nil, errors.Join(errs...)
+	}
+	return nil, nil, nil, fmt.Errorf("%s: %w", hash, errNotFound)
+}
+
+func (f *Fetcher) narInfoFrom(ctx context.Context, base *url.URL, hash string) (*nixcache.NarInfo, []byte, error) {
+	ctx, cancel := context.WithTimeout(ctx, 2*f.cfg.Timeout)
+	defer cancel()
+	u := base.JoinPath(hash + ".narinfo")
+	resp, err := f.get(ctx, u)
+	if err != nil {
+		return nil, nil, err
+	}
+	defer resp.Body.Close()
+	data, err := io.ReadAll(io.LimitReader(resp.Body, maxNarInfoSize+1))
+	if err != nil {
+		return nil, nil, fmt.Errorf("read %s: %w", u.Redacted(), err)
+	}
+	if len(data) > maxNarInfoSize {
+		return nil, nil, fmt.Errorf("%s: over %d bytes", u.Redacted(), maxNarInfoSize)
+	}
+	ni, err := nixcache.ParseNarInfo(data)
+	if err == nil {
+		err = ni.Validate(f.cfg.StoreDir, hash)
+	}
+	if err != nil {
+		return nil, nil, fmt.Errorf("%s: %w", u.Redacted(), err)
+	}
+	if !ni.VerifiedBy(f.cfg.StoreDir, f.cfg.Keys) {
+		f.log.WithFields(logrus.Fields{"path": ni.StorePath, "upstream": base.Redacted()}).Warn("refused from upstream: no valid signature by an upstream key")
+		return nil, nil, fmt.Errorf("%s: no valid signature by an upstream key: %w", u.Redacted(), fs.ErrNotExist)
+	}
+	return ni, data, nil
+}
+
+// get sends a GET of u and returns a 200 answer; a 404 or 403 (which Nix
+// reads as not found) wraps fs.ErrNotExist.
+func (f *Fetcher) get(ctx context.Context, u *url.URL) (*http.Response, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u.String(), nil)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := f.client.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("upstream: %w", err)
+	}
+	switch resp.StatusCode {
+	case http.StatusOK:
+		return resp, nil
+	case http.StatusNotFound, http.StatusForbidden, http.StatusGone:
+		resp.Body.Close()
+		return nil, fmt.Errorf("%s: %s: %w", u.Redacted(), resp.Status, fs.ErrNotExist)
+	}
+	resp.Body.Close()
+	return nil, fmt.Errorf("%s: %s", u.Redacted(), resp.Status)
+}
+
+// nar downloads ni's NAR from base into c, checked as it comes (check.go).
+func (f *Fetcher) nar(ctx context.Context, base *url.URL, ni *nixcache.NarInfo, c *serve.Cache) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	u := base.JoinPath(ni.URL)
+	resp, err := f.get(ctx, u)
+	if err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			// A narinfo whose NAR is gone: the path is not there.
+			return fmt.Errorf("%s: NAR missing upstream: %w", ni.StorePath, err)
+		}
+		return err
+	}
+	defer resp.Body.Close()
+	if ni.FileSize > 0 && resp.ContentLength >= 0 && resp.ContentLength != int64(ni.FileSize) {
+		return fmt.Errorf("%s: %d bytes, not the narinfo's FileSize %d", u.Redacted(), resp.ContentLength, ni.FileSize)
+	}
+	body := &stallReader{r: resp.Body, cancel: cancel, stall: f.cfg.StallTimeout}
+	body.arm()
+	defer body.stop()
+	v, err := newVerifier(body, ni, f.cfg.MaxSize)
+	if err != nil {
+		return fmt.Errorf("%s: %w", ni.StorePath, err)
+	}
+	defer v.Close()
+	if err := c.StoreNar(ni.URL, v); err != nil {
+		return fmt.Errorf("%s: %w", ni.StorePath, err)
+	}
+	return nil
+}
+
+// stallReader cancels a download that receives nothing for stall.
+type stallReader struct {
+	r      io.Reader
+	cancel context.CancelFunc
+	stall  time.Duration
+	t      *time.Timer
+}
+
+func (s *stallReader) arm() { s.t = time.AfterFunc(s.stall, s.cancel) }
+
+func (s *stallReader) stop() { s.t.Stop() }
+
+func (s *stallReader) Read(p []byte) (int, error) {
+	n, err := s.r.Read(p)
+	if n > 0 {
+		s.t.Reset(s.stall)
+	}
+	return n, err
+}
