@@ -384,3 +384,56 @@ func TestDeadUpstreamFailsFast(t *testing.T) {
 		})
 	}
 }
+
+// TestServeFetchesOnAMiss: a narinfo that the cache lacks is fetched on
+// either role, and answered, with its NAR, from the cache; a refused one
+// is a 404.
+func TestServeFetchesOnAMiss(t *testing.T) {
+	key := testKey(t, "upstream-1")
+	up := newUpstreamCache(t)
+	lib := up.add("lib", nil, "xz", &key)
+	app := up.add("app", []string{lib.base}, "xz", &key)
+	unsigned := up.add("unsigned", nil, "xz", nil)
+	f := newFetcher(t, key.PublicKey(), up.srv.URL)
+	dir := filepath.Join(t.TempDir(), "cache")
+	c, err := serve.New(serve.Config{Dir: dir, Upstream: f, Log: quietLog()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, role := range []serve.Role{serve.Read, serve.Write} {
+		t.Run(role.String(), func(t *testing.T) {
+			ln, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			srv := c.NewServer(role, quietLog())
+			go srv.Serve(ln)
+			defer srv.Shutdown(context.Background())
+			base := "http://" + ln.Addr().String() + "/"
+			get := func(rel string) (int, []byte) {
+				resp, err := http.Get(base + rel)
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer resp.Body.Close()
+				b, _ := io.ReadAll(resp.Body)
+				return resp.StatusCode, b
+			}
+			if code, _ := get(app.hash + ".narinfo"); code != 200 {
+				t.Fatalf("narinfo of a path upstream has: %d", code)
+			}
+			for _, p := range []path{lib, app} {
+				want, _ := os.ReadFile(filepath.Join(up.dir, p.narURL))
+				if code, b := get(p.narURL); code != 200 || !bytes.Equal(b, want) {
+					t.Errorf("NAR of %s: %d, %d bytes", p.base, code, len(b))
+				}
+			}
+			if code, _ := get(unsigned.hash + ".narinfo"); code != 404 {
+				t.Errorf("narinfo of an unsigned path: %d, want 404", code)
+			}
+		})
+	}
+	if _, err := os.Stat(filepath.Join(dir, unsigned.hash+".narinfo")); err == nil {
+		t.Error("unsigned path stored")
+	}
+}

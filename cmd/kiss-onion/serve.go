@@ -36,6 +36,7 @@ Arguments:
 Examples:
 	kiss-onion serve --tor off --cache-dir /srv/cache --listen 127.0.0.1:8080 --listen-write 127.0.0.1:8081
 	kiss-onion serve --config /etc/kiss-onion.toml
+	kiss-onion serve --upstream https://cache.nixos.org --upstream-key cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=
 `
 
 // stringList is a repeatable flag.
@@ -100,6 +101,7 @@ type serveFlags struct {
 	pruneEvery    time.Duration
 	pruneGrace    time.Duration
 	maxRootAge    time.Duration
+	upstream      upstreamFlags
 }
 
 func runServe(args []string) error {
@@ -125,6 +127,7 @@ func runServe(args []string) error {
 	fs.DurationVar(&f.pruneEvery, "prune-interval", 0, "prune the cache this `often` (0: never; see 'kiss-onion prune')")
 	fs.DurationVar(&f.pruneGrace, "prune-grace", time.Hour, "scheduled prunes keep files younger than this `age`, for uploads made without a lock")
 	fs.DurationVar(&f.maxRootAge, "max-root-age", 0, "scheduled prunes ignore markers older than this `age` (0: markers never expire)")
+	f.upstream.register(fs)
 	fs.StringVar(&f.logFormat, "log-format", "text", "log `format`: text or json")
 	fs.StringVar(&f.logLevel, "log-level", "info", "log `level`: debug, info, warn or error")
 	rest, err := parseArgs(fs, args)
@@ -209,6 +212,10 @@ func serveMain(f serveFlags, log *logrus.Entry) error {
 	if err := os.Chmod(f.stateDir, 0o700); err != nil {
 		return fmt.Errorf("state directory: %w", err)
 	}
+	up, err := f.upstream.fetcher(f.storeDir, log)
+	if err != nil {
+		return err
+	}
 	cache, err := serve.New(serve.Config{
 		Dir:           f.cacheDir,
 		StoreDir:      f.storeDir,
@@ -217,6 +224,7 @@ func serveMain(f serveFlags, log *logrus.Entry) error {
 		TrustedKeys:   keys,
 		MaxUploadSize: int64(f.maxUpload),
 		StateDir:      f.stateDir,
+		Upstream:      up,
 		Log:           log,
 	})
 	if err != nil {

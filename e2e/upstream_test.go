@@ -1,0 +1,149 @@
+package e2e
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// upstreamCache is a second cache, filled by the real `nix copy --to
+// file://` with its own key and served by a second serve: what
+// cache.nixos.org is to a real appliance.
+type upstreamCache struct {
+	*server
+	key signingKey
+	src *nixClient
+}
+
+func newUpstreamCache(t *testing.T) *upstreamCache {
+	t.Helper()
+	u := &upstreamCache{key: newSigningKey(t, "upstream-1"), src: newNix(t)}
+	dir := filepath.Join(t.TempDir(), "upstream")
+	u.server = startServer(t, dir)
+	return u
+}
+
+// add builds a closure and copies it into the upstream cache.
+func (u *upstreamCache) add(t *testing.T, compression string) (string, []string) {
+	t.Helper()
+	top, closure := u.src.buildClosure(128)
+	u.src.must("nix", "copy", "--to", "file://"+u.cacheDir+"?compression="+compression+"&secret-key="+u.key.secretFile, top)
+	return top, closure
+}
+
+func narInfoField(ni []byte, field string) string {
+	for _, l := range strings.Split(string(ni), "\n") {
+		if v, ok := strings.CutPrefix(l, field+": "); ok {
+			return v
+		}
+	}
+	return ""
+}
+
+// TestUpstreamFallback: a reader substitutes, through the cache's read
+// listener, a closure that only upstream has; the cache keeps it with the
+// upstream's signature and serves it from disk once upstream is gone.
+func TestUpstreamFallback(t *testing.T) {
+	up := newUpstreamCache(t)
+	top, closure := up.add(t, "xz")
+	srv := startServer(t, "", "--upstream", up.readURL, "--upstream-key", up.key.public)
+
+	sub := newNix(t, "substituters = "+srv.readURL, "trusted-public-keys = "+up.key.public)
+	sub.must("nix-store", "--realise", top)
+	for _, p := range closure {
+		sameTree(t, up.src, sub, p)
+		hash := strings.TrimPrefix(p, "/nix/store/")[:32]
+		ni, err := os.ReadFile(filepath.Join(srv.cacheDir, hash+".narinfo"))
+		if err != nil {
+			t.Fatalf("%s not kept in the cache: %v", p, err)
+		}
+		upNi, _ := os.ReadFile(filepath.Join(up.cacheDir, hash+".narinfo"))
+		if string(ni) != string(upNi) {
+			t.Errorf("narinfo of %s changed on the way:\n%s", p, ni)
+		}
+		if _, err := os.Stat(filepath.Join(srv.cacheDir, narInfoField(ni, "URL"))); err != nil {
+			t.Errorf("NAR of %s not kept: %v", p, err)
+		}
+	}
+
+	up.stop()
+	again := newNix(t, "substituters = "+srv.readURL, "trusted-public-keys = "+up.key.public)
+	again.must("nix-store", "--realise", top)
+	for _, p := range closure {
+		sameTree(t, up.src, again, p)
+	}
+}
+
+// TestUpstreamRefusals: a tampered upstream NAR is refused and nothing of
+// it stays; a path signed by a key the cache does not trust upstream is a
+// 404; a dead upstream costs the reader a miss within seconds.
+func TestUpstreamRefusals(t *testing.T) {
+	t.Run("tampered NAR", func(t *testing.T) {
+		up := newUpstreamCache(t)
+		top, _ := up.add(t, "none")
+		hash := strings.TrimPrefix(top, "/nix/store/")[:32]
+		ni, err := os.ReadFile(filepath.Join(up.cacheDir, hash+".narinfo"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		url := narInfoField(ni, "URL")
+		nar := filepath.Join(up.cacheDir, url)
+		b, err := os.ReadFile(nar)
+		if err != nil {
+			t.Fatal(err)
+		}
+		i := strings.Index(string(b), "hello")
+		b[i] = 'j' // same size, other content
+		if err := os.WriteFile(nar, b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		srv := startServer(t, "", "--upstream", up.readURL, "--upstream-key", up.key.public)
+		if code, _ := httpDo(t, "GET", srv.readURL+"/"+hash+".narinfo", nil); code != 404 {
+			t.Errorf("narinfo of a path with a tampered NAR: %d, want 404", code)
+		}
+		sub := newNix(t, "substituters = "+srv.readURL, "trusted-public-keys = "+up.key.public)
+		if out, err := sub.run(nil, "nix-store", "--realise", top); err == nil || sub.hasPath(top) {
+			t.Fatalf("a tampered path was substituted:\n%s", out)
+		}
+		for _, rel := range []string{hash + ".narinfo", url} {
+			if _, err := os.Stat(filepath.Join(srv.cacheDir, rel)); err == nil {
+				t.Errorf("%s of the tampered path stayed in the cache", rel)
+			}
+		}
+		if ents, _ := os.ReadDir(filepath.Join(srv.cacheDir, ".tmp")); len(ents) > 0 {
+			t.Errorf("left in .tmp: %v", ents)
+		}
+	})
+
+	t.Run("foreign key", func(t *testing.T) {
+		up := newUpstreamCache(t)
+		top, _ := up.add(t, "zstd")
+		other := newSigningKey(t, "other-1")
+		srv := startServer(t, "", "--upstream", up.readURL, "--upstream-key", other.public)
+		hash := strings.TrimPrefix(top, "/nix/store/")[:32]
+		if code, _ := httpDo(t, "GET", srv.readURL+"/"+hash+".narinfo", nil); code != 404 {
+			t.Errorf("narinfo signed by an untrusted key: %d, want 404", code)
+		}
+		if _, err := os.Stat(filepath.Join(srv.cacheDir, hash+".narinfo")); err == nil {
+			t.Error("a path signed by an untrusted key was stored")
+		}
+	})
+
+	t.Run("dead upstream", func(t *testing.T) {
+		src := newNix(t)
+		top, _ := src.buildClosure(16)
+		key := newSigningKey(t, "upstream-1")
+		srv := startServer(t, "", "--upstream", "http://"+freeAddr(t), "--upstream-key", key.public)
+		sub := newNix(t, "substituters = "+srv.readURL, "trusted-public-keys = "+key.public)
+		start := time.Now()
+		out, err := sub.run(nil, "nix-store", "--realise", top)
+		if err == nil {
+			t.Fatalf("substituted from a dead upstream:\n%s", out)
+		}
+		if d := time.Since(start); d > 15*time.Second {
+			t.Errorf("a dead upstream cost the reader %s", d)
+		}
+	})
+}
