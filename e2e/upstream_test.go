@@ -147,3 +147,42 @@ func TestUpstreamRefusals(t *testing.T) {
 		}
 	})
 }
+
+// TestUpstreamThroughOnions: an appliance with no clearnet reaches its
+// upstream through its own tor (--upstream-via-tor; here upstream is an
+// onion), and a reader substitutes, through the read onion, a closure
+// that only upstream has.
+func TestUpstreamThroughOnions(t *testing.T) {
+	key := newSigningKey(t, "upstream-1")
+	src := newNix(t)
+	top, closure := src.buildClosure(64)
+	upDir := filepath.Join(t.TempDir(), "upstream")
+	src.must("nix", "copy", "--to", "file://"+upDir+"?compression=zstd&secret-key="+key.secretFile, top)
+	up := startOnionServer(t, filepath.Join(t.TempDir(), "upstate"), upDir, "--public-read")
+
+	srv := startOnionServer(t, filepath.Join(t.TempDir(), "state"), filepath.Join(t.TempDir(), "cache"), "--public-read",
+		"--upstream", up.readURL, "--upstream-key", key.public, "--upstream-via-tor")
+	reader := torClient(t, "")
+	waitOnion(t, reader.SocksAddr(), srv.readURL)
+	// The cache's tor needs a circuit to upstream's onion first; a failed
+	// try is remembered for a while, so poll.
+	hash := strings.TrimPrefix(top, "/nix/store/")[:32]
+	deadline := time.Now().Add(4 * time.Minute)
+	for {
+		code, _, err := onionHTTP(reader.SocksAddr(), "GET", srv.readURL+"/"+hash+".narinfo", nil)
+		if err == nil && code == 200 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("narinfo not fetched through tor in 4 minutes: %d %v\n%s", code, err, srv.out)
+		}
+		time.Sleep(2 * time.Second)
+	}
+	sub := newNix(t, "substituters = "+srv.readURL, "trusted-public-keys = "+key.public)
+	if out, err := sub.run([]string{"ALL_PROXY=socks5h://" + reader.SocksAddr()}, "nix-store", "--realise", top); err != nil {
+		t.Fatalf("substitute through the read onion: %v\n%s", err, out)
+	}
+	for _, p := range closure {
+		sameTree(t, src, sub, p)
+	}
+}

@@ -41,9 +41,10 @@ type Config struct {
 	// NegativeTTL is how long a path that no upstream has, or that could
 	// not be fetched, is not asked for again; default 30 s.
 	NegativeTTL time.Duration
-	// Transport carries the requests (through Tor, for one); default a
-	// direct one with the timeouts above.
-	Transport http.RoundTripper
+	// Proxy, when set, chooses the proxy of each request: a SOCKS5 proxy
+	// (socks5://127.0.0.1:PORT) sends them through Tor, for an appliance
+	// with no clearnet. Default: http.ProxyFromEnvironment.
+	Proxy func(*http.Request) (*url.URL, error)
 	// Log receives what was fetched and what was refused; default the
 	// standard logger.
 	Log *logrus.Entry
@@ -100,20 +101,19 @@ func New(cfg Config) (*Fetcher, error) {
 		}
 		f.bases = append(f.bases, u)
 	}
-	tr := cfg.Transport
-	if tr == nil {
-		tr = &http.Transport{
-			Proxy:                 http.ProxyFromEnvironment,
-			DialContext:           (&net.Dialer{Timeout: cfg.Timeout, KeepAlive: 30 * time.Second}).DialContext,
-			TLSHandshakeTimeout:   cfg.Timeout,
-			ResponseHeaderTimeout: cfg.Timeout,
-			MaxIdleConnsPerHost:   8,
-			IdleConnTimeout:       90 * time.Second,
-			// NARs are stored as they come: no transparent decoding.
-			DisableCompression: true,
-		}
+	if cfg.Proxy == nil {
+		cfg.Proxy = http.ProxyFromEnvironment
 	}
-	f.client = &http.Client{Transport: tr}
+	f.client = &http.Client{Transport: &http.Transport{
+		Proxy:                 cfg.Proxy,
+		DialContext:           (&net.Dialer{Timeout: cfg.Timeout, KeepAlive: 30 * time.Second}).DialContext,
+		TLSHandshakeTimeout:   cfg.Timeout,
+		ResponseHeaderTimeout: cfg.Timeout,
+		MaxIdleConnsPerHost:   8,
+		IdleConnTimeout:       90 * time.Second,
+		// NARs are stored as they come: no transparent decoding.
+		DisableCompression: true,
+	}}
 	return f, nil
 }
 

@@ -212,7 +212,7 @@ func serveMain(f serveFlags, log *logrus.Entry) error {
 	if err := os.Chmod(f.stateDir, 0o700); err != nil {
 		return fmt.Errorf("state directory: %w", err)
 	}
-	up, err := f.upstream.fetcher(f.storeDir, log)
+	up, err := f.upstream.fetcher(f.storeDir, f.torMode, log)
 	if err != nil {
 		return err
 	}
@@ -268,6 +268,7 @@ func serveMain(f serveFlags, log *logrus.Entry) error {
 			return err
 		}
 		defer o.close()
+		f.upstream.tor.use(o.tor.SocksAddr)
 		go o.watchClients(ctx)
 		status.setOnions(o)
 	}

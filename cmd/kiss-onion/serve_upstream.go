@@ -1,7 +1,11 @@
 package main
 
 import (
+	"errors"
 	"flag"
+	"net/http"
+	"net/url"
+	"sync/atomic"
 	"time"
 
 	"github.com/sirupsen/logrus"
@@ -18,21 +22,27 @@ type upstreamFlags struct {
 	keys    stringList
 	timeout time.Duration
 	maxSize byteSize
+	viaTor  bool
+	// tor is the SOCKS port of serve's own tor once it runs, for
+	// --upstream-via-tor.
+	tor *torProxy
 }
 
 func (u *upstreamFlags) register(fs *flag.FlagSet) {
 	u.maxSize = 8 << 30
+	u.tor = &torProxy{}
 	fs.Var(&u.urls, "upstream", "fetch narinfos the cache lacks from this upstream cache `URL` (repeatable, tried in order)")
 	fs.Var(&u.keys, "upstream-key", "accept from upstream only paths signed by this `name:base64` key (repeatable)")
-	fs.DurationVar(&u.timeout, "upstream-timeout", 5*time.Second, "connect and answer `timeout` of upstream requests")
+	fs.DurationVar(&u.timeout, "upstream-timeout", 0, "connect and answer `timeout` of upstream requests (0: 5s, 30s with --upstream-via-tor)")
 	fs.Var(&u.maxSize, "upstream-max-size", "largest NAR `size` fetched from upstream (like 512M or 8G)")
+	fs.BoolVar(&u.viaTor, "upstream-via-tor", false, "reach upstream through serve's tor (for an appliance with no clearnet; needs --tor public or local)")
 }
 
 // fetcher returns the Fetcher the flags ask for, nil without --upstream.
-func (u *upstreamFlags) fetcher(storeDir string, log *logrus.Entry) (serve.Upstream, error) {
+func (u *upstreamFlags) fetcher(storeDir, torMode string, log *logrus.Entry) (serve.Upstream, error) {
 	if len(u.urls) == 0 {
-		if len(u.keys) > 0 {
-			return nil, usagef("--upstream-key needs --upstream")
+		if len(u.keys) > 0 || u.viaTor {
+			return nil, usagef("--upstream-key and --upstream-via-tor need --upstream")
 		}
 		return nil, nil
 	}
@@ -47,16 +57,49 @@ func (u *upstreamFlags) fetcher(storeDir string, log *logrus.Entry) (serve.Upstr
 		}
 		keys = append(keys, k)
 	}
-	f, err := upstream.New(upstream.Config{
+	cfg := upstream.Config{
 		URLs:     u.urls,
 		Keys:     keys,
 		StoreDir: storeDir,
 		Timeout:  u.timeout,
 		MaxSize:  int64(u.maxSize),
 		Log:      log.WithField("component", "upstream"),
-	})
+	}
+	if u.viaTor {
+		if torMode == "off" {
+			return nil, usagef("--upstream-via-tor needs tor: --tor public or local")
+		}
+		cfg.Proxy = u.tor.proxy
+		if cfg.Timeout == 0 {
+			// A first circuit to an onion takes seconds, often ten or more.
+			cfg.Timeout = 30 * time.Second
+		}
+	}
+	f, err := upstream.New(cfg)
 	if err != nil {
 		return nil, usagef("--upstream: %v", err)
 	}
 	return f, nil
+}
+
+// torProxy sends upstream requests to the SOCKS port of serve's tor,
+// which may move when tor is restarted.
+type torProxy struct {
+	addr atomic.Pointer[func() string]
+}
+
+// use sets where the SOCKS port is found, once tor runs.
+func (t *torProxy) use(addr func() string) { t.addr.Store(&addr) }
+
+func (t *torProxy) proxy(*http.Request) (*url.URL, error) {
+	fn := t.addr.Load()
+	if fn == nil {
+		return nil, errors.New("tor is not running yet")
+	}
+	a := (*fn)()
+	if a == "" {
+		return nil, errors.New("tor has no SOCKS port")
+	}
+	// tor resolves the name: an onion, or a clearnet name through an exit.
+	return &url.URL{Scheme: "socks5", Host: a}, nil
 }
