@@ -186,3 +186,62 @@ func TestUpstreamThroughOnions(t *testing.T) {
 		sameTree(t, src, sub, p)
 	}
 }
+
+// TestMirror: 'kiss-onion mirror' fetches closures from upstream ahead of
+// time and roots them: a reader substitutes them once upstream is gone,
+// and a prune keeps them while it deletes a path fetched on a miss.
+func TestMirror(t *testing.T) {
+	up := newUpstreamCache(t)
+	top, closure := up.add(t, "zstd")
+	other, otherClosure := up.add(t, "xz")
+	cacheDir := filepath.Join(t.TempDir(), "cache")
+	closureFile := filepath.Join(t.TempDir(), "closure.txt")
+	if err := os.WriteFile(closureFile, []byte(strings.Join(closure, "\n")+"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out, code := runKissOnion(t, "mirror", "--cache-dir", cacheDir, "--from", up.readURL, "--upstream-key", up.key.public, "--name", "fleet", "--closure-file", closureFile)
+	if code != 0 {
+		t.Fatalf("mirror: exit %d\n%s", code, out)
+	}
+	marker, err := os.ReadFile(filepath.Join(cacheDir, "gcroots", "mirror", "fleet"))
+	if err != nil || !strings.Contains(string(marker), top) {
+		t.Fatalf("no marker naming %s: %v %q", top, err, marker)
+	}
+	// A path the upstream key did not sign fails the run.
+	foreign := newSigningKey(t, "other-1")
+	if out, code := runKissOnion(t, "mirror", "--cache-dir", cacheDir, "--from", up.readURL, "--upstream-key", foreign.public, "--name", "x", other); code != 1 || !strings.Contains(out, "kiss-onion: error:") {
+		t.Errorf("mirror of a path with a foreign signature: exit %d\n%s", code, out)
+	}
+	if _, err := os.Stat(filepath.Join(cacheDir, "gcroots", "mirror", "x")); err == nil {
+		t.Error("marker written for a failed mirror")
+	}
+
+	// other comes in on a miss, unrooted.
+	srv := startServer(t, cacheDir, "--upstream", up.readURL, "--upstream-key", up.key.public)
+	sub := newNix(t, "substituters = "+srv.readURL, "trusted-public-keys = "+up.key.public)
+	sub.must("nix-store", "--realise", other)
+	up.stop()
+	if out, code := runKissOnion(t, "prune", "--state-dir", "", cacheDir); code != 0 {
+		t.Fatalf("prune: exit %d\n%s", code, out)
+	}
+	for _, p := range otherClosure {
+		hash := strings.TrimPrefix(p, "/nix/store/")[:32]
+		if _, err := os.Stat(filepath.Join(cacheDir, hash+".narinfo")); err == nil && !contains(closure, p) {
+			t.Errorf("prune kept %s, fetched on a miss and unrooted", p)
+		}
+	}
+	again := newNix(t, "substituters = "+srv.readURL, "trusted-public-keys = "+up.key.public)
+	again.must("nix-store", "--realise", top)
+	for _, p := range closure {
+		sameTree(t, up.src, again, p)
+	}
+}
+
+func contains(list []string, s string) bool {
+	for _, x := range list {
+		if x == s {
+			return true
+		}
+	}
+	return false
+}

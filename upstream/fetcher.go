@@ -45,6 +45,9 @@ type Config struct {
 	// (socks5://127.0.0.1:PORT) sends them through Tor, for an appliance
 	// with no clearnet. Default: http.ProxyFromEnvironment.
 	Proxy func(*http.Request) (*url.URL, error)
+	// Fetched, when set, is called after each path is stored, with its
+	// store path and the size of its NAR file (for progress).
+	Fetched func(storePath string, fileSize uint64)
 	// Log receives what was fetched and what was refused; default the
 	// standard logger.
 	Log *logrus.Entry
@@ -206,6 +209,9 @@ func (f *Fetcher) fetch(ctx context.Context, hash string, c *serve.Cache) error 
 		return err
 	}
 	f.log.WithFields(logrus.Fields{"path": ni.StorePath, "upstream": base.Redacted(), "size": ni.FileSize}).Info("fetched from upstream")
+	if f.cfg.Fetched != nil {
+		f.cfg.Fetched(ni.StorePath, ni.FileSize)
+	}
 	return nil
 }
 
