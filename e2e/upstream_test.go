@@ -189,7 +189,8 @@ func TestUpstreamThroughOnions(t *testing.T) {
 
 // TestMirror: 'kiss-onion mirror' fetches closures from upstream ahead of
 // time and roots them: a reader substitutes them once upstream is gone,
-// and a prune keeps them while it deletes a path fetched on a miss.
+// and prunes keep them, while a path fetched on a miss is kept for
+// --upstream-keep after its last read and then deleted.
 func TestMirror(t *testing.T) {
 	up := newUpstreamCache(t)
 	top, closure := up.add(t, "zstd")
@@ -216,11 +217,30 @@ func TestMirror(t *testing.T) {
 		t.Error("marker written for a failed mirror")
 	}
 
-	// other comes in on a miss, unrooted.
-	srv := startServer(t, cacheDir, "--upstream", up.readURL, "--upstream-key", up.key.public)
+	// other comes in on a miss, kept for a few seconds.
+	srv := startServer(t, cacheDir, "--upstream", up.readURL, "--upstream-key", up.key.public, "--upstream-keep", "3s")
 	sub := newNix(t, "substituters = "+srv.readURL, "trusted-public-keys = "+up.key.public)
 	sub.must("nix-store", "--realise", other)
 	up.stop()
+	if out, code := runKissOnion(t, "prune", "--state-dir", "", cacheDir); code != 0 {
+		t.Fatalf("prune: exit %d\n%s", code, out)
+	}
+	for _, p := range otherClosure {
+		hash := strings.TrimPrefix(p, "/nix/store/")[:32]
+		if _, err := os.Stat(filepath.Join(cacheDir, hash+".narinfo")); err != nil {
+			t.Errorf("prune deleted %s within its keep time", p)
+		}
+	}
+	keep := filepath.Join(cacheDir, "gcroots", "upstream", "recent")
+	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(500 * time.Millisecond) {
+		b, _ := os.ReadFile(keep)
+		if !strings.Contains(string(b), other) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("keep marker still names %s after 20 s:\n%s", other, b)
+		}
+	}
 	if out, code := runKissOnion(t, "prune", "--state-dir", "", cacheDir); code != 0 {
 		t.Fatalf("prune: exit %d\n%s", code, out)
 	}

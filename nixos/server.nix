@@ -212,6 +212,17 @@ in
         description = "Connect and answer timeout of upstream requests; null: 5s, 30s through tor.";
       };
 
+      keep = mkOption {
+        type = types.nullOr kolib.goDuration;
+        default = null;
+        example = "168h";
+        description = ''
+          Keep each path fetched from upstream this long after its last
+          read (with the marker gcroots/upstream/recent); null: until the
+          next prune (enable `prune` either way, or the cache only grows).
+        '';
+      };
+
       maxSize = mkOption {
         type = types.nullOr types.str;
         default = null;
@@ -289,6 +300,7 @@ in
       upstream-key = mkIf (cfg.upstream.urls != [ ]) cfg.upstream.keys;
       upstream-via-tor = mkIf (cfg.upstream.urls != [ ] && cfg.upstream.viaTor) true;
       upstream-timeout = mkIf (cfg.upstream.urls != [ ] && cfg.upstream.timeout != null) cfg.upstream.timeout;
+      upstream-keep = mkIf (cfg.upstream.urls != [ ] && cfg.upstream.keep != null) cfg.upstream.keep;
       upstream-max-size = mkIf (cfg.upstream.urls != [ ] && cfg.upstream.maxSize != null) cfg.upstream.maxSize;
     };
 

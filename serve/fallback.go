@@ -21,6 +21,10 @@ type Upstream interface {
 	// so that the cache stays closed under references. It returns an
 	// error wrapping fs.ErrNotExist when no upstream has the path.
 	Fetch(ctx context.Context, hash string, c *Cache) error
+	// Used records that the NAR file at url (a narinfo's URL) was read:
+	// fetched paths are kept for a while after their last read. It is
+	// called on every NAR read that finds the file, and must be cheap.
+	Used(url string)
 }
 
 // upstreamWait bounds what a read waits for a fetch from upstream, the

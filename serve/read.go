@@ -64,8 +64,13 @@ func (c *Cache) read(t target, q *query) answer {
 	if a.status == http.StatusNotFound && c.durable.visible(t.rel, pendingWait) {
 		a = c.readNow(t, q)
 	}
-	if a.status == http.StatusNotFound && t.kind == kindNarInfo && c.cfg.Upstream != nil {
-		a = c.readUpstream(t, q)
+	if c.cfg.Upstream != nil {
+		switch {
+		case a.status == http.StatusNotFound && t.kind == kindNarInfo:
+			a = c.readUpstream(t, q)
+		case a.status < 300 && t.kind == kindNar && !q.head:
+			c.cfg.Upstream.Used(t.rel)
+		}
 	}
 	return a
 }

@@ -19,6 +19,10 @@
 // remembered for a short while, so that a storm of queries for paths no
 // upstream has does not become a storm upstream.
 //
+// With a keep time, it names what it fetched in a marker (KeepMarker)
+// until that long after the path's last read, which serve reports (Used)
+// when it sends a NAR; prunes then keep the path.
+//
 // It does not decide what to delete (package prune) and does not stream a
 // NAR to a client while storing it: serve answers once the path is stored.
 package upstream

@@ -45,6 +45,13 @@ type Config struct {
 	// (socks5://127.0.0.1:PORT) sends them through Tor, for an appliance
 	// with no clearnet. Default: http.ProxyFromEnvironment.
 	Proxy func(*http.Request) (*url.URL, error)
+	// Keep, when set, keeps each fetched path for this long after it was
+	// fetched or its NAR last read, with the marker KeepMarker in
+	// CacheDir (keep.go); KeepLoop must run. Zero: fetched paths are
+	// rooted by nothing, and a prune deletes them.
+	Keep time.Duration
+	// CacheDir is the cache directory, for Keep.
+	CacheDir string
 	// Fetched, when set, is called after each path is stored, with its
 	// store path and the size of its NAR file (for progress).
 	Fetched func(storePath string, fileSize uint64)
@@ -61,6 +68,7 @@ type Fetcher struct {
 	client *http.Client
 	log    *logrus.Entry
 
+	keeper  *keeper // nil without Config.Keep
 	flights flightGroup
 	mu      sync.Mutex
 	misses  map[string]time.Time // hash part -> until when it is not asked again
@@ -97,6 +105,12 @@ func New(cfg Config) (*Fetcher, error) {
 		cfg.Log = logrus.NewEntry(logrus.StandardLogger())
 	}
 	f := &Fetcher{cfg: cfg, log: cfg.Log, misses: map[string]time.Time{}, now: time.Now}
+	if cfg.Keep > 0 {
+		if cfg.CacheDir == "" {
+			return nil, errors.New("a keep time needs the cache directory")
+		}
+		f.keeper = newKeeper(cfg.CacheDir, cfg.Keep, func() time.Time { return f.now() })
+	}
 	for _, s := range cfg.URLs {
 		u, err := url.Parse(strings.TrimSuffix(s, "/") + "/")
 		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
@@ -147,8 +161,17 @@ func (f *Fetcher) Fetch(ctx context.Context, hash string, c *serve.Cache) error 
 		}
 		return err
 	})
+	if f.keeper != nil && ctx.Value(nestedFetch{}) == nil {
+		// Once per closure: the marker keeps what came in.
+		if kerr := f.keeper.flush(); kerr != nil {
+			f.log.WithError(kerr).Error("keep marker not written")
+		}
+	}
 	return err
 }
+
+// nestedFetch marks the context of a reference's fetch.
+type nestedFetch struct{}
 
 // remembered returns the error of a recent miss of hash, if any.
 func (f *Fetcher) remembered(hash string) error {
@@ -196,7 +219,7 @@ func (f *Fetcher) fetch(ctx context.Context, hash string, c *serve.Cache) error 
 		if h == hash {
 			continue
 		}
-		if err := f.Fetch(ctx, h, c); err != nil {
+		if err := f.Fetch(context.WithValue(ctx, nestedFetch{}, true), h, c); err != nil {
 			return fmt.Errorf("%s: reference %s: %w", ni.StorePath, ref, err)
 		}
 	}
@@ -209,6 +232,9 @@ func (f *Fetcher) fetch(ctx context.Context, hash string, c *serve.Cache) error 
 		return err
 	}
 	f.log.WithFields(logrus.Fields{"path": ni.StorePath, "upstream": base.Redacted(), "size": ni.FileSize}).Info("fetched from upstream")
+	if f.keeper != nil {
+		f.keeper.fetched(ni.StorePath, ni.URL)
+	}
 	if f.cfg.Fetched != nil {
 		f.cfg.Fetched(ni.StorePath, ni.FileSize)
 	}

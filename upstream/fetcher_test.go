@@ -437,3 +437,61 @@ func TestServeFetchesOnAMiss(t *testing.T) {
 		t.Error("unsigned path stored")
 	}
 }
+
+// TestKeepMarker: with a keep time, fetched paths are named by the keep
+// marker until that long after their last read, across a restart.
+func TestKeepMarker(t *testing.T) {
+	key := testKey(t, "upstream-1")
+	up := newUpstreamCache(t)
+	lib := up.add("lib", nil, "xz", &key)
+	app := up.add("app", []string{lib.base}, "xz", &key)
+	c, dir := newCache(t)
+	now := time.Now()
+	newF := func() *Fetcher {
+		f, err := New(Config{URLs: []string{up.srv.URL}, Keys: []nixcache.PublicKey{key.PublicKey()}, Keep: time.Hour, CacheDir: dir, Log: quietLog()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		f.now = func() time.Time { return now }
+		return f
+	}
+	f := newF()
+	if err := f.Fetch(context.Background(), app.hash, c); err != nil {
+		t.Fatal(err)
+	}
+	marker := func() []string {
+		t.Helper()
+		b, err := os.ReadFile(filepath.Join(dir, KeepMarker))
+		if err != nil {
+			t.Fatal(err)
+		}
+		roots, err := nixcache.ParseMarker(b, "/nix/store")
+		if err != nil {
+			t.Fatalf("keep marker does not parse: %v\n%s", err, b)
+		}
+		return roots
+	}
+	if got := marker(); len(got) != 2 {
+		t.Fatalf("marker after a fetch: %v", got)
+	}
+	now = now.Add(50 * time.Minute)
+	f.Used(app.narURL)
+	f.Used("nar/" + strings.Repeat("a", 52) + ".nar") // not fetched: ignored
+	now = now.Add(20 * time.Minute)
+	f.keeper.flush()
+	if got := marker(); len(got) != 1 || got[0] != app.base {
+		t.Errorf("marker after app was read and lib was not: %v", got)
+	}
+	// A restarted serve takes up the marker.
+	f = newF()
+	now = now.Add(30 * time.Minute)
+	f.keeper.flush()
+	if got := marker(); len(got) != 1 {
+		t.Errorf("marker after a restart, within the keep time: %v", got)
+	}
+	now = now.Add(time.Hour)
+	f.keeper.flush()
+	if got := marker(); len(got) != 0 {
+		t.Errorf("marker past the keep time: %v", got)
+	}
+}

@@ -212,7 +212,7 @@ func serveMain(f serveFlags, log *logrus.Entry) error {
 	if err := os.Chmod(f.stateDir, 0o700); err != nil {
 		return fmt.Errorf("state directory: %w", err)
 	}
-	up, err := f.upstream.fetcher(f.storeDir, f.torMode, log)
+	up, err := f.upstream.fetcher(f.cacheDir, f.storeDir, f.torMode, log)
 	if err != nil {
 		return err
 	}
@@ -276,6 +276,7 @@ func serveMain(f serveFlags, log *logrus.Entry) error {
 		log.WithError(err).Warn("no status socket: 'kiss-onion status' will not reach this serve")
 	}
 	defer status.stop()
+	go f.upstream.keepLoop(ctx)
 	if f.pruneEvery > 0 {
 		go pruneEvery(ctx, f, log, status.size.recount)
 	}

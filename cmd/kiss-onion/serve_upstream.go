@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"flag"
 	"net/http"
@@ -23,14 +24,18 @@ type upstreamFlags struct {
 	timeout time.Duration
 	maxSize byteSize
 	viaTor  bool
+	keep    time.Duration
 	// tor is the SOCKS port of serve's own tor once it runs, for
 	// --upstream-via-tor.
 	tor *torProxy
+	// f is the fetcher made from the flags, nil without --upstream.
+	f *upstream.Fetcher
 }
 
 func (u *upstreamFlags) register(fs *flag.FlagSet) {
 	u.maxSize = 8 << 30
 	u.tor = &torProxy{}
+	fs.DurationVar(&u.keep, "upstream-keep", 0, "keep paths fetched from upstream this `long` after their last read, with the marker gcroots/upstream/recent (0: until a prune)")
 	fs.Var(&u.urls, "upstream", "fetch narinfos the cache lacks from this upstream cache `URL` (repeatable, tried in order)")
 	fs.Var(&u.keys, "upstream-key", "accept from upstream only paths signed by this `name:base64` key (repeatable)")
 	fs.DurationVar(&u.timeout, "upstream-timeout", 0, "connect and answer `timeout` of upstream requests (0: 5s, 30s with --upstream-via-tor)")
@@ -39,7 +44,7 @@ func (u *upstreamFlags) register(fs *flag.FlagSet) {
 }
 
 // fetcher returns the Fetcher the flags ask for, nil without --upstream.
-func (u *upstreamFlags) fetcher(storeDir, torMode string, log *logrus.Entry) (serve.Upstream, error) {
+func (u *upstreamFlags) fetcher(cacheDir, storeDir, torMode string, log *logrus.Entry) (serve.Upstream, error) {
 	if len(u.urls) == 0 {
 		if len(u.keys) > 0 || u.viaTor {
 			return nil, usagef("--upstream-key and --upstream-via-tor need --upstream")
@@ -63,6 +68,8 @@ func (u *upstreamFlags) fetcher(storeDir, torMode string, log *logrus.Entry) (se
 		StoreDir: storeDir,
 		Timeout:  u.timeout,
 		MaxSize:  int64(u.maxSize),
+		Keep:     u.keep,
+		CacheDir: cacheDir,
 		Log:      log.WithField("component", "upstream"),
 	}
 	if u.viaTor {
@@ -79,7 +86,15 @@ func (u *upstreamFlags) fetcher(storeDir, torMode string, log *logrus.Entry) (se
 	if err != nil {
 		return nil, usagef("--upstream: %v", err)
 	}
+	u.f = f
 	return f, nil
+}
+
+// keepLoop keeps the marker of --upstream-keep up to date until ctx ends.
+func (u *upstreamFlags) keepLoop(ctx context.Context) {
+	if u.f != nil {
+		u.f.KeepLoop(ctx)
+	}
 }
 
 // torProxy sends upstream requests to the SOCKS port of serve's tor,
