@@ -71,7 +71,8 @@ type Fetcher struct {
 	keeper  *keeper // nil without Config.Keep
 	flights flightGroup
 	mu      sync.Mutex
-	misses  map[string]time.Time // hash part -> until when it is not asked again
+	misses  map[string]time.Time   // hash part -> until when it is not asked again
+	down    map[*url.URL]time.Time // upstream -> until when it is not asked
 	now     func() time.Time
 }
 
@@ -104,7 +105,7 @@ func New(cfg Config) (*Fetcher, error) {
 	if cfg.Log == nil {
 		cfg.Log = logrus.NewEntry(logrus.StandardLogger())
 	}
-	f := &Fetcher{cfg: cfg, log: cfg.Log, misses: map[string]time.Time{}, now: time.Now}
+	f := &Fetcher{cfg: cfg, log: cfg.Log, misses: map[string]time.Time{}, down: map[*url.URL]time.Time{}, now: time.Now}
 	if cfg.Keep > 0 {
 		if cfg.CacheDir == "" {
 			return nil, errors.New("a keep time needs the cache directory")
@@ -247,9 +248,17 @@ func (f *Fetcher) fetch(ctx context.Context, hash string, c *serve.Cache) error 
 func (f *Fetcher) narInfo(ctx context.Context, hash string) (*nixcache.NarInfo, []byte, *url.URL, error) {
 	var errs []error
 	for _, base := range f.bases {
+		if until, down := f.isDown(base); down {
+			errs = append(errs, fmt.Errorf("%s: unreachable a moment ago, not asked again until %s", base.Redacted(), until.Format(time.TimeOnly)))
+			continue
+		}
 		ni, data, err := f.narInfoFrom(ctx, base, hash)
 		if err == nil {
 			return ni, data, base, nil
+		}
+		var ue *unreachable
+		if errors.As(err, &ue) && ctx.Err() == nil {
+			f.setDown(base)
 		}
 		if !errors.Is(err, fs.ErrNotExist) {
 			errs = append(errs, err)
@@ -291,6 +300,30 @@ func (f *Fetcher) narInfoFrom(ctx context.Context, base *url.URL, hash string) (
 	return ni, data, nil
 }
 
+// unreachable is an upstream request that got no answer: refused, timed
+// out, or cut off.
+type unreachable struct{ err error }
+
+func (e *unreachable) Error() string { return "upstream: " + e.err.Error() }
+func (e *unreachable) Unwrap() error { return e.err }
+
+// isDown reports whether base was unreachable within NegativeTTL, and
+// until when it is not asked: a dead upstream costs one timeout, not one
+// a narinfo, which Nix asks for one after another.
+func (f *Fetcher) isDown(base *url.URL) (time.Time, bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	until, ok := f.down[base]
+	return until, ok && f.now().Before(until)
+}
+
+func (f *Fetcher) setDown(base *url.URL) {
+	f.mu.Lock()
+	f.down[base] = f.now().Add(f.cfg.NegativeTTL)
+	f.mu.Unlock()
+	f.log.WithFields(logrus.Fields{"upstream": base.Redacted(), "for": f.cfg.NegativeTTL}).Warn("upstream unreachable: not asked for a while")
+}
+
 // get sends a GET of u and returns a 200 answer; a 404 or 403 (which Nix
 // reads as not found) wraps fs.ErrNotExist.
 func (f *Fetcher) get(ctx context.Context, u *url.URL) (*http.Response, error) {
@@ -300,7 +333,7 @@ func (f *Fetcher) get(ctx context.Context, u *url.URL) (*http.Response, error) {
 	}
 	resp, err := f.client.Do(req)
 	if err != nil {
-		return nil, fmt.Errorf("upstream: %w", err)
+		return nil, &unreachable{err}
 	}
 	switch resp.StatusCode {
 	case http.StatusOK:

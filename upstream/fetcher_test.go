@@ -381,6 +381,14 @@ func TestDeadUpstreamFailsFast(t *testing.T) {
 			if d := time.Since(start); d > 5*time.Second {
 				t.Errorf("took %s", d)
 			}
+			// Other paths do not wait for it again.
+			start = time.Now()
+			if err := f.Fetch(context.Background(), strings.Repeat("d", 32), c); err == nil {
+				t.Fatal("fetched from a dead upstream")
+			}
+			if d := time.Since(start); d > 100*time.Millisecond {
+				t.Errorf("a second path took %s: the dead upstream was asked again", d)
+			}
 		})
 	}
 }
