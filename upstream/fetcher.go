@@ -68,13 +68,18 @@ type Fetcher struct {
 	client *http.Client
 	log    *logrus.Entry
 
-	keeper  *keeper // nil without Config.Keep
-	flights flightGroup
-	mu      sync.Mutex
-	misses  map[string]time.Time   // hash part -> until when it is not asked again
-	down    map[*url.URL]time.Time // upstream -> until when it is not asked
-	now     func() time.Time
+	keeper *keeper // nil without Config.Keep
+	// downloads bounds the NARs downloaded at once.
+	downloads chan struct{}
+	flights   flightGroup
+	mu        sync.Mutex
+	misses    map[string]time.Time   // hash part -> until when it is not asked again
+	down      map[*url.URL]time.Time // upstream -> until when it is not asked
+	now       func() time.Time
 }
+
+// maxDownloads is how many NARs are downloaded at once.
+const maxDownloads = 4
 
 // maxNarInfoSize bounds a narinfo from upstream.
 const maxNarInfoSize = 1 << 20
@@ -105,7 +110,8 @@ func New(cfg Config) (*Fetcher, error) {
 	if cfg.Log == nil {
 		cfg.Log = logrus.NewEntry(logrus.StandardLogger())
 	}
-	f := &Fetcher{cfg: cfg, log: cfg.Log, misses: map[string]time.Time{}, down: map[*url.URL]time.Time{}, now: time.Now}
+	f := &Fetcher{cfg: cfg, log: cfg.Log, misses: map[string]time.Time{}, down: map[*url.URL]time.Time{}, now: time.Now,
+		downloads: make(chan struct{}, maxDownloads)}
 	if cfg.Keep > 0 {
 		if cfg.CacheDir == "" {
 			return nil, errors.New("a keep time needs the cache directory")
@@ -157,7 +163,9 @@ func (f *Fetcher) Fetch(ctx context.Context, hash string, c *serve.Cache) error 
 			return nil
 		}
 		err := f.fetch(ctx, hash, c)
-		if err != nil {
+		if err != nil && ctx.Err() == nil {
+			// Not a fetch cut short by its caller: that says nothing
+			// of upstream.
 			f.remember(hash)
 		}
 		return err
@@ -215,17 +223,14 @@ func (f *Fetcher) fetch(ctx context.Context, hash string, c *serve.Cache) error 
 	if int64(ni.FileSize) > f.cfg.MaxSize || int64(ni.NarSize) > f.cfg.MaxSize {
 		return fmt.Errorf("%s: %d bytes (%d as a file) is over the upstream size limit of %d", ni.StorePath, ni.NarSize, ni.FileSize, f.cfg.MaxSize)
 	}
-	for _, ref := range ni.References {
-		h := ref[:nixcache.HashLen]
-		if h == hash {
-			continue
-		}
-		if err := f.Fetch(context.WithValue(ctx, nestedFetch{}, true), h, c); err != nil {
-			return fmt.Errorf("%s: reference %s: %w", ni.StorePath, ref, err)
-		}
+	if err := f.references(ctx, hash, ni, c); err != nil {
+		return err
 	}
 	if !c.HasNar(ni.URL) {
-		if err := f.nar(ctx, base, ni, c); err != nil {
+		f.downloads <- struct{}{}
+		err := f.nar(ctx, base, ni, c)
+		<-f.downloads
+		if err != nil {
 			return err
 		}
 	}
@@ -240,6 +245,41 @@ func (f *Fetcher) fetch(ctx context.Context, hash string, c *serve.Cache) error 
 		f.cfg.Fetched(ni.StorePath, ni.FileSize)
 	}
 	return nil
+}
+
+// refParallel is how many references of one path are fetched at once.
+const refParallel = 4
+
+// references fetches ni's references that c lacks, a few at a time, and
+// returns the first error.
+func (f *Fetcher) references(ctx context.Context, hash string, ni *nixcache.NarInfo, c *serve.Cache) error {
+	ctx, cancel := context.WithCancel(context.WithValue(ctx, nestedFetch{}, true))
+	defer cancel()
+	var (
+		wg    sync.WaitGroup
+		once  sync.Once
+		first error
+		slots = make(chan struct{}, refParallel)
+	)
+	for _, ref := range ni.References {
+		h := ref[:nixcache.HashLen]
+		if h == hash || c.HasNarInfo(h) {
+			continue
+		}
+		slots <- struct{}{}
+		wg.Add(1)
+		go func() {
+			defer func() { <-slots; wg.Done() }()
+			if err := f.Fetch(ctx, h, c); err != nil {
+				once.Do(func() {
+					first = fmt.Errorf("%s: reference %s: %w", ni.StorePath, ref, err)
+					cancel()
+				})
+			}
+		}()
+	}
+	wg.Wait()
+	return first
 }
 
 // narInfo asks each upstream in turn for hash's narinfo and returns the
