@@ -5,6 +5,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/http"
+	"net/url"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -27,7 +29,7 @@ func init() {
 
 const mirrorUsage = `
 Usage:
-	kiss-onion mirror [--cache-dir DIR] --from URL --upstream-key NAME:KEY [--name NAME] STORE_PATH... [--closure-file F]
+	kiss-onion mirror [--cache-dir DIR] [--from URL --upstream-key NAME:KEY] [--proxy URL] [--name NAME] STORE_PATH... [--closure-file F]
 
 Fetches store paths with their closures from upstream caches into the
 cache directory, as serve --upstream does on a miss (signatures checked
@@ -35,7 +37,10 @@ against the upstream keys and kept unchanged), and then writes the marker
 gcroots/mirror/NAME naming them, so that prunes keep them: for a fleet
 that will be cut off from upstream. It holds an upload lock while it
 fetches, beside a running serve. A path that no upstream has fails the
-run, and no marker is written.
+run, and no marker is written. Without --from it fetches from
+https://cache.nixos.org, trusting its key cache.nixos.org-1; --proxy
+(socks5h://127.0.0.1:9050 for a system tor) reaches upstream through a
+proxy.
 
 Arguments:
 	STORE_PATH...  store paths (/nix/store/HASH-NAME) to fetch with their
@@ -59,6 +64,7 @@ func runMirror(args []string) error {
 	fs.Var(&keys, "upstream-key", "accept only paths signed by this `name:base64` key (repeatable)")
 	fs.Var(&closureFiles, "closure-file", "also fetch the store paths listed in this `file` (repeatable)")
 	name := fs.String("name", "default", "the marker's `name`: gcroots/mirror/NAME")
+	proxy := fs.String("proxy", "", "reach upstream through this proxy `URL` (http://, socks5h:// for Tor)")
 	timeout := fs.Duration("upstream-timeout", 0, "connect and answer `timeout` of upstream requests (0: 5s)")
 	lockWait := fs.Duration("lock-wait", 30*time.Minute, "how long to retry the upload lock while a prune holds the cache")
 	storeDir := fs.String("store-dir", nixcache.DefaultStoreDir, "the Nix store `directory` the cache is for")
@@ -66,8 +72,14 @@ func runMirror(args []string) error {
 	if err != nil {
 		return err
 	}
-	if len(from) == 0 || len(keys) == 0 {
-		return usagef("mirror needs --from and --upstream-key")
+	if len(from) == 0 {
+		from = stringList{defaultUpstream}
+		if len(keys) == 0 {
+			keys = stringList{defaultUpstreamKey}
+		}
+	}
+	if len(keys) == 0 {
+		return usagef("mirror needs --upstream-key: what comes from upstream must be signed")
 	}
 	if err := nixcache.CheckMarkerName("mirror/" + *name); err != nil {
 		return usagef("--name: %v", err)
@@ -118,6 +130,13 @@ func runMirror(args []string) error {
 			status.show(fmt.Sprintf("kiss-onion: fetched %d paths (%s), the last %s", fetched, prune.FormatBytes(int64(bytes)), p))
 		}
 	}
+	if *proxy != "" {
+		u, err := url.Parse(*proxy)
+		if err != nil || u.Host == "" {
+			return usagef("--proxy %q is not a URL", *proxy)
+		}
+		cfg.Proxy = http.ProxyURL(u)
+	}
 	fetcher, err := upstream.New(cfg)
 	if err != nil {
 		return usagef("--from: %v", err)
@@ -159,6 +178,13 @@ func runMirror(args []string) error {
 		len(paths), *cacheDir, fetched, prune.FormatBytes(int64(bytes)), *name)
 	return nil
 }
+
+// The upstream mirror fetches from without --from, as Nix's default
+// substituter.
+const (
+	defaultUpstream    = "https://cache.nixos.org"
+	defaultUpstreamKey = "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY="
+)
 
 // acquireMirrorLock takes the upload lock name, retrying while a prune
 // holds the cache, for at most wait.
