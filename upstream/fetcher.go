@@ -78,6 +78,9 @@ type Fetcher struct {
 	now       func() time.Time
 }
 
+// maxMisses bounds the misses remembered at once (about 100 bytes each).
+const maxMisses = 1 << 16
+
 // maxDownloads is how many NARs are downloaded at once.
 const maxDownloads = 4
 
@@ -208,6 +211,9 @@ func (f *Fetcher) remember(hash string) {
 			if !now.Before(until) {
 				delete(f.misses, h)
 			}
+		}
+		if len(f.misses) >= maxMisses {
+			return // a storm of distinct misses: the upstream takes it
 		}
 	}
 	f.misses[hash] = now.Add(f.cfg.NegativeTTL)
