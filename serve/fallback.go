@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"net/http"
 	"time"
 
 	"github.com/kiss-onion/kiss-onion/internal/nixcache"
@@ -13,39 +14,71 @@ import (
 
 // Upstream fetches into the cache what it lacks; package upstream has the
 // one kiss-onion uses. A narinfo that the cache does not have, on either
-// role, is asked of it, and answered from disk once stored. A hit never
-// reaches it.
+// role, is asked of it; so is a NAR that the cache does not have, which
+// may be downloading. A hit never reaches it.
 type Upstream interface {
-	// Fetch brings the store path whose hash part is hash into c, with
-	// its closure, through StoreNar and StoreNarInfo: references first,
-	// so that the cache stays closed under references. It returns an
-	// error wrapping fs.ErrNotExist when no upstream has the path.
-	Fetch(ctx context.Context, hash string, c *Cache) error
+	// Lookup returns the narinfo of the store path whose hash part is
+	// hash once it and its closure are known to be upstream, and brings
+	// them into c in the background, through StoreNar and StoreNarInfo:
+	// references first, so that the cache on disk stays closed under
+	// references. It returns nil and no error when c has the path, and
+	// an error wrapping fs.ErrNotExist when no upstream has it.
+	Lookup(ctx context.Context, hash string, c *Cache) ([]byte, error)
+	// OpenNar returns a reader of the NAR file at url (a narinfo's URL)
+	// while it downloads, from its first byte, and its size (-1 when
+	// unknown); false when no download of it is under way.
+	OpenNar(url string, c *Cache) (io.ReadCloser, int64, bool)
 	// Used records that the NAR file at url (a narinfo's URL) was read:
 	// fetched paths are kept for a while after their last read. It is
 	// called on every NAR read that finds the file, and must be cheap.
 	Used(url string)
 }
 
-// upstreamWait bounds what a read waits for a fetch from upstream, the
-// closure of the path and its NARs included.
-const upstreamWait = 10 * time.Minute
+// upstreamWait bounds what a read waits for the narinfos of a closure
+// from upstream.
+const upstreamWait = 2 * time.Minute
 
-// readUpstream answers a narinfo the cache lacks by fetching it from
-// upstream: 404 when no upstream has it or what came was refused.
-//
-// The whole closure is stored before the narinfo is answered; the NAR is
-// not yet streamed to the first client while it is stored.
+// readUpstream answers a narinfo the cache lacks from upstream: 404 when
+// no upstream has it or what came was refused. It is answered as soon as
+// the narinfos of its closure are checked, from memory, while the NARs
+// download; it becomes visible on disk once they are stored.
 func (c *Cache) readUpstream(t target, q *query) answer {
 	ctx, cancel := context.WithTimeout(context.Background(), upstreamWait)
 	defer cancel()
-	if err := c.cfg.Upstream.Fetch(ctx, t.name, c); err != nil {
+	data, err := c.cfg.Upstream.Lookup(ctx, t.name, c)
+	if err != nil {
 		if !errors.Is(err, fs.ErrNotExist) {
 			c.log.WithField("path", t.rel).WithError(err).Warn("not fetched from upstream")
 		}
 		return notFound
 	}
-	return c.readNow(t, q)
+	if data == nil {
+		return c.readNow(t, q)
+	}
+	now := time.Now()
+	return respond(q, narInfoType, etagOf(int64(len(data)), now), now.UTC().Format(http.TimeFormat), now, data, nil)
+}
+
+// readUpstreamNar answers a NAR the cache lacks from its download from
+// upstream, as it comes: 200 with the whole file (a Range is ignored,
+// and none is offered), cut off if the download fails.
+func (c *Cache) readUpstreamNar(t target, q *query) answer {
+	rc, size, ok := c.cfg.Upstream.OpenNar(t.rel, c)
+	if !ok {
+		// It may have been stored meanwhile, or be on its way there.
+		a := c.readNow(t, q)
+		if a.status == http.StatusNotFound && c.durable.visible(t.rel, pendingWait) {
+			a = c.readNow(t, q)
+		}
+		return a
+	}
+	a := answer{status: http.StatusOK, ctype: contentType[kindNar], length: size}
+	if q.head || size == 0 {
+		rc.Close()
+		return a
+	}
+	a.stream = rc
+	return a
 }
 
 // HasNarInfo reports whether the cache holds the narinfo of the store

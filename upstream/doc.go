@@ -4,13 +4,15 @@
 // all of nixpkgs through it.
 //
 // A Fetcher asks its upstreams, in order, for a narinfo; one that no
-// upstream key signed is refused. It then fetches the path's references
-// the same way, downloads the NAR and checks it against the narinfo (the
-// file's hash and size when given, and always the signed NarHash and
-// NarSize, decompressing as it goes), and stores it through the serve
-// package: the NAR, then the narinfo, visible last, so that the cache
-// stays a valid file:// cache closed under references. Nothing of a path
-// that fails a check stays in the cache.
+// upstream key signed is refused. It resolves the path's closure the same
+// way (closure.go), and only then may serve answer the narinfo. The NARs
+// then download in the background, each checked as it comes (the file's
+// hash and size when given, and always the signed NarHash and NarSize,
+// decompressing as it goes), and are stored through the serve package,
+// each narinfo after its NAR and its references', visible last, so that
+// the cache stays a valid file:// cache closed under references. A client
+// reads a NAR still downloading from a spool as it grows (OpenNar).
+// Nothing of a path that fails a check stays in the cache.
 //
 // Upstream requests are bounded: a connect and a header timeout of a few
 // seconds (a dead upstream costs a reader seconds; Nix disables a slow
@@ -23,6 +25,5 @@
 // until that long after the path's last read, which serve reports (Used)
 // when it sends a NAR; prunes then keep the path.
 //
-// It does not decide what to delete (package prune) and does not stream a
-// NAR to a client while storing it: serve answers once the path is stored.
+// It does not decide what to delete (package prune).
 package upstream

@@ -71,7 +71,13 @@ type Fetcher struct {
 	keeper *keeper // nil without Config.Keep
 	// downloads bounds the NARs downloaded at once.
 	downloads chan struct{}
+	// resolving and flights run one resolve and one store of a path at a
+	// time; nodes and byURL are the paths resolved and not yet stored, by
+	// hash part and by NAR URL (closure.go).
+	resolving flightGroup
 	flights   flightGroup
+	nodes     map[string]*node
+	byURL     map[string]*node
 	mu        sync.Mutex
 	misses    map[string]time.Time   // hash part -> until when it is not asked again
 	down      map[*url.URL]time.Time // upstream -> until when it is not asked
@@ -114,7 +120,7 @@ func New(cfg Config) (*Fetcher, error) {
 		cfg.Log = logrus.NewEntry(logrus.StandardLogger())
 	}
 	f := &Fetcher{cfg: cfg, log: cfg.Log, misses: map[string]time.Time{}, down: map[*url.URL]time.Time{}, now: time.Now,
-		downloads: make(chan struct{}, maxDownloads)}
+		downloads: make(chan struct{}, maxDownloads), nodes: map[string]*node{}, byURL: map[string]*node{}}
 	if cfg.Keep > 0 {
 		if cfg.CacheDir == "" {
 			return nil, errors.New("a keep time needs the cache directory")
@@ -146,44 +152,6 @@ func New(cfg Config) (*Fetcher, error) {
 
 // errNotFound is a path that no upstream has (with a valid signature).
 var errNotFound = fmt.Errorf("not in any upstream: %w", fs.ErrNotExist)
-
-// Fetch brings the store path whose hash part is hash into c with its
-// closure, references first; it implements serve.Upstream. It returns an
-// error wrapping fs.ErrNotExist when no upstream has the path signed by
-// an upstream key.
-func (f *Fetcher) Fetch(ctx context.Context, hash string, c *serve.Cache) error {
-	if !nixcache.IsHashPart(hash) {
-		return fmt.Errorf("%q is not a store hash: %w", hash, fs.ErrNotExist)
-	}
-	if c.HasNarInfo(hash) {
-		return nil
-	}
-	if err := f.remembered(hash); err != nil {
-		return err
-	}
-	err := f.flights.do(hash, func() error {
-		if c.HasNarInfo(hash) {
-			return nil
-		}
-		err := f.fetch(ctx, hash, c)
-		if err != nil && ctx.Err() == nil {
-			// Not a fetch cut short by its caller: that says nothing
-			// of upstream.
-			f.remember(hash)
-		}
-		return err
-	})
-	if f.keeper != nil && ctx.Value(nestedFetch{}) == nil {
-		// Once per closure: the marker keeps what came in.
-		if kerr := f.keeper.flush(); kerr != nil {
-			f.log.WithError(kerr).Error("keep marker not written")
-		}
-	}
-	return err
-}
-
-// nestedFetch marks the context of a reference's fetch.
-type nestedFetch struct{}
 
 // remembered returns the error of a recent miss of hash, if any.
 func (f *Fetcher) remembered(hash string) error {
@@ -217,75 +185,6 @@ func (f *Fetcher) remember(hash string) {
 		}
 	}
 	f.misses[hash] = now.Add(f.cfg.NegativeTTL)
-}
-
-// fetch fetches one path that c lacks: its narinfo, its references, its
-// NAR, then stores the narinfo.
-func (f *Fetcher) fetch(ctx context.Context, hash string, c *serve.Cache) error {
-	ni, data, base, err := f.narInfo(ctx, hash)
-	if err != nil {
-		return err
-	}
-	if int64(ni.FileSize) > f.cfg.MaxSize || int64(ni.NarSize) > f.cfg.MaxSize {
-		return fmt.Errorf("%s: %d bytes (%d as a file) is over the upstream size limit of %d", ni.StorePath, ni.NarSize, ni.FileSize, f.cfg.MaxSize)
-	}
-	if err := f.references(ctx, hash, ni, c); err != nil {
-		return err
-	}
-	if !c.HasNar(ni.URL) {
-		f.downloads <- struct{}{}
-		err := f.nar(ctx, base, ni, c)
-		<-f.downloads
-		if err != nil {
-			return err
-		}
-	}
-	if err := c.StoreNarInfo(hash, data); err != nil {
-		return err
-	}
-	f.log.WithFields(logrus.Fields{"path": ni.StorePath, "upstream": base.Redacted(), "size": ni.FileSize}).Info("fetched from upstream")
-	if f.keeper != nil {
-		f.keeper.fetched(ni.StorePath, ni.URL)
-	}
-	if f.cfg.Fetched != nil {
-		f.cfg.Fetched(ni.StorePath, ni.FileSize)
-	}
-	return nil
-}
-
-// refParallel is how many references of one path are fetched at once.
-const refParallel = 4
-
-// references fetches ni's references that c lacks, a few at a time, and
-// returns the first error.
-func (f *Fetcher) references(ctx context.Context, hash string, ni *nixcache.NarInfo, c *serve.Cache) error {
-	ctx, cancel := context.WithCancel(context.WithValue(ctx, nestedFetch{}, true))
-	defer cancel()
-	var (
-		wg    sync.WaitGroup
-		once  sync.Once
-		first error
-		slots = make(chan struct{}, refParallel)
-	)
-	for _, ref := range ni.References {
-		h := ref[:nixcache.HashLen]
-		if h == hash || c.HasNarInfo(h) {
-			continue
-		}
-		slots <- struct{}{}
-		wg.Add(1)
-		go func() {
-			defer func() { <-slots; wg.Done() }()
-			if err := f.Fetch(ctx, h, c); err != nil {
-				once.Do(func() {
-					first = fmt.Errorf("%s: reference %s: %w", ni.StorePath, ref, err)
-					cancel()
-				})
-			}
-		}()
-	}
-	wg.Wait()
-	return first
 }
 
 // narInfo asks each upstream in turn for hash's narinfo and returns the
@@ -393,7 +292,7 @@ func (f *Fetcher) get(ctx context.Context, u *url.URL) (*http.Response, error) {
 }
 
 // nar downloads ni's NAR from base into c, checked as it comes (check.go).
-func (f *Fetcher) nar(ctx context.Context, base *url.URL, ni *nixcache.NarInfo, c *serve.Cache) error {
+func (f *Fetcher) nar(ctx context.Context, base *url.URL, ni *nixcache.NarInfo, c *serve.Cache, sp *spool) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	u := base.JoinPath(ni.URL)
@@ -417,7 +316,7 @@ func (f *Fetcher) nar(ctx context.Context, base *url.URL, ni *nixcache.NarInfo, 
 		return fmt.Errorf("%s: %w", ni.StorePath, err)
 	}
 	defer v.Close()
-	if err := c.StoreNar(ni.URL, v); err != nil {
+	if err := c.StoreNar(ni.URL, io.TeeReader(v, sp)); err != nil {
 		return fmt.Errorf("%s: %w", ni.StorePath, err)
 	}
 	return nil

@@ -503,3 +503,93 @@ func TestKeepMarker(t *testing.T) {
 		t.Errorf("marker past the keep time: %v", got)
 	}
 }
+
+// TestNarStreamsWhileStored: the first client gets the narinfo once the
+// closure's narinfos are checked, and the NAR as it downloads; a download
+// that turns out wrong cuts the client off and leaves nothing.
+func TestNarStreamsWhileStored(t *testing.T) {
+	key := testKey(t, "upstream-1")
+	up := newUpstreamCache(t)
+	good := up.add("good", nil, "none", &key)
+	bad := up.add("bad", nil, "none", &key)
+	os.WriteFile(filepath.Join(up.dir, bad.narURL), bytes.Repeat([]byte{1}, len(bad.nar)), 0o644)
+	release := make(chan struct{})
+	files := http.FileServer(http.Dir(up.dir))
+	slow := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !strings.HasPrefix(r.URL.Path, "/nar/") {
+			files.ServeHTTP(w, r)
+			return
+		}
+		b, err := os.ReadFile(filepath.Join(up.dir, r.URL.Path))
+		if err != nil {
+			http.NotFound(w, r)
+			return
+		}
+		w.Header().Set("Content-Length", fmt.Sprint(len(b)))
+		w.Write(b[:len(b)/2])
+		w.(http.Flusher).Flush()
+		<-release
+		w.Write(b[len(b)/2:])
+	}))
+	defer slow.Close()
+	f := newFetcher(t, key.PublicKey(), slow.URL)
+	dir := filepath.Join(t.TempDir(), "cache")
+	c, err := serve.New(serve.Config{Dir: dir, Upstream: f, Log: quietLog()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := c.NewServer(serve.Read, quietLog())
+	go srv.Serve(ln)
+	defer srv.Shutdown(context.Background())
+	base := "http://" + ln.Addr().String() + "/"
+
+	for _, tt := range []struct {
+		name string
+		p    path
+		ok   bool
+	}{{"good", good, true}, {"tampered", bad, false}} {
+		t.Run(tt.name, func(t *testing.T) {
+			resp, err := http.Get(base + tt.p.hash + ".narinfo")
+			if err != nil || resp.StatusCode != 200 {
+				t.Fatalf("narinfo: %v %v", resp.Status, err)
+			}
+			resp.Body.Close()
+			resp, err = http.Get(base + tt.p.narURL)
+			if err != nil || resp.StatusCode != 200 {
+				t.Fatalf("NAR: %v %v", resp.Status, err)
+			}
+			defer resp.Body.Close()
+			half := make([]byte, len(tt.p.nar)/2)
+			if _, err := io.ReadFull(resp.Body, half); err != nil {
+				t.Fatalf("first half of the NAR before the download ended: %v", err)
+			}
+			release <- struct{}{}
+			rest, err := io.ReadAll(resp.Body)
+			got := append(half, rest...)
+			if tt.ok {
+				if err != nil || !bytes.Equal(got, tt.p.nar) {
+					t.Errorf("streamed NAR: %d bytes, %v", len(got), err)
+				}
+				if _, err := os.Stat(filepath.Join(dir, tt.p.hash+".narinfo")); err != nil {
+					// Stored just after the stream ends.
+					time.Sleep(200 * time.Millisecond)
+					if _, err := os.Stat(filepath.Join(dir, tt.p.hash+".narinfo")); err != nil {
+						t.Errorf("not stored: %v", err)
+					}
+				}
+				return
+			}
+			if err == nil {
+				t.Errorf("a tampered NAR streamed whole, without an error")
+			}
+			time.Sleep(200 * time.Millisecond)
+			if ni, nar := stored(dir, tt.p); ni || nar {
+				t.Errorf("tampered path stored: narinfo %v, NAR %v", ni, nar)
+			}
+		})
+	}
+}
