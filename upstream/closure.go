@@ -34,8 +34,24 @@ type node struct {
 	data []byte
 	base *url.URL
 	refs []*node // the references not in the cache when it was resolved
-	// spool holds the NAR as it downloads, for the clients reading it.
+	// spool holds the NAR as it downloads, for the clients reading it;
+	// made when the first of them or the download comes.
+	mu    sync.Mutex
 	spool *spool
+}
+
+// spooled returns n's spool, made in dir when it has none yet.
+func (n *node) spooled(dir string) (*spool, error) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.spool == nil {
+		sp, err := newSpool(dir, int64(n.ni.FileSize))
+		if err != nil {
+			return nil, err
+		}
+		n.spool = sp
+	}
+	return n.spool, nil
 }
 
 // refParallel is how many references of one path are resolved or stored
@@ -87,7 +103,12 @@ func (f *Fetcher) OpenNar(url string, c *serve.Cache) (io.ReadCloser, int64, boo
 	if n == nil || c.HasNar(url) {
 		return nil, 0, false
 	}
-	r := n.spool.open()
+	sp, err := n.spooled(f.spoolDir())
+	if err != nil {
+		f.log.WithError(err).Warn("NAR not streamed")
+		return nil, 0, false
+	}
+	r := sp.open()
 	if r == nil {
 		return nil, 0, false
 	}
@@ -182,9 +203,6 @@ func (f *Fetcher) resolveOne(ctx context.Context, hash string, c *serve.Cache) e
 	if err != nil {
 		return err
 	}
-	if n.spool, err = newSpool(f.spoolDir(), int64(ni.FileSize)); err != nil {
-		return err
-	}
 	f.mu.Lock()
 	f.nodes[hash] = n
 	f.byURL[ni.URL] = n
@@ -233,21 +251,25 @@ func (f *Fetcher) store(ctx context.Context, n *node, c *serve.Cache) error {
 
 func (f *Fetcher) storeOne(ctx context.Context, n *node, c *serve.Cache) error {
 	ctx = context.WithValue(ctx, nestedFetch{}, true)
+	sp, err := n.spooled(f.spoolDir())
+	if err != nil {
+		return err
+	}
 	narDone := make(chan error, 1)
 	go func() {
 		if c.HasNar(n.ni.URL) {
-			n.spool.finish(errOnDisk)
+			sp.finish(errOnDisk)
 			narDone <- nil
 			return
 		}
 		f.downloads <- struct{}{}
-		err := f.nar(ctx, n.base, n.ni, c, n.spool)
+		err := f.nar(ctx, n.base, n.ni, c, sp)
 		<-f.downloads
-		n.spool.finish(err)
+		sp.finish(err)
 		narDone <- err
 	}()
 	refs := make([]string, len(n.refs))
-	err := f.each(ctx, refs, func(ctx context.Context, i int, _ string) error {
+	err = f.each(ctx, refs, func(ctx context.Context, i int, _ string) error {
 		if r := n.refs[i]; r != nil {
 			if err := f.store(ctx, r, c); err != nil {
 				return fmt.Errorf("%s: reference %s: %w", n.ni.StorePath, r.ni.StorePath, err)
