@@ -20,6 +20,11 @@
 // 2xx reads what it wrote; a marker's 2xx means that everything acknowledged
 // before it is durable.
 //
+// With Config.Upstream (fallback.go, package upstream), a narinfo or NAR
+// the cache lacks is asked of upstream caches: the narinfo is answered
+// once its closure's narinfos are checked, the NAR as it downloads, and
+// both are stored as uploads are. Hits never reach it.
+//
 // Locks on gcroots/.lock/ are answered with package cachelock, whose Guard
 // also keeps a narinfo's check and rename apart from a prune's deletions.
 // serve knows nothing of Tor (package onion, and package access for who
