@@ -53,7 +53,8 @@ type Config struct {
 	// CacheDir is the cache directory, for Keep.
 	CacheDir string
 	// Fetched, when set, is called after each path is stored, with its
-	// store path and the size of its NAR file (for progress).
+	// store path and the size of its NAR file (for progress), from
+	// several goroutines at once.
 	Fetched func(storePath string, fileSize uint64)
 	// Log receives what was fetched and what was refused; default the
 	// standard logger.

@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -121,9 +122,12 @@ func runMirror(args []string) error {
 	if err != nil {
 		return err
 	}
+	var mu sync.Mutex // Fetched is called from the fetches running at once
 	fetched, bytes := 0, uint64(0)
 	cfg := upstream.Config{URLs: from, Keys: pub, StoreDir: *storeDir, Timeout: *timeout, Log: log.WithField("component", "upstream")}
 	cfg.Fetched = func(p string, size uint64) {
+		mu.Lock()
+		defer mu.Unlock()
 		fetched++
 		bytes += size
 		if term {
