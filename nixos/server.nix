@@ -175,6 +175,62 @@ in
       };
     };
 
+    upstream = {
+      urls = mkOption {
+        type = types.listOf types.str;
+        default = [ ];
+        example = [ "https://cache.nixos.org" ];
+        description = ''
+          Upstream caches, tried in order, for a narinfo the cache lacks
+          (fallback): the path is fetched with its closure, checked against
+          `upstream.keys` and kept with the upstream's signature. Empty
+          turns fallback off. See docs/upstream.md.
+        '';
+      };
+
+      keys = mkOption {
+        type = types.listOf types.str;
+        default = [ ];
+        example = [ "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=" ];
+        description = ''
+          Upstream signing keys (NAME:BASE64): only paths signed by one of
+          them are fetched. Readers must trust the same keys, which the
+          cache passes on unchanged.
+        '';
+      };
+
+      viaTor = mkOption {
+        type = types.bool;
+        default = false;
+        description = "Reach the upstreams through the server's own tor, for a machine with no clearnet.";
+      };
+
+      timeout = mkOption {
+        type = types.nullOr kolib.goDuration;
+        default = null;
+        example = "10s";
+        description = "Connect and answer timeout of upstream requests; null: 5s, 30s through tor.";
+      };
+
+      keep = mkOption {
+        type = types.nullOr kolib.goDuration;
+        default = null;
+        example = "168h";
+        description = ''
+          Keep each path fetched from upstream this long after its last
+          read (with the marker gcroots/upstream/recent); null: until the
+          next prune (enable `prune` either way, or the cache only grows).
+        '';
+      };
+
+      maxSize = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "2G";
+        description = "Largest NAR fetched from upstream (like 512M or 8G); null: 8G.";
+      };
+    };
+
     listen = mkOption {
       type = types.nullOr types.str;
       default = null;
@@ -258,9 +314,23 @@ in
       prune-interval = mkIf cfg.prune.enable cfg.prune.interval;
       max-root-age = mkIf (cfg.prune.enable && cfg.prune.maxRootAge != null) cfg.prune.maxRootAge;
       metrics-listen = mkIf cfg.metrics.enable cfg.metrics.listen;
+      upstream = mkIf (cfg.upstream.urls != [ ]) cfg.upstream.urls;
+      upstream-key = mkIf (cfg.upstream.urls != [ ]) cfg.upstream.keys;
+      upstream-via-tor = mkIf (cfg.upstream.urls != [ ] && cfg.upstream.viaTor) true;
+      upstream-timeout = mkIf (cfg.upstream.urls != [ ] && cfg.upstream.timeout != null) cfg.upstream.timeout;
+      upstream-keep = mkIf (cfg.upstream.urls != [ ] && cfg.upstream.keep != null) cfg.upstream.keep;
+      upstream-max-size = mkIf (cfg.upstream.urls != [ ] && cfg.upstream.maxSize != null) cfg.upstream.maxSize;
     };
 
     assertions = [
+      {
+        assertion = cfg.upstream.urls == [ ] || cfg.upstream.keys != [ ];
+        message = "services.kiss-onion.upstream.urls is set but upstream.keys is empty: what comes from upstream must be signed (for cache.nixos.org: cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=)";
+      }
+      {
+        assertion = !(cfg.upstream.viaTor && cfg.upstream.urls != [ ] && cfg.settings.tor == "off");
+        message = "services.kiss-onion.upstream.viaTor needs the server's tor: settings.tor must be public or local";
+      }
       {
         assertion = cfg.settings.tor == "off" || cfg.writers != { };
         message = ''

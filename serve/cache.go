@@ -57,6 +57,9 @@ type Config struct {
 	// StateDir, when set, is where scheduled prunes keep their metadata
 	// cache: a DELETE of a narinfo reads it to scan the cache faster.
 	StateDir string
+	// Upstream, when set, is asked for every narinfo the cache lacks, on
+	// either role, and stores what it finds (fallback.go).
+	Upstream Upstream
 	// Log receives refusals and errors; default the standard logger.
 	Log *logrus.Entry
 }

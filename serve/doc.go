@@ -20,6 +20,11 @@
 // 2xx reads what it wrote; a marker's 2xx means that everything acknowledged
 // before it is durable.
 //
+// With Config.Upstream (fallback.go, package upstream), a narinfo or NAR
+// the cache lacks is asked of upstream caches: the narinfo is answered
+// once its closure's narinfos are checked, the NAR as it downloads, and
+// both are stored as uploads are. Hits never reach it.
+//
 // Locks on gcroots/.lock/ are answered with package cachelock, whose Guard
 // also keeps a narinfo's check and rename apart from a prune's deletions.
 // What the cache answers, receives and holds is counted for Prometheus

@@ -49,6 +49,9 @@ type answer struct {
 	file         *os.File
 	msg          string // the error's text, for a status of 400 and over
 	err          error  // the cause of a 500, for the log
+	// stream is a body of length bytes (-1: unknown) from upstream, as
+	// it downloads, which whoever writes the answer must close.
+	stream io.ReadCloser
 }
 
 var notFound = answer{status: http.StatusNotFound, msg: "not found"}
@@ -63,6 +66,16 @@ func (c *Cache) read(t target, q *query) answer {
 	a := c.readNow(t, q)
 	if a.status == http.StatusNotFound && c.durable.visible(t.rel, pendingWait) {
 		a = c.readNow(t, q)
+	}
+	if c.cfg.Upstream != nil {
+		switch {
+		case a.status == http.StatusNotFound && t.kind == kindNarInfo:
+			a = c.readUpstream(t, q)
+		case a.status == http.StatusNotFound && t.kind == kindNar:
+			a = c.readUpstreamNar(t, q)
+		case a.status < 300 && t.kind == kindNar && !q.head:
+			c.cfg.Upstream.Used(t.rel)
+		}
 	}
 	return a
 }
@@ -317,6 +330,9 @@ func (c *Cache) serveFile(w http.ResponseWriter, r *http.Request, t target) {
 	if a.file != nil {
 		defer a.file.Close()
 	}
+	if a.stream != nil {
+		defer a.stream.Close()
+	}
 	if a.status >= 400 {
 		c.refuseRead(w, r, a)
 		return
@@ -331,8 +347,10 @@ func (c *Cache) serveFile(w http.ResponseWriter, r *http.Request, t target) {
 	if a.modified != "" {
 		wh.Set("Last-Modified", a.modified)
 	}
-	if a.status != http.StatusNotModified {
-		wh.Set("Accept-Ranges", "bytes")
+	if a.status != http.StatusNotModified && a.length >= 0 {
+		if a.stream == nil {
+			wh.Set("Accept-Ranges", "bytes")
+		}
 		wh.Set("Content-Length", strconv.FormatInt(a.length, 10))
 	}
 	if a.contentRange != "" {
@@ -346,6 +364,8 @@ func (c *Cache) serveFile(w http.ResponseWriter, r *http.Request, t target) {
 	case a.file != nil:
 		// net/http's ResponseWriter copies an *os.File with sendfile.
 		io.Copy(w, io.LimitReader(a.file, a.length))
+	case a.stream != nil:
+		io.Copy(w, a.stream)
 	case a.data != nil:
 		w.Write(a.data)
 	}

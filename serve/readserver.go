@@ -179,6 +179,12 @@ func (c *Cache) writeFast(ctx *fasthttp.RequestCtx, a answer) {
 	if a.status == http.StatusNotModified {
 		return
 	}
+	if a.stream != nil {
+		// As it downloads from upstream: no ranges, and a length only
+		// when the narinfo gave one (else chunked).
+		ctx.SetBodyStream(a.stream, int(a.length))
+		return
+	}
 	h.Set("Accept-Ranges", "bytes")
 	switch {
 	case a.file != nil:

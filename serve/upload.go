@@ -320,6 +320,12 @@ func (c *Cache) checkNarInfo(data []byte, t target) ([]dependency, error) {
 	if len(c.cfg.TrustedKeys) > 0 && !ni.VerifiedBy(c.cfg.StoreDir, c.cfg.TrustedKeys) {
 		return nil, refusef(http.StatusUnprocessableEntity, "%s: no valid signature by a trusted writer key", t.rel)
 	}
+	return c.narInfoDeps(ni, t)
+}
+
+// narInfoDeps returns what a well-formed narinfo must wait for: its NAR
+// and its references, refused when they are not in the cache.
+func (c *Cache) narInfoDeps(ni *nixcache.NarInfo, t target) ([]dependency, error) {
 	deps := make([]dependency, 0, 1+len(ni.References))
 	dep, err := c.durable.need(c.cfg.Dir, ni.URL)
 	if errors.Is(err, fs.ErrNotExist) {

@@ -120,6 +120,7 @@ func startOnions(ctx context.Context, f serveFlags, log *logrus.Entry, serveOn f
 		Binary:     f.torBinary,
 		DataDir:    filepath.Join(f.stateDir, "tor"),
 		TorrcLines: lines,
+		Socks:      f.upstream.viaTor, // for upstream requests
 		Log:        log,
 	})
 	if err != nil {

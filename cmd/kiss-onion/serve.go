@@ -36,6 +36,7 @@ Arguments:
 Examples:
 	kiss-onion serve --tor off --cache-dir /srv/cache --listen 127.0.0.1:8080 --listen-write 127.0.0.1:8081
 	kiss-onion serve --config /etc/kiss-onion.toml
+	kiss-onion serve --upstream https://cache.nixos.org --upstream-key cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=
 `
 
 // stringList is a repeatable flag.
@@ -101,6 +102,7 @@ type serveFlags struct {
 	pruneGrace    time.Duration
 	maxRootAge    time.Duration
 	metricsListen string
+	upstream      upstreamFlags
 }
 
 func runServe(args []string) error {
@@ -127,6 +129,7 @@ func runServe(args []string) error {
 	fs.DurationVar(&f.pruneGrace, "prune-grace", time.Hour, "scheduled prunes keep files younger than this `age`, for uploads made without a lock")
 	fs.DurationVar(&f.maxRootAge, "max-root-age", 0, "scheduled prunes ignore markers older than this `age` (0: markers never expire)")
 	fs.StringVar(&f.metricsListen, "metrics-listen", "", "serve Prometheus metrics at http://`address`/metrics (host:port; off when empty)")
+	f.upstream.register(fs)
 	fs.StringVar(&f.logFormat, "log-format", "text", "log `format`: text or json")
 	fs.StringVar(&f.logLevel, "log-level", "info", "log `level`: debug, info, warn or error")
 	rest, err := parseArgs(fs, args)
@@ -216,6 +219,10 @@ func serveMain(f serveFlags, log *logrus.Entry) error {
 	if err := os.Chmod(f.stateDir, 0o700); err != nil {
 		return fmt.Errorf("state directory: %w", err)
 	}
+	up, err := f.upstream.fetcher(f.cacheDir, f.storeDir, f.torMode, log)
+	if err != nil {
+		return err
+	}
 	cache, err := serve.New(serve.Config{
 		Dir:           f.cacheDir,
 		StoreDir:      f.storeDir,
@@ -224,6 +231,7 @@ func serveMain(f serveFlags, log *logrus.Entry) error {
 		TrustedKeys:   keys,
 		MaxUploadSize: int64(f.maxUpload),
 		StateDir:      f.stateDir,
+		Upstream:      up,
 		Log:           log,
 	})
 	if err != nil {
@@ -273,6 +281,7 @@ func serveMain(f serveFlags, log *logrus.Entry) error {
 			return err
 		}
 		defer o.close()
+		f.upstream.tor.use(o.tor.SocksAddr)
 		go o.watchClients(ctx)
 		status.setOnions(o)
 	}
@@ -280,6 +289,7 @@ func serveMain(f serveFlags, log *logrus.Entry) error {
 		log.WithError(err).Warn("no status socket: 'kiss-onion status' will not reach this serve")
 	}
 	defer status.stop()
+	go f.upstream.keepLoop(ctx)
 	if f.pruneEvery > 0 {
 		go pruneEvery(ctx, f, log, cache, metrics, status.size.recount)
 	}

@@ -1,0 +1,120 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"net/http"
+	"net/url"
+	"sync/atomic"
+	"time"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/kiss-onion/kiss-onion/internal/nixcache"
+	"github.com/kiss-onion/kiss-onion/serve"
+	"github.com/kiss-onion/kiss-onion/upstream"
+)
+
+// upstreamFlags are serve's flags for fetching what the cache lacks from
+// upstream caches (package upstream).
+type upstreamFlags struct {
+	urls    stringList
+	keys    stringList
+	timeout time.Duration
+	maxSize byteSize
+	viaTor  bool
+	keep    time.Duration
+	// tor is the SOCKS port of serve's own tor once it runs, for
+	// --upstream-via-tor.
+	tor *torProxy
+	// f is the fetcher made from the flags, nil without --upstream.
+	f *upstream.Fetcher
+}
+
+func (u *upstreamFlags) register(fs *flag.FlagSet) {
+	u.maxSize = 8 << 30
+	u.tor = &torProxy{}
+	fs.DurationVar(&u.keep, "upstream-keep", 0, "keep paths fetched from upstream this `long` after their last read, with the marker gcroots/upstream/recent (0: until a prune)")
+	fs.Var(&u.urls, "upstream", "fetch narinfos the cache lacks from this upstream cache `URL` (repeatable, tried in order)")
+	fs.Var(&u.keys, "upstream-key", "accept from upstream only paths signed by this `name:base64` key (repeatable)")
+	fs.DurationVar(&u.timeout, "upstream-timeout", 0, "connect and answer `timeout` of upstream requests (0: 5s, 30s with --upstream-via-tor)")
+	fs.Var(&u.maxSize, "upstream-max-size", "largest NAR `size` fetched from upstream (like 512M or 8G)")
+	fs.BoolVar(&u.viaTor, "upstream-via-tor", false, "reach upstream through serve's tor (for an appliance with no clearnet; needs --tor public or local)")
+}
+
+// fetcher returns the Fetcher the flags ask for, nil without --upstream.
+func (u *upstreamFlags) fetcher(cacheDir, storeDir, torMode string, log *logrus.Entry) (serve.Upstream, error) {
+	if len(u.urls) == 0 {
+		if len(u.keys) > 0 || u.viaTor {
+			return nil, usagef("--upstream-key and --upstream-via-tor need --upstream")
+		}
+		return nil, nil
+	}
+	if len(u.keys) == 0 {
+		return nil, usagef("--upstream needs --upstream-key: what comes from upstream must be signed")
+	}
+	var keys []nixcache.PublicKey
+	for _, s := range u.keys {
+		k, err := nixcache.ParsePublicKey(s)
+		if err != nil {
+			return nil, usagef("--upstream-key: %v", err)
+		}
+		keys = append(keys, k)
+	}
+	cfg := upstream.Config{
+		URLs:     u.urls,
+		Keys:     keys,
+		StoreDir: storeDir,
+		Timeout:  u.timeout,
+		MaxSize:  int64(u.maxSize),
+		Keep:     u.keep,
+		CacheDir: cacheDir,
+		Log:      log.WithField("component", "upstream"),
+	}
+	if u.viaTor {
+		if torMode == "off" {
+			return nil, usagef("--upstream-via-tor needs tor: --tor public or local")
+		}
+		cfg.Proxy = u.tor.proxy
+		if cfg.Timeout == 0 {
+			// A first circuit to an onion takes seconds, often ten or more.
+			cfg.Timeout = 30 * time.Second
+		}
+	}
+	f, err := upstream.New(cfg)
+	if err != nil {
+		return nil, usagef("--upstream: %v", err)
+	}
+	u.f = f
+	return f, nil
+}
+
+// keepLoop keeps the marker of --upstream-keep up to date until ctx ends.
+func (u *upstreamFlags) keepLoop(ctx context.Context) {
+	if u.f != nil {
+		u.f.KeepLoop(ctx)
+	}
+}
+
+// torProxy sends upstream requests to the SOCKS port of serve's tor,
+// which may move when tor is restarted.
+type torProxy struct {
+	addr atomic.Pointer[func() string]
+}
+
+// use sets where the SOCKS port is found, once tor runs.
+func (t *torProxy) use(addr func() string) { t.addr.Store(&addr) }
+
+func (t *torProxy) proxy(*http.Request) (*url.URL, error) {
+	fn := t.addr.Load()
+	if fn == nil {
+		return nil, errors.New("tor is not running yet")
+	}
+	a := (*fn)()
+	if a == "" {
+		return nil, errors.New("tor has no SOCKS port")
+	}
+	// tor resolves the name: an onion, or a clearnet name through an exit.
+	return &url.URL{Scheme: "socks5", Host: a}, nil
+}

@@ -1,0 +1,160 @@
+package serve
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"net/http"
+	"time"
+
+	"github.com/kiss-onion/kiss-onion/internal/nixcache"
+)
+
+// Upstream fetches into the cache what it lacks; package upstream has the
+// one kiss-onion uses. A narinfo that the cache does not have, on either
+// role, is asked of it; so is a NAR that the cache does not have, which
+// may be downloading. A hit never reaches it.
+type Upstream interface {
+	// Lookup returns the narinfo of the store path whose hash part is
+	// hash once it and its closure are known to be upstream, and brings
+	// them into c in the background, through StoreNar and StoreNarInfo:
+	// references first, so that the cache on disk stays closed under
+	// references. It returns nil and no error when c has the path, and
+	// an error wrapping fs.ErrNotExist when no upstream has it.
+	Lookup(ctx context.Context, hash string, c *Cache) ([]byte, error)
+	// OpenNar returns a reader of the NAR file at url (a narinfo's URL)
+	// while it downloads, from its first byte, and its size (-1 when
+	// unknown); false when no download of it is under way.
+	OpenNar(url string, c *Cache) (io.ReadCloser, int64, bool)
+	// Used records that the NAR file at url (a narinfo's URL) was read:
+	// fetched paths are kept for a while after their last read. It is
+	// called on every NAR read that finds the file, and must be cheap.
+	Used(url string)
+}
+
+// upstreamWait bounds what a read waits for the narinfos of a closure
+// from upstream.
+const upstreamWait = 2 * time.Minute
+
+// readUpstream answers a narinfo the cache lacks from upstream: 404 when
+// no upstream has it or what came was refused. It is answered as soon as
+// the narinfos of its closure are checked, from memory, while the NARs
+// download; it becomes visible on disk once they are stored.
+func (c *Cache) readUpstream(t target, q *query) answer {
+	ctx, cancel := context.WithTimeout(context.Background(), upstreamWait)
+	defer cancel()
+	data, err := c.cfg.Upstream.Lookup(ctx, t.name, c)
+	if err != nil {
+		if !errors.Is(err, fs.ErrNotExist) {
+			c.log.WithField("path", t.rel).WithError(err).Warn("not fetched from upstream")
+		}
+		return notFound
+	}
+	if data == nil {
+		return c.readNow(t, q)
+	}
+	now := time.Now()
+	return respond(q, narInfoType, etagOf(int64(len(data)), now), now.UTC().Format(http.TimeFormat), now, data, nil)
+}
+
+// readUpstreamNar answers a NAR the cache lacks from its download from
+// upstream, as it comes: 200 with the whole file (a Range is ignored,
+// and none is offered), cut off if the download fails.
+func (c *Cache) readUpstreamNar(t target, q *query) answer {
+	rc, size, ok := c.cfg.Upstream.OpenNar(t.rel, c)
+	if !ok {
+		// It may have been stored meanwhile, or be on its way there.
+		a := c.readNow(t, q)
+		if a.status == http.StatusNotFound && c.durable.visible(t.rel, pendingWait) {
+			a = c.readNow(t, q)
+		}
+		return a
+	}
+	a := answer{status: http.StatusOK, ctype: contentType[kindNar], length: size}
+	if q.head || size == 0 {
+		rc.Close()
+		return a
+	}
+	a.stream = rc
+	return a
+}
+
+// HasNarInfo reports whether the cache holds the narinfo of the store
+// path whose hash part is hash, or is storing one.
+func (c *Cache) HasNarInfo(hash string) bool {
+	if !nixcache.IsHashPart(hash) {
+		return false
+	}
+	_, err := c.durable.find(c.cfg.Dir, hash+".narinfo")
+	return err == nil
+}
+
+// HasNar reports whether the cache holds the file a narinfo's URL names,
+// or is storing it.
+func (c *Cache) HasNar(url string) bool {
+	if nixcache.CheckNarURL(url) != nil {
+		return false
+	}
+	_, err := c.durable.find(c.cfg.Dir, url)
+	return err == nil
+}
+
+// StoreNar stores the file a narinfo's URL names from r, atomically: it is
+// discarded when r fails, and when the name is a file hash that the
+// content does not match. It becomes visible once durable, moments after
+// StoreNar returns; a StoreNarInfo naming it waits for that.
+func (c *Cache) StoreNar(url string, r io.Reader) error {
+	if err := nixcache.CheckNarURL(url); err != nil {
+		return fmt.Errorf("store %s: %w", url, err)
+	}
+	return c.putStream(r, target{kind: kindNar, rel: url}, time.Now())
+}
+
+// StoreNarInfo stores the narinfo of the store path whose hash part is
+// hash, whose NAR and references must be in the cache, and returns once
+// it is visible and durable. Unlike an upload it is not held to the
+// writer keys: the caller checked its signature against its own keys.
+func (c *Cache) StoreNarInfo(hash string, data []byte) error {
+	if !nixcache.IsHashPart(hash) {
+		return fmt.Errorf("store narinfo: %q is not a store hash", hash)
+	}
+	t := target{kind: kindNarInfo, rel: hash + ".narinfo", name: hash}
+	ni, err := nixcache.ParseNarInfo(data)
+	if err == nil {
+		err = ni.Validate(c.cfg.StoreDir, hash)
+	}
+	if err != nil {
+		return fmt.Errorf("store %s: %w", t.rel, err)
+	}
+	tf := c.startTemp(c.path(t))
+	c.forgetting.RLock()
+	deps, err := c.narInfoDeps(ni, t)
+	if err != nil {
+		c.forgetting.RUnlock()
+		tf.abort()
+		return fmt.Errorf("store %s: %w", t.rel, err)
+	}
+	f, err := tf.get()
+	if err != nil {
+		c.forgetting.RUnlock()
+		return err
+	}
+	if _, err := f.Write(data); err != nil {
+		c.forgetting.RUnlock()
+		f.Abort()
+		return err
+	}
+	cm := c.durable.begin(t.rel)
+	c.forgetting.RUnlock()
+	visible, err := c.commitNarInfo(f, t, data, deps, time.Now())
+	if err != nil && c.narinfos != nil {
+		c.narinfos.drop(t.rel)
+	}
+	cm.end(err, visible)
+	if err != nil {
+		return fmt.Errorf("store %s: %w", t.rel, err)
+	}
+	return nil
+}
