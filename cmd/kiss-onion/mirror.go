@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
 	"net/url"
 	"os"
@@ -22,6 +23,7 @@ import (
 	"github.com/kiss-onion/kiss-onion/prune"
 	"github.com/kiss-onion/kiss-onion/serve"
 	"github.com/kiss-onion/kiss-onion/upstream"
+	"github.com/schollz/progressbar/v3"
 )
 
 func init() {
@@ -109,9 +111,13 @@ func runMirror(args []string) error {
 		pub = append(pub, k)
 	}
 
-	term := isTerminal(os.Stderr)
-	status := &statusLine{w: stderr, term: term}
-	log, err := lf.cli(status)
+	bar := newTermBar(lf.format, -1, progressbar.OptionSetDescription("fetching"))
+	var logOut io.Writer = stderr
+	if bar != nil {
+		logOut = bar
+		defer bar.finish()
+	}
+	log, err := lf.cli(logOut)
 	if err != nil {
 		return err
 	}
@@ -130,8 +136,9 @@ func runMirror(args []string) error {
 		defer mu.Unlock()
 		fetched++
 		bytes += size
-		if term {
-			status.show(fmt.Sprintf("kiss-onion: fetched %d paths (%s), the last %s", fetched, prune.FormatBytes(int64(bytes)), p))
+		if bar != nil {
+			bar.describe(fmt.Sprintf("fetched %d paths (%s)", fetched, prune.FormatBytes(int64(bytes))))
+			bar.set(int64(fetched), -1)
 		}
 	}
 	if *proxy != "" {
@@ -165,11 +172,12 @@ func runMirror(args []string) error {
 		}
 		base, _ := nixcache.BaseName(*storeDir, p)
 		if err := fetcher.Fetch(ctx, base[:nixcache.HashLen], cache); err != nil {
-			status.clear()
 			return fmt.Errorf("mirror %s (%d of %d): %w", p, i+1, len(paths), err)
 		}
 	}
-	status.clear()
+	if bar != nil {
+		bar.finish()
+	}
 	marker := filepath.Join(*cacheDir, "gcroots", "mirror", *name)
 	if err := os.MkdirAll(filepath.Dir(marker), 0o755); err != nil {
 		return err
