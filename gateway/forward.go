@@ -140,7 +140,8 @@ type Forwarder struct {
 	awaySince time.Time     // when the onion last stopped being reachable, or the start
 	cacheInfo []byte        // the cache's nix-cache-info, once seen
 
-	downAt atomic.Int64  // unix nanoseconds of when forwarding last stopped
+	downAt atomic.Int64 // unix nanoseconds of when forwarding last stopped
+	probes sync.WaitGroup
 	kick   chan struct{} // wakes the prober
 	rewarm atomic.Bool   // the prober warms every circuit up on its next turn
 	ctx    context.Context
@@ -160,6 +161,7 @@ type circuit struct {
 	inflight atomic.Int32
 	used     atomic.Int64 // unix nanoseconds of the last request's start
 	lastOK   atomic.Int64 // unix nanoseconds of the onion's last answer on it
+	probing  atomic.Bool  // a probe is in flight on it
 }
 
 // NewForwarder returns a Forwarder and starts its prober, which warms the
@@ -270,7 +272,9 @@ func (f *Forwarder) dial(ctx context.Context, network, addr, user string) (net.C
 		defer cancel()
 	}
 	conn, err := f.dialTor(dctx, network, addr, user)
-	if err != nil && bounded && ctx.Err() == nil && dctx.Err() != nil {
+	// The SOCKS handshake may time out on its own deadline a moment
+	// before dctx says so: the clock decides.
+	if err != nil && bounded && ctx.Err() == nil && !time.Now().Before(arrived.Add(DialTimeout)) {
 		return nil, fmt.Errorf("%w (%v: the onion or the Tor network is out of reach, or slow): %v", errSlow, DialTimeout, err)
 	}
 	return conn, err
@@ -714,9 +718,10 @@ func retryable(req *http.Request, err error) bool {
 }
 
 // run keeps the circuits warm while the onion is reachable, and probes it
-// every few seconds while it is not.
+// every few seconds while it is not, on each circuit in turn.
 func (f *Forwarder) run() {
 	defer close(f.done)
+	defer f.probes.Wait()
 	f.warm(true)
 	var turn int
 	for {
@@ -741,22 +746,32 @@ func (f *Forwarder) run() {
 			continue
 		}
 		turn++
-		f.probe(f.circuits[turn%len(f.circuits)])
+		f.goProbe(f.circuits[turn%len(f.circuits)])
 	}
 }
 
-// warm probes, in parallel, every circuit (all) or those idle for longer
-// than KeepWarm.
+// warm probes every circuit (all) or those idle for longer than KeepWarm.
 func (f *Forwarder) warm(all bool) {
-	var wg sync.WaitGroup
 	idle := time.Now().Add(-f.cfg.KeepWarm).UnixNano()
 	for _, c := range f.circuits {
 		if !all && c.used.Load() > idle {
 			continue
 		}
-		wg.Go(func() { f.probe(c) })
+		f.goProbe(c)
 	}
-	wg.Wait()
+}
+
+// goProbe probes c in the background, unless a probe of c is still in
+// flight: a probe that tor holds for minutes (a rendezvous through a stale
+// descriptor) holds up neither the others nor the keep-warm.
+func (f *Forwarder) goProbe(c *circuit) {
+	if !c.probing.CompareAndSwap(false, true) {
+		return
+	}
+	f.probes.Go(func() {
+		defer c.probing.Store(false)
+		f.probe(c)
+	})
 }
 
 // probe sends GET /nix-cache-info over c, records the outcome and

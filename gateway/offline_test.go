@@ -63,7 +63,7 @@ func health(t *testing.T, gw string) (int, Health) {
 // request is answered at once by the gateway, in the way that lets Nix
 // carry on.
 func TestForwarderAnswersWhileUnreachable(t *testing.T) {
-	defer shorten(&probeEvery, time.Hour)()
+	t.Cleanup(shorten(&probeEvery, time.Hour))
 	f, socks, gw := newTestForwarder(t, cacheOrigin(), ForwarderConfig{KeepWarm: -1, CacheInfoFile: filepath.Join(t.TempDir(), "cache-info")})
 	warmedUp(t, f)
 	waitFor(t, "the circuits warmed up", func() bool { h := f.Health(); return h.CacheInfo && h.InFlight == 0 && socks.userCount() == 4 })
@@ -122,9 +122,9 @@ func TestForwarderAnswersWhileUnreachable(t *testing.T) {
 // network) is cut at DialTimeout and the gateway answers from then on;
 // tor's refusal says unreachable; the prober brings it back.
 func TestForwarderStates(t *testing.T) {
-	defer shorten(&probeEvery, 50*time.Millisecond)()
-	defer shorten(&probeTimeout, 500*time.Millisecond)()
-	defer shorten(&DialTimeout, 200*time.Millisecond)()
+	t.Cleanup(shorten(&probeEvery, 50*time.Millisecond))
+	t.Cleanup(shorten(&probeTimeout, 500*time.Millisecond))
+	t.Cleanup(shorten(&DialTimeout, 200*time.Millisecond))
 	f, socks, gw := newTestForwarder(t, cacheOrigin(), ForwarderConfig{KeepWarm: -1})
 	warmedUp(t, f)
 	// No circuit is open: the next request dials.
@@ -181,8 +181,8 @@ func TestForwarderStates(t *testing.T) {
 // restarted) its own, longer time: the state is "probing", not
 // "unreachable", and the onion is back as soon as it answers.
 func TestForwarderSlowIsNotDead(t *testing.T) {
-	defer shorten(&probeEvery, 50*time.Millisecond)()
-	defer shorten(&DialTimeout, 100*time.Millisecond)()
+	t.Cleanup(shorten(&probeEvery, 50*time.Millisecond))
+	t.Cleanup(shorten(&DialTimeout, 100*time.Millisecond))
 	f, socks, gw := newTestForwarder(t, cacheOrigin(), ForwarderConfig{KeepWarm: -1})
 	warmedUp(t, f)
 	for _, c := range f.circuits {
@@ -204,7 +204,7 @@ func TestForwarderSlowIsNotDead(t *testing.T) {
 // NAR marks the onion unreachable at once, so that Nix's retry gets 404
 // instead of waiting for tor.
 func TestForwarderBrokenDownload(t *testing.T) {
-	defer shorten(&probeEvery, time.Hour)()
+	t.Cleanup(shorten(&probeEvery, time.Hour))
 	origin := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.URL.Path != "/nar/big.nar" {
 			cacheOrigin().ServeHTTP(w, r)
@@ -243,7 +243,7 @@ func TestForwarderBrokenDownload(t *testing.T) {
 // kept in CacheInfoFile, and a new Forwarder that cannot reach the onion
 // answers it from there.
 func TestForwarderRemembersCacheInfo(t *testing.T) {
-	defer shorten(&probeEvery, time.Hour)()
+	t.Cleanup(shorten(&probeEvery, time.Hour))
 	file := filepath.Join(t.TempDir(), "cache-info")
 	f, _, _ := newTestForwarder(t, cacheOrigin(), ForwarderConfig{KeepWarm: -1, CacheInfoFile: file})
 	waitFor(t, "nix-cache-info remembered", func() bool { return f.Health().CacheInfo })
@@ -276,8 +276,8 @@ func TestForwarderRemembersCacheInfo(t *testing.T) {
 // read waits staleAfter for its answer, then is tried once on a new
 // connection, and the gateway answers it itself if that fails too.
 func TestForwarderGivesUpSilentConnections(t *testing.T) {
-	defer shorten(&probeEvery, time.Hour)()
-	defer shorten(&staleAfter, 100*time.Millisecond)()
+	t.Cleanup(shorten(&probeEvery, time.Hour))
+	t.Cleanup(shorten(&staleAfter, 100*time.Millisecond))
 	var silent atomic.Bool
 	origin := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if silent.Load() {
