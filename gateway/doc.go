@@ -15,9 +15,10 @@
 // its network is gone, and still calls its network "up". A request that
 // fails (tor refuses the onion, a connection breaks, the dial times out)
 // makes the Forwarder answer every request itself, at once, until a
-// background probe (GET /nix-cache-info, with a long timeout of its own,
-// so that a slow descriptor fetch is not taken for a dead onion) reaches
-// the onion again; then it logs "onion reachable" and how long it was
+// background probe (GET /nix-cache-info, a new one every few seconds even
+// while earlier ones wait, each with a long timeout of its own, so that a
+// slow descriptor fetch is not taken for a dead onion) reaches the onion
+// again; then it logs "onion reachable" and how long it was
 // away. Its answers are those that make Nix carry on: nix-cache-info from
 // the copy it remembers (kept in a file, across restarts); 404 for the
 // other binary-cache files (narinfo, NAR, listing, log, realisation), so

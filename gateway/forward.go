@@ -140,13 +140,14 @@ type Forwarder struct {
 	awaySince time.Time     // when the onion last stopped being reachable, or the start
 	cacheInfo []byte        // the cache's nix-cache-info, once seen
 
-	downAt atomic.Int64 // unix nanoseconds of when forwarding last stopped
-	probes sync.WaitGroup
-	kick   chan struct{} // wakes the prober
-	rewarm atomic.Bool   // the prober warms every circuit up on its next turn
-	ctx    context.Context
-	cancel context.CancelFunc
-	done   chan struct{}
+	downAt  atomic.Int64 // unix nanoseconds of when forwarding last stopped
+	probes  sync.WaitGroup
+	probing atomic.Int32  // probes in flight
+	kick    chan struct{} // wakes the prober
+	rewarm  atomic.Bool   // the prober warms every circuit up on its next turn
+	ctx     context.Context
+	cancel  context.CancelFunc
+	done    chan struct{}
 }
 
 // errNoTor is the dial error while the gateway's tor does not run.
@@ -161,7 +162,7 @@ type circuit struct {
 	inflight atomic.Int32
 	used     atomic.Int64 // unix nanoseconds of the last request's start
 	lastOK   atomic.Int64 // unix nanoseconds of the onion's last answer on it
-	probing  atomic.Bool  // a probe is in flight on it
+	probing  atomic.Int32 // probes in flight on it
 }
 
 // NewForwarder returns a Forwarder and starts its prober, which warms the
@@ -750,26 +751,35 @@ func (f *Forwarder) run() {
 	}
 }
 
-// warm probes every circuit (all) or those idle for longer than KeepWarm.
+// warm probes every circuit (all) or those idle for longer than KeepWarm,
+// but none that a probe is still trying.
 func (f *Forwarder) warm(all bool) {
 	idle := time.Now().Add(-f.cfg.KeepWarm).UnixNano()
 	for _, c := range f.circuits {
-		if !all && c.used.Load() > idle {
+		if (!all && c.used.Load() > idle) || c.probing.Load() > 0 {
 			continue
 		}
 		f.goProbe(c)
 	}
 }
 
-// goProbe probes c in the background, unless a probe of c is still in
-// flight: a probe that tor holds for minutes (a rendezvous through a stale
-// descriptor) holds up neither the others nor the keep-warm.
+// maxProbes bounds the probes in flight.
+const maxProbes = 32
+
+// goProbe probes c in the background. While the onion is unreachable a
+// new probe starts every probeEvery even though earlier ones still wait:
+// tor may hold a stream for two minutes on the state it had when the
+// stream arrived (a dead service's introduction points), and only a fresh
+// one finds the cache that just came back.
 func (f *Forwarder) goProbe(c *circuit) {
-	if !c.probing.CompareAndSwap(false, true) {
+	if f.probing.Add(1) > maxProbes {
+		f.probing.Add(-1)
 		return
 	}
+	c.probing.Add(1)
 	f.probes.Go(func() {
-		defer c.probing.Store(false)
+		defer f.probing.Add(-1)
+		defer c.probing.Add(-1)
 		f.probe(c)
 	})
 }
