@@ -5,12 +5,31 @@
 //
 // Its Forwarder relays each request to the read or the write onion,
 // streaming bodies both ways, spreading requests over a few circuits that
-// tor keeps apart (distinct SOCKS credentials) and keeping them warm. While
-// the onion is unreachable it answers 502 (421 to a write, which Nix does
-// not retry with an empty body), marked with ErrorHeader so that a client
-// can tell the gateway's refusal from the cache's; its health is served as
-// JSON at HealthPath.
+// tor keeps apart (distinct SOCKS credentials) and keeping them warm.
 //
-// It does not parse bundles or key files (package clientauth) and knows
-// nothing of the cache's protocol beyond what a probe needs.
+// The cache is often away (the appliance off, the machine offline, tor
+// slow to find the descriptor), and Nix must then carry on in seconds
+// (docs/offline.md). The Forwarder is in one of three States: probing (at
+// the start), reachable, unreachable. A request waits at most DialTimeout
+// for tor to connect it: tor holds a SOCKS request for two minutes when
+// its network is gone, and still calls its network "up". A request that
+// fails (tor refuses the onion, a connection breaks, the dial times out)
+// makes the Forwarder answer every request itself, at once, until a
+// background probe (GET /nix-cache-info, a new one every few seconds even
+// while earlier ones wait, each with a long timeout of its own, so that a
+// slow descriptor fetch is not taken for a dead onion) reaches the onion
+// again; then it logs "onion reachable" and how long it was
+// away. Its answers are those that make Nix carry on: nix-cache-info from
+// the copy it remembers (kept in a file, across restarts); 404 for the
+// other binary-cache files (narinfo, NAR, listing, log, realisation), so
+// that Nix builds the path or takes it from another substituter, with or
+// without --fallback; 421 to a write (Nix 2.8 retries a 5xx upload with an
+// empty body, then stalls); 502 to anything else, such as a marker, which
+// a 404 would misreport as missing. Each carries ErrorHeader and
+// Cache-Control: no-store. Its health is served as JSON at HealthPath.
+//
+// It does not parse bundles or key files (package clientauth), does not
+// ask tor's control port about the network (tor says "up" long after its
+// relays are gone), and knows nothing of the cache's protocol beyond the
+// file names above and what a probe needs.
 package gateway

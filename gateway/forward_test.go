@@ -26,6 +26,7 @@ type fakeSocks struct {
 	origin string
 	ln     net.Listener
 	refuse atomic.Int32
+	hang   atomic.Bool // never answer the connect request, as tor with no network
 
 	mu    sync.Mutex
 	users map[string]int // connections per username
@@ -37,7 +38,7 @@ func newFakeSocks(t *testing.T, origin string) *fakeSocks {
 		t.Fatal(err)
 	}
 	s := &fakeSocks{origin: origin, ln: ln, users: map[string]int{}}
-	t.Cleanup(func() { ln.Close() })
+	t.Cleanup(func() { ln.Close(); s.hang.Store(false) })
 	go func() {
 		for {
 			c, err := ln.Accept()
@@ -86,6 +87,9 @@ func (s *fakeSocks) handle(c net.Conn) {
 		io.ReadFull(r, make([]byte, int(n)+2))
 	case 1:
 		io.ReadFull(r, make([]byte, 6))
+	}
+	for s.hang.Load() {
+		time.Sleep(10 * time.Millisecond)
 	}
 	if code := s.refuse.Load(); code != 0 {
 		c.Write([]byte{5, byte(code), 0, 1, 0, 0, 0, 0, 0, 0})

@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"path/filepath"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -33,6 +35,10 @@ type Config struct {
 	TorBinary  string
 	TorDataDir string
 	TorrcLines []string
+	// StateDir keeps what the gateway remembers of the cache (its
+	// nix-cache-info, answered while the onion is unreachable); nothing is
+	// kept across restarts when empty.
+	StateDir string
 	// Circuits and KeepWarm are the Forwarder's.
 	Circuits int
 	KeepWarm time.Duration
@@ -53,8 +59,8 @@ type Gateway struct {
 	errc chan error
 }
 
-// Start listens, starts serving (502 until the onion answers),
-// starts a client tor with the bundle's key and returns once tor has
+// Start listens, starts serving (the gateway answers for the onion until
+// it is reachable), starts a client tor with the bundle's key and returns once tor has
 // bootstrapped. The onion may not be reachable yet: see WaitReachable.
 // ctx bounds only the start.
 func Start(ctx context.Context, cfg Config) (*Gateway, error) {
@@ -88,6 +94,11 @@ func Start(ctx context.Context, cfg Config) (*Gateway, error) {
 		return nil, fmt.Errorf("start gateway: %w", err)
 	}
 
+	var cacheInfoFile string
+	if cfg.StateDir != "" {
+		// Named after the read onion: both onions serve the same cache.
+		cacheInfoFile = filepath.Join(cfg.StateDir, strings.TrimSuffix(b.ReadOnion, ".onion")+".nix-cache-info")
+	}
 	g := &Gateway{errc: make(chan error, 1)}
 	g.Forwarder, err = NewForwarder(ForwarderConfig{
 		Target: target,
@@ -97,9 +108,10 @@ func Start(ctx context.Context, cfg Config) (*Gateway, error) {
 			}
 			return ""
 		},
-		Circuits: cfg.Circuits,
-		KeepWarm: cfg.KeepWarm,
-		Log:      log,
+		Circuits:      cfg.Circuits,
+		KeepWarm:      cfg.KeepWarm,
+		CacheInfoFile: cacheInfoFile,
+		Log:           log,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("start gateway: %w", err)

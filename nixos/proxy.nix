@@ -73,6 +73,16 @@ in
   config = mkIf cfg.enable {
     nix.settings.substituters = [ url ];
     nix.settings.trusted-public-keys = cfg.trustedPublicKeys;
+    # While the onion is unreachable the gateway answers 404 for narinfos,
+    # so that builds carry on without the cache; Nix remembers a 404 for
+    # narinfo-cache-negative-ttl (an hour by default). A minute brings the
+    # cache back within about a minute of the onion's return, for the
+    # price of asking the substituters again, once a minute at most, for
+    # paths they lack. `fallback` stays off: the gateway's answers already
+    # make Nix build what it cannot fetch, and fallback = true would also
+    # turn every flaky download from another substituter into a build
+    # from source. Both are defaults: nix.settings overrides them.
+    nix.settings.narinfo-cache-negative-ttl = lib.mkDefault 60;
 
     assertions = [
       {

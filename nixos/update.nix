@@ -140,6 +140,9 @@ in
         );
         StateDirectory = "kiss-onion-update";
         StateDirectoryMode = "0700";
+        # 75 (EX_TEMPFAIL): the cache was unreachable (this machine offline,
+        # the cache off) and nothing changed; the next run tries again.
+        SuccessExitStatus = [ 75 ];
         # No sandboxing: the activation runs inside this service, and its
         # mounts must land in the machine's mount namespace.
       };

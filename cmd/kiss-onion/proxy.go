@@ -33,10 +33,14 @@ no system tor and no proxy settings:
 	substituters = http://127.0.0.1:37510
 
 Requests are spread over a few isolated Tor circuits that are kept warm.
-While the onion cannot be reached the gateway answers 502 with the reason
-(421 to an upload, which Nix then reports instead of retrying it);
-GET /-/health answers whether it is reachable, and since when (JSON; 200
-when reachable, 503 when not).
+When the onion cannot be reached (the cache is off, this machine is
+offline) a request waits at most 20 s for Tor, and from then on, until a
+background probe reaches the onion again, the gateway answers at once from
+what it knows, so that Nix carries on without the cache: nix-cache-info
+from the copy it keeps in --state-dir, 404 ("not there") for narinfos and
+NARs, 421 to an upload (Nix reports it instead of retrying), 502 to
+anything else. GET /-/health answers whether the onion is reachable, and
+since when (JSON; 200 when reachable, 503 when not).
 
 Arguments:
 	none
@@ -102,15 +106,20 @@ func (g *gatewayFlags) start(ctx context.Context, write bool, listen string, log
 		TorBinary:  g.torBinary,
 		TorDataDir: filepath.Join(g.stateDir, "tor-"+role),
 		TorrcLines: lines,
+		StateDir:   g.stateDir,
 		Circuits:   g.circuits,
 		Log:        log,
 		TorLog:     torLog,
 	})
 }
 
+// errCacheAway is wrapped by openCache's error when the onion could not be
+// reached within --wait: tor did not bootstrap, or the onion did not answer.
+var errCacheAway = errors.New("the cache is unreachable")
+
 // openCache returns the URL to reach the cache at: cacheURL as it is, or
-// a gateway started from the flags once the onion answers (within wait).
-// done stops the gateway.
+// a gateway started from the flags once the onion answers (within wait,
+// tor's start included). done stops the gateway.
 func (g *gatewayFlags) openCache(ctx context.Context, cacheURL string, write bool, wait time.Duration, log *logrus.Entry) (url string, done func(), err error) {
 	switch {
 	case cacheURL != "" && g.bundle != "":
@@ -120,17 +129,24 @@ func (g *gatewayFlags) openCache(ctx context.Context, cacheURL string, write boo
 	case g.bundle == "":
 		return "", nil, usagef("give --bundle DIR (or --cache URL)")
 	}
-	// tor's warnings (running as root, a private network) are noise here;
-	// why the onion cannot be reached comes from the gateway.
-	gw, err := g.start(ctx, write, "", log, quieter(log, logrus.ErrorLevel))
-	if err != nil {
-		return "", nil, err
-	}
 	wctx, cancel := context.WithTimeout(ctx, wait)
 	defer cancel()
+	const hint = "is this machine online, the cache serving, and this bundle's key authorized ('kiss-onion keys list' on the cache)? raise --wait to wait longer"
+	// tor's warnings (running as root, a private network) are noise here;
+	// why the onion cannot be reached comes from the gateway.
+	gw, err := g.start(wctx, write, "", log, quieter(log, logrus.ErrorLevel))
+	if err != nil {
+		if wctx.Err() != nil && ctx.Err() == nil {
+			return "", nil, withHint(fmt.Errorf("%w: tor did not bootstrap within %v: %v", errCacheAway, wait, err), hint)
+		}
+		return "", nil, err
+	}
 	if err := gw.WaitReachable(wctx); err != nil {
 		gw.Close()
-		return "", nil, withHint(err, "is the cache serving, and this bundle's key authorized ('kiss-onion keys list' on the cache)? raise --wait to wait longer")
+		if ctx.Err() == nil {
+			err = fmt.Errorf("%w: %w", errCacheAway, err)
+		}
+		return "", nil, withHint(err, hint)
 	}
 	return gw.URL(), func() { gw.Close() }, nil
 }

@@ -30,6 +30,11 @@ system yet: realises it from the cache, points the profile at it
 with the action. Every step is logged. A failed step exits 1 and leaves
 the profile as it was (it is put back if the activation fails).
 
+When the cache cannot be reached (the gateway's onion does not answer
+within --wait, or the gateway given by --cache says it is unreachable),
+update logs a warning, changes nothing and exits 75 (EX_TEMPFAIL): on a
+timer, that is a skipped run, not a failure.
+
 With --publisher-key the marker must carry a statement signed by that key
 ('kiss-onion publish --signing-key'), naming this marker and its path, and
 its generation must not be older than the last one applied (kept in the
@@ -57,7 +62,7 @@ func runUpdate(args []string) error {
 	profile := fs.String("profile", "/nix/var/nix/profiles/system", "the system profile `path`")
 	publisherKey := fs.String("publisher-key", "", "accept only markers signed by this `NAME:BASE64` key, never an older generation")
 	allowUnsigned := fs.Bool("allow-unsigned", false, "accept plain markers (whoever can write the marker decides what runs here)")
-	wait := fs.Duration("wait", 5*time.Minute, "how long to wait for the onion to answer")
+	wait := fs.Duration("wait", 2*time.Minute, "how long to wait for tor and the onion to answer (exit 75 after)")
 	storeDir := fs.String("store-dir", nixcache.DefaultStoreDir, "the Nix store `directory`")
 	nix := nixFlags(fs)
 	rest, err := parseArgs(fs, args)
@@ -104,6 +109,9 @@ func runUpdate(args []string) error {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	cache, done, err := g.openCache(ctx, *cacheURL, false, *wait, log)
+	if errors.Is(err, errCacheAway) {
+		return skipUpdate(err)
+	}
 	if err != nil {
 		return err
 	}
@@ -120,7 +128,10 @@ func runUpdate(args []string) error {
 		Nix:           n,
 		Log:           log,
 	})
+	var se *publish.StatusError
 	switch {
+	case errors.As(err, &se) && se.FromGateway:
+		return skipUpdate(err)
 	case errors.Is(err, publish.ErrNoMarker):
 		return withHint(err, "publish one with 'kiss-onion publish %s /nix/store/...', or give --marker", *marker)
 	case errors.Is(err, publish.ErrUnsigned):
@@ -129,4 +140,15 @@ func runUpdate(args []string) error {
 		return withHint(err, "publish the system again (a new generation) to go back to it")
 	}
 	return err
+}
+
+// exitTempFail is update's exit status when the cache is unreachable:
+// EX_TEMPFAIL, which the NixOS module's unit counts as success.
+const exitTempFail = 75
+
+// skipUpdate reports that the cache was unreachable and nothing changed.
+func skipUpdate(err error) error {
+	warningf("%v", err)
+	warningf("update skipped: nothing changed; the next run tries again (exit %d)", exitTempFail)
+	return &exitError{code: exitTempFail}
 }
