@@ -415,29 +415,7 @@ func TestOfflineTorNetworkGone(t *testing.T) {
 	})
 
 	t.Run("update skips with exit 75", func(t *testing.T) {
-		host := newNix(t)
-		dir := t.TempDir()
-		common := []string{"--allow-unsigned", "--marker", "web1", "--profile", filepath.Join(dir, "profile"), "--store", host.root}
-		for _, tc := range []struct {
-			name   string
-			args   []string
-			within time.Duration
-		}{
-			{"through the running gateway", append([]string{"update", "switch", "--cache", rd.url, "--state-dir", filepath.Join(dir, "a")}, common...), 10 * time.Second},
-			{"with its own gateway, whose tor cannot bootstrap", append([]string{"update", "switch", "--bundle", readerBundle, "--tor-config", srv.torrc,
-				"--state-dir", filepath.Join(dir, "b"), "--wait", "15s"}, common...), 30 * time.Second},
-		} {
-			began := time.Now()
-			out, code := kissOnion(t, host, tc.args...)
-			took := time.Since(began)
-			t.Logf("timing: network gone: update %s: %v (exit %d)", tc.name, took.Round(100*time.Millisecond), code)
-			if code != 75 || !strings.Contains(out, "kiss-onion: warning: ") || !strings.Contains(out, "skipped") || took > tc.within {
-				t.Errorf("update %s: exit %d after %v, want 75 with a warning within %v:\n%s", tc.name, code, took, tc.within, out)
-			}
-			if _, err := os.Lstat(filepath.Join(dir, "profile")); err == nil {
-				t.Errorf("update %s made a profile", tc.name)
-			}
-		}
+		updateSkipsWhileAway(t, rd.url, readerBundle, srv.torrc)
 	})
 
 	t.Run("a gateway restarted while offline answers from what it remembers", func(t *testing.T) {
@@ -549,4 +527,33 @@ func TestOfflineOnionBack(t *testing.T) {
 			t.Errorf("%v, want about a minute (the module's negative TTL)", took)
 		}
 	})
+}
+
+// updateSkipsWhileAway checks that update, through the running gateway at
+// gatewayURL and with a gateway of its own that cannot bootstrap, exits 75
+// with a warning within seconds and makes no profile.
+func updateSkipsWhileAway(t *testing.T, gatewayURL, readerBundle, torrc string) {
+	host := newNix(t)
+	dir := t.TempDir()
+	common := []string{"--allow-unsigned", "--marker", "web1", "--profile", filepath.Join(dir, "profile"), "--store", host.root}
+	for _, tc := range []struct {
+		name   string
+		args   []string
+		within time.Duration
+	}{
+		{"through the running gateway", append([]string{"update", "switch", "--cache", gatewayURL, "--state-dir", filepath.Join(dir, "a")}, common...), 10 * time.Second},
+		{"with its own gateway, whose tor cannot bootstrap", append([]string{"update", "switch", "--bundle", readerBundle, "--tor-config", torrc,
+			"--state-dir", filepath.Join(dir, "b"), "--wait", "15s"}, common...), 30 * time.Second},
+	} {
+		began := time.Now()
+		out, code := kissOnion(t, host, tc.args...)
+		took := time.Since(began)
+		t.Logf("timing: network gone: update %s: %v (exit %d)", tc.name, took.Round(100*time.Millisecond), code)
+		if code != 75 || !strings.Contains(out, "kiss-onion: warning: ") || !strings.Contains(out, "skipped") || took > tc.within {
+			t.Errorf("update %s: exit %d after %v, want 75 with a warning within %v:\n%s", tc.name, code, took, tc.within, out)
+		}
+		if _, err := os.Lstat(filepath.Join(dir, "profile")); err == nil {
+			t.Errorf("update %s made a profile", tc.name)
+		}
+	}
 }
