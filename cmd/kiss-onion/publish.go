@@ -61,7 +61,7 @@ func runPublish(args []string) error {
 	signingKey := fs.String("signing-key", "", "sign the marker with this Nix secret key `file` (nix-store --generate-binary-cache-key)")
 	cacheKey := fs.String("cache-key", "", "also sign the narinfos with this Nix secret key `file` (nix copy's secret-key=)")
 	compression := fs.String("compression", "zstd", "the NARs' `compression` (zstd, xz, none, ...)")
-	wait := fs.Duration("wait", 5*time.Minute, "how long to wait for the onion to answer")
+	wait := fs.Duration("wait", 2*time.Minute, "how long to wait for the onion to answer (a descriptor fetch can take a minute)")
 	lockWait := fs.Duration("lock-wait", 30*time.Minute, "how long to retry the lock while a prune holds the cache")
 	storeDir := fs.String("store-dir", nixcache.DefaultStoreDir, "the Nix store `directory`")
 	nix := nixFlags(fs)
