@@ -6,6 +6,7 @@ import (
 	"net"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
@@ -181,6 +182,15 @@ func serveMain(f serveFlags, log *logrus.Entry) error {
 	case "off", "public", "local":
 	default:
 		return usagef("--tor must be public, local or off, not %q", f.torMode)
+	}
+	// tor is told where the onions' unix sockets are: absolute paths, so
+	// that a relative --state-dir works too.
+	for _, d := range []*string{&f.stateDir, &f.cacheDir} {
+		abs, err := filepath.Abs(*d)
+		if err != nil {
+			return usagef("%s: %v", *d, err)
+		}
+		*d = abs
 	}
 	var listeners []listenSpec
 	if f.listen != "" {
