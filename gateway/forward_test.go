@@ -225,7 +225,19 @@ func TestForwarderSpreadsOverIsolatedCircuits(t *testing.T) {
 		io.WriteString(w, "ok")
 	})
 	f, socks, gw := newTestForwarder(t, origin, ForwarderConfig{Circuits: 4, KeepWarm: -1})
-	waitFor(t, "the circuits warmed up", func() bool { return socks.userCount() == 4 })
+	// Warmed up: every circuit connected, and the onion answered on each
+	// (requests prefer circuits it answered on).
+	waitFor(t, "the circuits warmed up", func() bool {
+		if socks.userCount() != 4 {
+			return false
+		}
+		for _, c := range f.circuits {
+			if c.lastOK.Load() == 0 {
+				return false
+			}
+		}
+		return true
+	})
 	var wg sync.WaitGroup
 	for i := range 8 {
 		wg.Go(func() {
