@@ -129,25 +129,10 @@ func (c *Cache) StoreNarInfo(hash string, data []byte) error {
 		return fmt.Errorf("store %s: %w", t.rel, err)
 	}
 	tf := c.startTemp(c.path(t))
-	c.forgetting.RLock()
-	deps, err := c.narInfoDeps(ni, t)
+	f, cm, deps, err := c.stageNarInfo(tf, t, data, func() ([]dependency, error) { return c.narInfoDeps(ni, t) })
 	if err != nil {
-		c.forgetting.RUnlock()
-		tf.abort()
 		return fmt.Errorf("store %s: %w", t.rel, err)
 	}
-	f, err := tf.get()
-	if err != nil {
-		c.forgetting.RUnlock()
-		return err
-	}
-	if _, err := f.Write(data); err != nil {
-		c.forgetting.RUnlock()
-		f.Abort()
-		return err
-	}
-	cm := c.durable.begin(t.rel)
-	c.forgetting.RUnlock()
 	visible, err := c.commitNarInfo(f, t, data, deps, time.Now())
 	if err != nil && c.narinfos != nil {
 		c.narinfos.drop(t.rel)

@@ -271,26 +271,10 @@ func (c *Cache) putNarInfo(body io.Reader, t target, start time.Time) error {
 		tf.abort()
 		return err
 	}
-	// No forget deletes what the check finds until the commit has begun.
-	c.forgetting.RLock()
-	deps, err := c.checkNarInfo(data, t)
+	f, cm, deps, err := c.stageNarInfo(tf, t, data, func() ([]dependency, error) { return c.checkNarInfo(data, t) })
 	if err != nil {
-		c.forgetting.RUnlock()
-		tf.abort()
 		return err
 	}
-	f, err := tf.get()
-	if err != nil {
-		c.forgetting.RUnlock()
-		return err
-	}
-	if _, err := f.Write(data); err != nil {
-		c.forgetting.RUnlock()
-		f.Abort()
-		return err
-	}
-	cm := c.durable.begin(t.rel)
-	c.forgetting.RUnlock()
 	go func() {
 		visible, err := c.commitNarInfo(f, t, data, deps, start)
 		if err != nil {
@@ -304,6 +288,28 @@ func (c *Cache) putNarInfo(body io.Reader, t target, start time.Time) error {
 		}
 	}()
 	return nil
+}
+
+// stageNarInfo runs check, writes data to tf and begins the narinfo's
+// commit, with no forget running meanwhile: none deletes what check found
+// until the commit has begun. On an error tf is gone.
+func (c *Cache) stageNarInfo(tf *tempFile, t target, data []byte, check func() ([]dependency, error)) (*atomicfile.File, *commit, []dependency, error) {
+	c.forgetting.RLock()
+	defer c.forgetting.RUnlock()
+	deps, err := check()
+	if err != nil {
+		tf.abort()
+		return nil, nil, nil, err
+	}
+	f, err := tf.get()
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	if _, err := f.Write(data); err != nil {
+		f.Abort()
+		return nil, nil, nil, err
+	}
+	return f, c.durable.begin(t.rel), deps, nil
 }
 
 // checkNarInfo refuses a narinfo that is malformed, names another path,
