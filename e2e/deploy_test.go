@@ -7,7 +7,6 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"errors"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -37,23 +36,8 @@ func startGateway(t *testing.T, bundle string, extra ...string) *gateway {
 	args := append([]string{"proxy", "--bundle", bundle, "--listen", addr, "--state-dir", t.TempDir(),
 		"--tor-config", torNetConf, "--log-level", "debug"}, extra...)
 	g := &gateway{proc: start(t, args...), url: "http://" + addr}
-	deadline := time.Now().Add(time.Minute)
-	for {
-		resp, err := http.Get(g.url + "/-/health")
-		if err == nil {
-			resp.Body.Close()
-			return g
-		}
-		select {
-		case <-g.done:
-			t.Fatalf("proxy exited: %v\n%s", g.err, g.out)
-		default:
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("proxy not listening after a minute:\n%s", g.out)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	waitReady(t, g.proc, "the proxy listens", time.Minute, func() bool { return answers(g.url+"/-/health", false) })
+	return g
 }
 
 // gatewayHealth is the gateway's /-/health.

@@ -166,22 +166,32 @@ func startServer(t testing.TB, cacheDir string, extra ...string) *server {
 // waitHTTP polls url until it answers 200, failing if p exits first.
 func waitHTTP(t testing.TB, p *proc, url string) {
 	t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		resp, err := http.Get(url)
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == 200 {
-				return
-			}
-		}
+	waitReady(t, p, "serving "+url, 30*time.Second, func() bool { return answers(url, true) })
+}
+
+// answers reports whether url answers (with 200, when ok200 is set).
+func answers(url string, ok200 bool) bool {
+	resp, err := http.Get(url)
+	if err != nil {
+		return false
+	}
+	resp.Body.Close()
+	return !ok200 || resp.StatusCode == 200
+}
+
+// waitReady polls ready until it holds, failing the test when p exits
+// first or limit passes; what says what p was to do.
+func waitReady(t testing.TB, p *proc, what string, limit time.Duration, ready func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(limit)
+	for !ready() {
 		select {
 		case <-p.done:
-			t.Fatalf("kiss-onion exited before serving %s: %v\n%s", url, p.err, p.out)
+			t.Fatalf("kiss-onion exited before %s: %v\n%s", what, p.err, p.out)
 		default:
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("%s not served after 30 s: %v\n%s", url, err, p.out)
+			t.Fatalf("not %s after %v:\n%s", what, limit, p.out)
 		}
 		time.Sleep(50 * time.Millisecond)
 	}

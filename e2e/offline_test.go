@@ -224,23 +224,8 @@ func startGatewayBin(t *testing.T, bin, bundle, torrc, stateDir string, extra ..
 		}
 	})
 	g := &gateway{proc: p, url: "http://" + addr}
-	deadline := time.Now().Add(time.Minute)
-	for {
-		resp, err := http.Get(g.url + "/-/health")
-		if err == nil {
-			resp.Body.Close()
-			return g
-		}
-		select {
-		case <-p.done:
-			t.Fatalf("proxy exited: %v\n%s", p.err, p.out)
-		default:
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("proxy not listening after a minute:\n%s", p.out)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	waitReady(t, p, "the proxy listens", time.Minute, func() bool { return answers(g.url+"/-/health", false) })
+	return g
 }
 
 // timedGet GETs url and returns the status, the gateway's error header
@@ -267,21 +252,7 @@ type localServe struct {
 func startLocalServe(t *testing.T, stateDir, cacheDir string) *localServe {
 	t.Helper()
 	p := start(t, "serve", "--tor", "local", "--cache-dir", cacheDir, "--state-dir", stateDir)
-	deadline := time.Now().Add(5 * time.Minute)
-	for {
-		if _, err := os.Stat(filepath.Join(stateDir, "write.onion")); err == nil {
-			break
-		}
-		select {
-		case <-p.done:
-			t.Fatalf("serve --tor local exited: %v\n%s", p.err, p.out)
-		default:
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("serve --tor local did not publish in 5 minutes:\n%s", p.out)
-		}
-		time.Sleep(200 * time.Millisecond)
-	}
+	waitReady(t, p, "serve --tor local published its onions", 5*time.Minute, onionsWritten(stateDir))
 	return &localServe{proc: p, torrc: filepath.Join(stateDir, "testnet.torrc")}
 }
 

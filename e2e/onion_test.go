@@ -30,24 +30,19 @@ func startOnionServer(t testing.TB, stateDir, cacheDir string, extra ...string) 
 	}
 	args := append([]string{"serve", "--tor", "public", "--tor-config", torNetConf, "--cache-dir", cacheDir, "--state-dir", stateDir}, extra...)
 	s := &onionServer{proc: start(t, args...), cacheDir: cacheDir, stateDir: stateDir}
-	deadline := time.Now().Add(3 * time.Minute)
-	for {
-		if _, err := os.Stat(filepath.Join(stateDir, "write.onion")); err == nil {
-			break
-		}
-		select {
-		case <-s.done:
-			t.Fatalf("serve exited: %v\n%s", s.err, s.out)
-		default:
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("serve did not publish its onions in 3 minutes:\n%s", s.out)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+	waitReady(t, s.proc, "serve published its onions", 3*time.Minute, onionsWritten(stateDir))
 	s.readAddr, s.writeAddr = readAddr(t, stateDir, "read"), readAddr(t, stateDir, "write")
 	s.readURL, s.writeURL = "http://"+s.readAddr, "http://"+s.writeAddr
 	return s
+}
+
+// onionsWritten reports, when called, whether serve has written its
+// onions' addresses into stateDir (the write onion's last).
+func onionsWritten(stateDir string) func() bool {
+	return func() bool {
+		_, err := os.Stat(filepath.Join(stateDir, "write.onion"))
+		return err == nil
+	}
 }
 
 // addKey runs `kiss-onion keys add` and returns the bundle directory.
