@@ -2,6 +2,7 @@ package serve
 
 import (
 	"bytes"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -409,6 +410,9 @@ func (c *limitConn) active() {
 
 // trackHTTP is the write role's http.Server.ConnState.
 func trackHTTP(c net.Conn, st http.ConnState) {
+	if tc, ok := c.(*tls.Conn); ok {
+		c = tc.NetConn()
+	}
 	lc, ok := c.(*limitConn)
 	if !ok {
 		return

@@ -2,6 +2,7 @@ package serve
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"io"
 	"log"
@@ -27,7 +28,8 @@ type Server struct {
 	MaxConns int
 
 	read  *fasthttp.Server // the read role
-	write *http.Server     // the write role
+	write *http.Server     // the write role, or a door (door.go)
+	tls   *tls.Config      // a door's TLS, when it has one
 	cache *Cache
 	role  Role
 	log   *logrus.Entry
@@ -77,7 +79,11 @@ func (s *Server) Serve(ln net.Listener) error {
 	if s.read != nil {
 		return s.read.Serve(ll)
 	}
-	if err := s.write.Serve(ll); !errors.Is(err, http.ErrServerClosed) {
+	var inner net.Listener = ll
+	if s.tls != nil {
+		inner = tls.NewListener(ll, s.tls)
+	}
+	if err := s.write.Serve(inner); !errors.Is(err, http.ErrServerClosed) {
 		return err
 	}
 	return nil
