@@ -45,7 +45,7 @@ var ErrNoCredentials = errors.New("no credentials: this door takes a client cert
 // auth, and is then answered as the read or the write role would answer
 // it. A request auth refuses gets a 401 (with a Basic challenge, which is
 // what makes curl and Nix send netrc credentials to a server that asked),
-// a write by a reader a 403. With tlsConfig the door speaks TLS, and auth
+// a write by a reader a 405, as on the read listener. With tlsConfig the door speaks TLS, and auth
 // sees the client's certificates in r.TLS.
 func (c *Cache) NewDoorServer(auth Authenticator, tlsConfig *tls.Config, l *logrus.Entry) *Server {
 	if l == nil {
@@ -69,7 +69,10 @@ func (c *Cache) NewDoorServer(auth Authenticator, tlsConfig *tls.Config, l *logr
 			return
 		}
 		if r.Method != http.MethodGet && r.Method != http.MethodHead {
-			c.refuse(w, r, http.StatusForbidden, "%s %q is a reader: it may not %s", id.Door, id.Name, r.Method)
+			// 405 as on the read listener, never 403: Nix takes a 403
+			// for "not there" and would skip the upload silently.
+			w.Header().Set("Allow", "GET, HEAD")
+			c.refuse(w, r, http.StatusMethodNotAllowed, "%s %q is a reader: it may not %s", id.Door, id.Name, r.Method)
 			return
 		}
 		read.ServeHTTP(w, r)

@@ -65,14 +65,14 @@ func TestDoorServesEachRequestInItsClientsRole(t *testing.T) {
 		{"no credentials", "", "GET", "/nix-cache-info", "", 401},
 		{"bad credentials", "mallory", "GET", "/nix-cache-info", "", 401},
 		{"reader reads", "reader", "GET", "/nix-cache-info", "", 200},
-		{"reader may not upload", "reader", "PUT", "/" + nar, string(content), 403},
-		{"reader may not root", "reader", "PUT", "/gcroots/x", "", 403},
+		{"reader may not upload", "reader", "PUT", "/" + nar, string(content), 405},
+		{"reader may not root", "reader", "PUT", "/gcroots/x", "", 405},
 		{"stranger may not upload", "", "PUT", "/" + nar, string(content), 401},
 		{"nothing was stored", "reader", "GET", "/" + nar, "", 404},
 		{"writer uploads the NAR", "writer", "PUT", "/" + nar, string(content), 201},
 		{"writer uploads the narinfo", "writer", "PUT", "/" + hash + ".narinfo", info, 201},
 		{"reader gets the narinfo", "reader", "GET", "/" + hash + ".narinfo", "", 200},
-		{"reader may not forget", "reader", "DELETE", "/" + hash + ".narinfo", "", 403},
+		{"reader may not forget", "reader", "DELETE", "/" + hash + ".narinfo", "", 405},
 		{"stranger may not read", "", "GET", "/" + hash + ".narinfo", "", 401},
 	} {
 		t.Run(step.name, func(t *testing.T) {
