@@ -7,6 +7,7 @@ import (
 	"io"
 	"net/http"
 	"sync"
+	"time"
 )
 
 // keyWatch sits in the HTTP client go-oidc fetches the issuer's key set
@@ -15,35 +16,54 @@ import (
 // was unknown, the signature wrong or the issuer away; this tells them
 // apart. It decides nothing: go-oidc's key set does the fetching,
 // caching and verifying.
+//
+// It also spaces the fetches: go-oidc fetches the key set again for
+// every token naming a key id it has not seen, so anyone who can reach a
+// door could make the cache ask the issuer once per request. Within
+// minInterval of the last fetch, the last answer is given again.
 type keyWatch struct {
-	base    http.RoundTripper
-	jwksURL string
+	base        http.RoundTripper
+	jwksURL     string
+	minInterval time.Duration
 
-	mu      sync.Mutex
-	kids    map[string]bool
-	lastErr error
-	fetches int
+	mu       sync.Mutex
+	kids     map[string]bool
+	lastErr  error
+	last     time.Time
+	lastBody []byte
 }
 
 func (k *keyWatch) RoundTrip(req *http.Request) (*http.Response, error) {
-	resp, err := k.base.RoundTrip(req)
 	if req.URL.String() != k.jwksURL {
-		return resp, err
+		return k.base.RoundTrip(req)
 	}
+	if body, err, ok := k.recent(); ok {
+		if err != nil {
+			return nil, err
+		}
+		return &http.Response{
+			Status: "200 OK", StatusCode: http.StatusOK, Proto: "HTTP/1.1", ProtoMajor: 1, ProtoMinor: 1,
+			Header:  http.Header{"Content-Type": {"application/json"}},
+			Body:    io.NopCloser(bytes.NewReader(body)),
+			Request: req,
+		}, nil
+	}
+	resp, err := k.base.RoundTrip(req)
 	if err != nil {
-		k.record(nil, err)
+		k.record(nil, nil, err)
 		return resp, err
 	}
 	body, err := io.ReadAll(io.LimitReader(resp.Body, 4<<20))
 	resp.Body.Close()
 	if err != nil {
-		k.record(nil, err)
+		k.record(nil, nil, err)
 		return nil, err
 	}
 	resp.Body = io.NopCloser(bytes.NewReader(body))
 	if resp.StatusCode != http.StatusOK {
-		k.record(nil, fmt.Errorf("key set answered %s", resp.Status))
-		return resp, nil
+		err := fmt.Errorf("key set answered %s", resp.Status)
+		k.record(nil, nil, err)
+		return nil, err
 	}
 	var set struct {
 		Keys []struct {
@@ -51,24 +71,34 @@ func (k *keyWatch) RoundTrip(req *http.Request) (*http.Response, error) {
 		} `json:"keys"`
 	}
 	if err := json.Unmarshal(body, &set); err != nil {
-		k.record(nil, fmt.Errorf("key set is not JSON: %w", err))
-		return resp, nil
+		err := fmt.Errorf("key set is not JSON: %w", err)
+		k.record(nil, nil, err)
+		return nil, err
 	}
 	kids := map[string]bool{}
 	for _, key := range set.Keys {
 		kids[key.Kid] = true
 	}
-	k.record(kids, nil)
+	k.record(kids, body, nil)
 	return resp, nil
 }
 
-func (k *keyWatch) record(kids map[string]bool, err error) {
+// recent returns the last answer when it is younger than minInterval.
+func (k *keyWatch) recent() ([]byte, error, bool) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
-	k.fetches++
-	k.lastErr = err
+	if k.last.IsZero() || time.Since(k.last) >= k.minInterval {
+		return nil, nil, false
+	}
+	return k.lastBody, k.lastErr, true
+}
+
+func (k *keyWatch) record(kids map[string]bool, body []byte, err error) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	k.last, k.lastErr = time.Now(), err
 	if err == nil {
-		k.kids = kids
+		k.kids, k.lastBody = kids, body
 	}
 }
 

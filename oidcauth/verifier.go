@@ -40,6 +40,10 @@ type Config struct {
 	NameClaim string
 	// Timeout bounds each request to the issuer (10s when zero).
 	Timeout time.Duration
+	// KeyRefresh is the least time between two fetches of the issuer's
+	// key set, which tokens naming an unknown key id cause (10s when
+	// zero, none when negative).
+	KeyRefresh time.Duration
 	// Transport carries the requests to the issuer
 	// (http.DefaultTransport when nil).
 	Transport http.RoundTripper
@@ -83,7 +87,10 @@ func New(ctx context.Context, cfg Config) (*Verifier, error) {
 	if base == nil {
 		base = http.DefaultTransport
 	}
-	keys := &keyWatch{base: base}
+	if cfg.KeyRefresh == 0 {
+		cfg.KeyRefresh = 10 * time.Second
+	}
+	keys := &keyWatch{base: base, minInterval: cfg.KeyRefresh}
 	client := &http.Client{Transport: keys, Timeout: cfg.Timeout}
 	dctx, cancel := context.WithTimeout(ctx, cfg.Timeout)
 	defer cancel()

@@ -30,14 +30,15 @@ func mustRules(t *testing.T, rules ...string) []Rule {
 	return out
 }
 
-func newVerifier(t *testing.T, iss *oidctest.Issuer, nameClaim string) *Verifier {
+func newVerifier(t *testing.T, iss *oidctest.Issuer, nameClaim string, keyRefresh time.Duration) *Verifier {
 	t.Helper()
 	v, err := New(context.Background(), Config{
-		Issuer:    iss.URL,
-		Audience:  audience,
-		Writers:   mustRules(t, "repository=org/infra,ref=refs/heads/main"),
-		Readers:   mustRules(t, "repository_owner=org"),
-		NameClaim: nameClaim,
+		Issuer:     iss.URL,
+		Audience:   audience,
+		Writers:    mustRules(t, "repository=org/infra,ref=refs/heads/main"),
+		Readers:    mustRules(t, "repository_owner=org"),
+		NameClaim:  nameClaim,
+		KeyRefresh: keyRefresh,
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -73,7 +74,7 @@ func TestVerify(t *testing.T) {
 	defer iss.Close()
 	other := oidctest.Start()
 	defer other.Close()
-	v := newVerifier(t, iss, "")
+	v := newVerifier(t, iss, "", 0)
 	now := time.Now()
 	unlisted := iss.NewKey(jose.ES256)
 	impostor := iss.NewKey(jose.RS256)
@@ -157,7 +158,7 @@ func TestVerify(t *testing.T) {
 func TestNameClaim(t *testing.T) {
 	iss := oidctest.Start()
 	defer iss.Close()
-	v := newVerifier(t, iss, "job_workflow_ref")
+	v := newVerifier(t, iss, "job_workflow_ref", 0)
 	g, err := v.Verify(context.Background(), iss.Token(jose.RS256, audience, nil))
 	if err != nil || g.Name != "org/infra/.github/workflows/push.yml@refs/heads/main" {
 		t.Fatalf("grant %+v, %v", g, err)
@@ -174,7 +175,7 @@ func TestNameClaim(t *testing.T) {
 func TestKeyRotation(t *testing.T) {
 	iss := oidctest.Start()
 	defer iss.Close()
-	v := newVerifier(t, iss, "")
+	v := newVerifier(t, iss, "", -1)
 	verify := func(tok string) error {
 		_, err := v.Verify(context.Background(), tok)
 		return err
@@ -213,7 +214,7 @@ func TestKeyRotation(t *testing.T) {
 func TestIssuerAway(t *testing.T) {
 	iss := oidctest.Start()
 	defer iss.Close()
-	v := newVerifier(t, iss, "")
+	v := newVerifier(t, iss, "", -1)
 	if _, err := v.Verify(context.Background(), iss.Token(jose.ES256, audience, nil)); err != nil {
 		t.Fatal(err)
 	}
@@ -229,6 +230,33 @@ func TestIssuerAway(t *testing.T) {
 	iss.SetDown(false)
 	if _, err := v.Verify(context.Background(), iss.Token(jose.ES256, audience, nil)); err != nil {
 		t.Fatalf("the new key once the issuer is back: %v", err)
+	}
+}
+
+// TestKeyFetchesSpaced: tokens naming key ids nobody lists do not make
+// the cache ask the issuer once each.
+func TestKeyFetchesSpaced(t *testing.T) {
+	iss := oidctest.Start()
+	defer iss.Close()
+	v := newVerifier(t, iss, "", time.Hour)
+	if _, err := v.Verify(context.Background(), iss.Token(jose.RS256, audience, nil)); err != nil {
+		t.Fatal(err)
+	}
+	fetches := iss.KeySetFetches()
+	if fetches != 1 {
+		t.Errorf("key set fetched %d times by New and a first token, want once", fetches)
+	}
+	for range 5 {
+		var e *Error
+		if _, err := v.Verify(context.Background(), iss.Sign(iss.NewKey(jose.ES256), iss.Claims(audience))); !errors.As(err, &e) || e.Reason != UnknownKey {
+			t.Fatalf("a token by an unlisted key: %v", err)
+		}
+	}
+	if got := iss.KeySetFetches(); got != fetches {
+		t.Errorf("tokens by unknown keys made %d fetches within the refresh interval, want none", got-fetches)
+	}
+	if _, err := v.Verify(context.Background(), iss.Token(jose.ES256, audience, nil)); err != nil {
+		t.Fatalf("a token by a listed key after them: %v", err)
 	}
 }
 
