@@ -1,6 +1,8 @@
 package oidcauth
 
 import (
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 )
@@ -71,5 +73,19 @@ func TestRuleMatch(t *testing.T) {
 				t.Errorf("Match = %v, want %v", got, tt.want)
 			}
 		})
+	}
+}
+
+// TestReasonsDocumented: docs/oidc.md has a row for every reason.
+func TestReasonsDocumented(t *testing.T) {
+	doc, err := os.ReadFile(filepath.Join("..", "docs", "oidc.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range []Reason{NoToken, Malformed, Unsigned, UnsupportedAlgorithm, UnknownKey, BadSignature,
+		KeysUnavailable, WrongIssuer, WrongAudience, Expired, NotYetValid, NoMatchingRule} {
+		if !strings.Contains(string(doc), "\n| "+string(r)+" | `"+string(r)+":") {
+			t.Errorf("docs/oidc.md has no row for %q", r)
+		}
 	}
 }
