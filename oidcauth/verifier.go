@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"net/url"
 	"slices"
 	"strings"
 	"time"
@@ -104,7 +105,12 @@ func New(ctx context.Context, cfg Config) (*Verifier, error) {
 	if err := provider.Claims(&meta); err != nil || meta.JWKS == "" {
 		return nil, fmt.Errorf("discover issuer %s: its discovery document names no jwks_uri", cfg.Issuer)
 	}
-	keys.jwksURL = meta.JWKS
+	u, err := url.Parse(meta.JWKS)
+	if err != nil {
+		return nil, fmt.Errorf("discover issuer %s: jwks_uri %q: %w", cfg.Issuer, meta.JWKS, err)
+	}
+	// As the requests go-oidc makes for it will print it.
+	keys.jwksURL = u.String()
 	// One look at the key set now, so that a wrong jwks_uri shows at
 	// start rather than at the first token.
 	if err := fetchOnce(dctx, client, meta.JWKS); err != nil {
@@ -263,7 +269,7 @@ type sigOutcomeKey struct{}
 // why turns go-oidc's refusal into one naming its reason.
 func (v *Verifier) why(err error, h header, c unverified, sig *sigOutcome) error {
 	if !sig.checked {
-		return refuse(Malformed, "not a JWT go-oidc can read")
+		return refuse(Malformed, "not a compact JWS with one signature")
 	}
 	if sig.err != nil {
 		known, lastErr := v.keys.state(h.Kid)
