@@ -5,9 +5,13 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"maps"
 	"net/http"
+	"slices"
 	"sync"
 	"time"
+
+	"github.com/sirupsen/logrus"
 )
 
 // keyWatch sits in the HTTP client go-oidc fetches the issuer's key set
@@ -25,6 +29,7 @@ type keyWatch struct {
 	base        http.RoundTripper
 	jwksURL     string
 	minInterval time.Duration
+	log         *logrus.Entry
 
 	mu       sync.Mutex
 	kids     map[string]bool
@@ -97,9 +102,14 @@ func (k *keyWatch) record(kids map[string]bool, body []byte, err error) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	k.last, k.lastErr = time.Now(), err
-	if err == nil {
-		k.kids, k.lastBody = kids, body
+	if err != nil {
+		k.log.WithError(err).WithField("url", k.jwksURL).Warn("oidc key set not fetched: tokens by keys not seen before are refused until it is")
+		return
 	}
+	if !maps.Equal(kids, k.kids) {
+		k.log.WithFields(logrus.Fields{"url": k.jwksURL, "key_ids": slices.Sorted(maps.Keys(kids))}).Info("oidc key set fetched")
+	}
+	k.kids, k.lastBody = kids, body
 }
 
 // state returns whether kid was in the last key set fetched, and the

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/coreos/go-oidc/v3/oidc"
+	"github.com/sirupsen/logrus"
 )
 
 // Door is the name of this kind of credentials in an identity.
@@ -48,6 +49,9 @@ type Config struct {
 	// Transport carries the requests to the issuer
 	// (http.DefaultTransport when nil).
 	Transport http.RoundTripper
+	// Log tells when the issuer's key set changes or cannot be fetched
+	// (logrus's standard logger when nil).
+	Log *logrus.Entry
 }
 
 // Grant is what a token proved: who, and whether it may write.
@@ -91,7 +95,10 @@ func New(ctx context.Context, cfg Config) (*Verifier, error) {
 	if cfg.KeyRefresh == 0 {
 		cfg.KeyRefresh = 10 * time.Second
 	}
-	keys := &keyWatch{base: base, minInterval: cfg.KeyRefresh}
+	if cfg.Log == nil {
+		cfg.Log = logrus.NewEntry(logrus.StandardLogger())
+	}
+	keys := &keyWatch{base: base, minInterval: cfg.KeyRefresh, log: cfg.Log}
 	client := &http.Client{Transport: keys, Timeout: cfg.Timeout}
 	dctx, cancel := context.WithTimeout(ctx, cfg.Timeout)
 	defer cancel()

@@ -98,6 +98,7 @@ func (o *oidcFlags) authenticator(ctx context.Context, log *logrus.Entry) (serve
 		Readers:   o.readerRules,
 		NameClaim: o.nameClaim,
 		Timeout:   oidcTimeout,
+		Log:       log.WithField("component", "oidc"),
 	})
 	if err != nil {
 		return nil, fmt.Errorf("--oidc-issuer: %w", err)
