@@ -189,3 +189,31 @@ func TestOIDCIssuerUnreachableAtStart(t *testing.T) {
 		t.Fatalf("exit %d, want 1 and the issuer named:\n%s", code, out)
 	}
 }
+
+// TestOIDCDoorNix218: Nix 2.18's parallel uploads and its substitution
+// send the netrc-file's token as well.
+func TestOIDCDoorNix218(t *testing.T) {
+	iss := oidctest.Start()
+	defer iss.Close()
+	key := newSigningKey(t, "oidc-e2e-1")
+	srv := startOIDCServer(t, iss, "--trusted-writer-key", key.public)
+	writer := iss.Token(jose.ES256, oidcAudience, nil)
+	reader := iss.Token(jose.RS256, oidcAudience, map[string]any{"ref": "refs/heads/dev"})
+
+	src := newModernNix(t, "netrc-file = "+writeNetrc(t, srv.url, writer))
+	top, closure := src.buildWideClosure(8)
+	src.must("nix", "copy", "--to", srv.url+"?compression=zstd&secret-key="+key.secretFile, top)
+	dst := newModernNix(t, "substituters = "+srv.url, "trusted-public-keys = "+key.public, "require-sigs = true",
+		"netrc-file = "+writeNetrc(t, srv.url, reader))
+	dst.must("nix-store", "--realise", top)
+	dst.must("nix", "store", "verify", "--recursive", top)
+	for _, p := range closure {
+		sameTree(t, src, dst, p)
+	}
+	log := srv.out.String()
+	for _, tok := range []string{writer, reader} {
+		if strings.Contains(log, strings.Split(tok, ".")[2]) {
+			t.Fatalf("serve's log holds a token:\n%s", log)
+		}
+	}
+}
