@@ -548,6 +548,54 @@ var nixosServerCases = []nixosCase{
 		},
 	},
 	{
+		name:    "server takes OIDC tokens on loopback when asked",
+		modules: "server",
+		config: `{ services.kiss-onion = { enable = true; settings.tor = "off";
+			oidc = { enable = true; issuer = "https://token.actions.githubusercontent.com"; audience = "https://cache.example.org";
+				writers = [ "repository=org/infra,ref=refs/heads/main" ]; readers = [ "repository_owner=org" "repository=friend/tools" ]; }; }; }`,
+		check: func(t *testing.T, r *nixosEval) {
+			nixosAssertions(t, r)
+			settings := r.Etc["kiss-onion/kiss-onion.toml"].(map[string]any)
+			nixosEq(t, "listen-oidc", settings["listen-oidc"], "127.0.0.1:37513")
+			nixosEq(t, "oidc-issuer", settings["oidc-issuer"], "https://token.actions.githubusercontent.com")
+			nixosEq(t, "oidc-audience", settings["oidc-audience"], "https://cache.example.org")
+			nixosEq(t, "oidc-writer", settings["oidc-writer"], []any{"repository=org/infra,ref=refs/heads/main"})
+			nixosEq(t, "oidc-reader", settings["oidc-reader"], []any{"repository_owner=org", "repository=friend/tools"})
+		},
+	},
+	{
+		name:    "server has no OIDC door by default",
+		modules: "server",
+		config:  `{ services.kiss-onion = { enable = true; writers.ci.publicKey = "` + nixosWriterKey + `"; oidc.issuer = "https://token.actions.githubusercontent.com"; }; }`,
+		check: func(t *testing.T, r *nixosEval) {
+			nixosAssertions(t, r)
+			for _, k := range []string{"listen-oidc", "oidc-issuer", "oidc-audience", "oidc-writer", "oidc-reader"} {
+				if v, ok := r.Etc["kiss-onion/kiss-onion.toml"].(map[string]any)[k]; ok {
+					t.Errorf("%s = %v without oidc.enable", k, v)
+				}
+			}
+		},
+	},
+	{
+		name:    "server refuses an OIDC door with no rule, no audience, an http issuer or a remote address",
+		modules: "server",
+		config: `{ services.kiss-onion = { enable = true; settings.tor = "off";
+			oidc = { enable = true; issuer = "http://issuer.example"; listen = "0.0.0.0:8443"; }; }; }`,
+		check: func(t *testing.T, r *nixosEval) {
+			nixosAssertions(t, r,
+				`oidc needs issuer (an https URL, http only on loopback) and audience, not issuer = "http://issuer.example", audience = ""`,
+				"oidc needs at least one rule in oidc.writers or oidc.readers",
+				`oidc.listen = "0.0.0.0:8443" is not a loopback address`)
+		},
+	},
+	{
+		name:    "server refuses an OIDC rule that is not claim=value",
+		modules: "server",
+		config: `{ services.kiss-onion = { enable = true; settings.tor = "off";
+			oidc = { enable = true; issuer = "https://token.actions.githubusercontent.com"; audience = "a"; writers = [ "repository" ]; }; }; }`,
+		wantErr: "services.kiss-onion.oidc.writers",
+	},
+	{
 		name:    "server warns about a public read onion",
 		modules: "server",
 		config:  `{ services.kiss-onion = { enable = true; publicRead = true; writers.ci.publicKey = "` + nixosWriterKey + `"; }; }`,
@@ -767,6 +815,8 @@ const nixosEverything = `{
 		listen = "127.0.0.1:8080";
 		prune = { enable = true; maxRootAge = "720h"; };
 		metrics.enable = true;
+		oidc = { enable = true; issuer = "https://token.actions.githubusercontent.com"; audience = "https://cache.example.org";
+			writers = [ "repository=org/infra,ref=refs/heads/main" ]; readers = [ "repository_owner=org" ]; };
 		tor.extraConfig = "UseBridges 1";
 		proxy = { enable = true; bundle = "` + nixosWriterBundle + `"; write = true; trustedPublicKeys = [ "` + nixosSignerKey + `" ]; };
 		update = { enable = true; bundle = "` + nixosReaderBundle + `"; publisherKey = "` + nixosSignerKey + `"; };

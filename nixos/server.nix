@@ -73,6 +73,11 @@ let
   sharedKeys = lib.filter (names: lib.length names > 1) (lib.attrValues keyOwners);
   within = dir: parent: dir == parent || lib.hasPrefix "${parent}/" dir;
   isLoopback = addr: builtins.match "(127\\.[0-9.]+|\\[::1]|localhost):[0-9]+" addr != null;
+  # An OIDC rule: claim=value pairs joined by commas (serve says more).
+  oidcRule = types.strMatching "[^,=]+=[^,]+(,[^,=]+=[^,]+)*";
+  oidcIssuerOK =
+    lib.hasPrefix "https://" cfg.oidc.issuer
+    || builtins.match "http://(127\\.[0-9.]+|\\[::1]|localhost)(:[0-9]+)?(/.*)?" cfg.oidc.issuer != null;
 in
 {
   imports = [ ./common.nix ];
@@ -242,6 +247,59 @@ in
       '';
     };
 
+    oidc = {
+      enable = mkEnableOption "a door taking OpenID Connect tokens (such as GitHub Actions mints) for both roles, on a loopback address for a TLS reverse proxy in front (see docs/oidc.md)";
+
+      issuer = mkOption {
+        type = types.str;
+        default = "";
+        example = "https://token.actions.githubusercontent.com";
+        description = ''
+          The token issuer's URL (its tokens' `iss`): https, or http only on
+          loopback. The server reaches its discovery document at start and
+          fails (and is restarted) while it cannot.
+        '';
+      };
+
+      audience = mkOption {
+        type = types.str;
+        default = "";
+        example = "https://cache.example.org";
+        description = ''
+          Tokens must hold this audience (`aud`): the value CI asks its token
+          for, so that a token minted for another service does not open the
+          cache.
+        '';
+      };
+
+      writers = mkOption {
+        type = types.listOf oidcRule;
+        default = [ ];
+        example = [ "repository=org/infra,ref=refs/heads/main" ];
+        description = ''
+          Rules (claim=value pairs joined by commas) letting a token write when
+          its claims hold every pair, as strings; tried before `readers`.
+        '';
+      };
+
+      readers = mkOption {
+        type = types.listOf oidcRule;
+        default = [ ];
+        example = [ "repository_owner=org" ];
+        description = "Rules letting a token read. A token that no rule matches is refused.";
+      };
+
+      listen = mkOption {
+        type = types.str;
+        default = "127.0.0.1:37513";
+        description = ''
+          The loopback address (host:port) of the door, plain HTTP: a reverse
+          proxy on the same machine terminates TLS in front of it. Never
+          another address: tokens cross it in clear.
+        '';
+      };
+    };
+
     metrics = {
       enable = mkEnableOption "Prometheus metrics of the server at http://<metrics.listen>/metrics (see docs/operating.md)";
 
@@ -320,6 +378,11 @@ in
       upstream-timeout = mkIf (cfg.upstream.urls != [ ] && cfg.upstream.timeout != null) cfg.upstream.timeout;
       upstream-keep = mkIf (cfg.upstream.urls != [ ] && cfg.upstream.keep != null) cfg.upstream.keep;
       upstream-max-size = mkIf (cfg.upstream.urls != [ ] && cfg.upstream.maxSize != null) cfg.upstream.maxSize;
+      listen-oidc = mkIf cfg.oidc.enable cfg.oidc.listen;
+      oidc-issuer = mkIf cfg.oidc.enable cfg.oidc.issuer;
+      oidc-audience = mkIf cfg.oidc.enable cfg.oidc.audience;
+      oidc-writer = mkIf (cfg.oidc.enable && cfg.oidc.writers != [ ]) cfg.oidc.writers;
+      oidc-reader = mkIf (cfg.oidc.enable && cfg.oidc.readers != [ ]) cfg.oidc.readers;
     };
 
     assertions = [
@@ -360,6 +423,18 @@ in
       {
         assertion = cfg.listen == null || isLoopback cfg.listen || (cfg.settings.allow-remote or false);
         message = "services.kiss-onion.listen = \"${toString cfg.listen}\" is not a loopback address: serve refuses it unless services.kiss-onion.settings.allow-remote = true (then open the port in networking.firewall)";
+      }
+      {
+        assertion = !cfg.oidc.enable || (oidcIssuerOK && cfg.oidc.audience != "");
+        message = "services.kiss-onion.oidc needs issuer (an https URL, http only on loopback) and audience, not issuer = \"${cfg.oidc.issuer}\", audience = \"${cfg.oidc.audience}\"";
+      }
+      {
+        assertion = !cfg.oidc.enable || cfg.oidc.writers != [ ] || cfg.oidc.readers != [ ];
+        message = "services.kiss-onion.oidc needs at least one rule in oidc.writers or oidc.readers (like \"repository=org/infra,ref=refs/heads/main\")";
+      }
+      {
+        assertion = !cfg.oidc.enable || isLoopback cfg.oidc.listen;
+        message = "services.kiss-onion.oidc.listen = \"${cfg.oidc.listen}\" is not a loopback address: tokens cross it in clear, so serve takes only loopback; put a TLS reverse proxy in front";
       }
       {
         assertion = !cfg.metrics.enable || isLoopback cfg.metrics.listen || (cfg.settings.allow-remote or false);

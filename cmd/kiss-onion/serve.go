@@ -37,6 +37,7 @@ Arguments:
 Examples:
 	kiss-onion serve --tor off --cache-dir /srv/cache --listen 127.0.0.1:8080 --listen-write 127.0.0.1:8081
 	kiss-onion serve --config /etc/kiss-onion.toml
+	kiss-onion serve --listen-oidc 127.0.0.1:37513 --oidc-issuer https://token.actions.githubusercontent.com --oidc-audience https://cache.example.org --oidc-writer 'repository=org/infra,ref=refs/heads/main'
 	kiss-onion serve --upstream https://cache.nixos.org --upstream-key cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=
 `
 
@@ -104,6 +105,7 @@ type serveFlags struct {
 	maxRootAge    time.Duration
 	metricsListen string
 	upstream      upstreamFlags
+	oidc          oidcFlags
 }
 
 func runServe(args []string) error {
@@ -131,6 +133,7 @@ func runServe(args []string) error {
 	fs.DurationVar(&f.maxRootAge, "max-root-age", 0, "scheduled prunes ignore markers older than this `age` (0: markers never expire)")
 	fs.StringVar(&f.metricsListen, "metrics-listen", "", "serve Prometheus metrics at http://`address`/metrics (host:port; off when empty)")
 	f.upstream.register(fs)
+	f.oidc.register(fs)
 	fs.StringVar(&f.logFormat, "log-format", "text", "log `format`: text or json")
 	fs.StringVar(&f.logLevel, "log-level", "info", "log `level`: debug, info, warn or error")
 	rest, err := parseArgs(fs, args)
@@ -209,8 +212,11 @@ func serveMain(f serveFlags, log *logrus.Entry) error {
 			return err
 		}
 	}
-	if f.torMode == "off" && len(listeners) == 0 {
-		return usagef("with --tor off, give --listen or --listen-write")
+	if err := f.oidc.check(); err != nil {
+		return err
+	}
+	if f.torMode == "off" && len(listeners) == 0 && !f.oidc.listening() {
+		return usagef("with --tor off, give --listen, --listen-write or --listen-oidc")
 	}
 	if err := checkApart(f.cacheDir, f.stateDir); err != nil {
 		return err
@@ -274,6 +280,11 @@ func serveMain(f serveFlags, log *logrus.Entry) error {
 				errc <- fmt.Errorf("%s listener: %w", role, err)
 			}
 		}()
+	}
+	if srv, err := f.oidc.serve(ctx, cache, log, errc); err != nil {
+		return err
+	} else if srv != nil {
+		servers = append(servers, srv)
 	}
 	for _, l := range listeners {
 		ln, err := net.Listen("tcp", l.addr)

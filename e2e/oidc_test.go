@@ -1,0 +1,219 @@
+package e2e
+
+import (
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	jose "github.com/go-jose/go-jose/v4"
+
+	"github.com/kiss-onion/kiss-onion/internal/oidctest"
+)
+
+const oidcAudience = "https://cache.e2e.example"
+
+// oidcServer is a `kiss-onion serve --tor off` whose only door is
+// --listen-oidc, taking tokens of iss.
+type oidcServer struct {
+	*proc
+	cacheDir, url string
+}
+
+func startOIDCServer(t *testing.T, iss *oidctest.Issuer, extra ...string) *oidcServer {
+	t.Helper()
+	dir := t.TempDir()
+	s := &oidcServer{cacheDir: filepath.Join(dir, "cache")}
+	addr := freeAddr(t)
+	s.url = "http://" + addr
+	args := append([]string{"serve", "--tor", "off", "--cache-dir", s.cacheDir, "--state-dir", filepath.Join(dir, "state"),
+		"--listen-oidc", addr, "--oidc-issuer", iss.URL, "--oidc-audience", oidcAudience,
+		"--oidc-writer", "repository=org/infra,ref=refs/heads/main", "--oidc-reader", "repository_owner=org",
+		"--log-level", "debug"}, extra...)
+	s.proc = start(t, args...)
+	// Up once it answers at all: without a token, with a 401.
+	waitReady(t, s.proc, "serving "+s.url, 30*time.Second, func() bool { return answers(s.url+"/nix-cache-info", false) })
+	return s
+}
+
+// writeNetrc writes a netrc-file giving token as the password for host.
+func writeNetrc(t *testing.T, url, token string) string {
+	t.Helper()
+	host := strings.Split(strings.TrimPrefix(url, "http://"), ":")[0]
+	p := filepath.Join(t.TempDir(), "netrc")
+	if err := os.WriteFile(p, []byte("machine "+host+" login ci password "+token+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// curlStatus runs curl with args and returns the HTTP status and body.
+func curlStatus(t *testing.T, args ...string) (string, string) {
+	t.Helper()
+	body := filepath.Join(t.TempDir(), "body")
+	out, err := exec.Command("curl", append([]string{"-sS", "-o", body, "-w", "%{http_code}"}, args...)...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("curl %v: %v\n%s", args, err, out)
+	}
+	b, _ := os.ReadFile(body)
+	return string(out), string(b)
+}
+
+// TestOIDCDoor: through --listen-oidc, a writer token pushes a signed
+// closure with the real nix copy --to and a netrc-file; a reader token
+// substitutes it into a fresh store that requires signatures and cannot
+// upload; every bad token is refused with a 401 naming why, and serve's
+// log holds no token.
+func TestOIDCDoor(t *testing.T) {
+	iss := oidctest.Start()
+	defer iss.Close()
+	other := oidctest.Start()
+	defer other.Close()
+	key := newSigningKey(t, "oidc-e2e-1")
+	srv := startOIDCServer(t, iss, "--trusted-writer-key", key.public)
+	var tokens []string
+	mint := func(tok string) string { tokens = append(tokens, tok); return tok }
+	writer := mint(iss.Token(jose.RS256, oidcAudience, nil))
+	reader := mint(iss.Token(jose.ES256, oidcAudience, map[string]any{"ref": "refs/heads/dev"}))
+	if len(writer) < 1000 {
+		t.Fatalf("the writer token has %d bytes: want one the size of GitHub's", len(writer))
+	}
+
+	src := newNix(t, "netrc-file = "+writeNetrc(t, srv.url, writer))
+	top, closure := src.buildClosure(64)
+	src.must("nix", "copy", "--to", srv.url+"?compression=zstd&secret-key="+key.secretFile, top)
+	for _, p := range closure {
+		if _, err := visibleFile(t, srv.cacheDir, hashOf(p)+".narinfo"); err != nil {
+			t.Fatalf("no narinfo for %s after nix copy with a writer token: %v", p, err)
+		}
+	}
+
+	sub := newNix(t, "substituters = "+srv.url, "trusted-public-keys = "+key.public, "require-sigs = true",
+		"netrc-file = "+writeNetrc(t, srv.url, reader))
+	sub.must("nix-store", "--realise", top)
+	for _, p := range closure {
+		sameTree(t, src, sub, p)
+	}
+	// Without a token, Nix 2.8 reads the 401 as "not there".
+	bare := newNix(t, "substituters = "+srv.url, "trusted-public-keys = "+key.public)
+	if out, err := bare.run(nil, "nix-store", "--realise", top); err == nil || bare.hasPath(top) {
+		t.Fatalf("substituted without a token:\n%s", out)
+	}
+
+	t.Run("a reader cannot upload", func(t *testing.T) {
+		nar := filepath.Join(t.TempDir(), "x.nar")
+		os.WriteFile(nar, []byte("not a nar"), 0o644)
+		const path = "/nar/1111111111111111111111111111111111111111111111111111.nar"
+		for _, auth := range [][]string{{"-u", "ci:" + reader}, {"-H", "Authorization: Bearer " + reader}} {
+			code, body := curlStatus(t, append(auth, "-T", nar, srv.url+path)...)
+			if code != "403" || !strings.Contains(body, "reader") {
+				t.Errorf("PUT with a reader token: %s %q, want 403", code, body)
+			}
+		}
+		if _, err := os.Stat(filepath.Join(srv.cacheDir, path)); err == nil {
+			t.Error("a reader's PUT was stored")
+		}
+		other := newNix(t, "netrc-file = "+writeNetrc(t, srv.url, reader))
+		top2, _ := other.buildClosure(8)
+		if out, err := other.run(nil, "nix", "copy", "--to", srv.url+"?compression=zstd&secret-key="+key.secretFile, top2); err == nil {
+			t.Errorf("nix copy --to with a reader token succeeded:\n%s", out)
+		}
+		if _, err := os.Stat(filepath.Join(srv.cacheDir, hashOf(top2)+".narinfo")); err == nil {
+			t.Error("a reader's nix copy stored a narinfo")
+		}
+	})
+
+	now := time.Now()
+	unlisted := iss.NewKey(jose.RS256)
+	for _, tt := range []struct {
+		name, token, reason string
+	}{
+		{"expired", iss.Token(jose.RS256, oidcAudience, map[string]any{"exp": now.Add(-time.Minute).Unix(), "iat": now.Add(-11 * time.Minute).Unix()}), "expired"},
+		{"wrong audience", iss.Token(jose.ES256, "https://another.example", nil), "wrong audience"},
+		{"wrong issuer", other.Token(jose.RS256, oidcAudience, nil), "wrong issuer"},
+		{"alg none", oidctest.Unsigned(iss.Claims(oidcAudience)), "unsigned"},
+		{"a key the issuer does not list", iss.Sign(unlisted, iss.Claims(oidcAudience)), "unknown key"},
+		{"claims matching no rule", iss.Token(jose.RS256, oidcAudience, map[string]any{"repository": "else/where", "repository_owner": "else"}), "no matching rule"},
+		{"no token", "", "no token"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			mint(tt.token)
+			ways := map[string][]string{"no credentials": nil}
+			if tt.token != "" {
+				ways = map[string][]string{
+					"netrc-file": {"--netrc-file", writeNetrc(t, srv.url, tt.token)},
+					"bearer":     {"-H", "Authorization: Bearer " + tt.token},
+				}
+			}
+			for way, args := range ways {
+				code, body := curlStatus(t, append(args, srv.url+"/nix-cache-info")...)
+				if code != "401" || !strings.Contains(body, tt.reason) {
+					t.Errorf("%s: %s %q, want 401 naming %q", way, code, body, tt.reason)
+				}
+				if tt.token != "" && strings.Contains(body, tt.token) {
+					t.Errorf("%s: the 401 holds the token", way)
+				}
+			}
+		})
+	}
+
+	log := srv.out.String()
+	t.Logf("token of %d bytes; serve log of %d bytes", len(writer), len(log))
+	if testing.Verbose() {
+		t.Log(log)
+	}
+	if !strings.Contains(log, "no matching rule") || !strings.Contains(log, `"client":`) && !strings.Contains(log, "client=") {
+		t.Errorf("serve's log does not show the refusals and the clients let in:\n%s", log)
+	}
+	for _, tok := range tokens {
+		for _, part := range strings.Split(tok, ".") {
+			if len(part) > 16 && strings.Contains(log, part) {
+				t.Fatalf("serve's log holds part of a token:\n%s", log)
+			}
+		}
+	}
+}
+
+// TestOIDCIssuerUnreachableAtStart: serve refuses to start when it cannot
+// reach the issuer, and says which.
+func TestOIDCIssuerUnreachableAtStart(t *testing.T) {
+	iss := oidctest.Start()
+	url := iss.URL
+	iss.Close()
+	dir := t.TempDir()
+	out, code := runKissOnion(t, "serve", "--tor", "off", "--cache-dir", filepath.Join(dir, "cache"), "--state-dir", filepath.Join(dir, "state"),
+		"--listen-oidc", freeAddr(t), "--oidc-issuer", url, "--oidc-audience", oidcAudience, "--oidc-writer", "repository=org/infra")
+	if code != 1 || !strings.Contains(out, "--oidc-issuer: discover issuer "+url) {
+		t.Fatalf("exit %d, want 1 and the issuer named:\n%s", code, out)
+	}
+}
+
+// TestOIDCDoorNix218: Nix 2.18's parallel uploads and its substitution
+// send the netrc-file's token as well.
+func TestOIDCDoorNix218(t *testing.T) {
+	iss := oidctest.Start()
+	defer iss.Close()
+	key := newSigningKey(t, "oidc-e2e-1")
+	srv := startOIDCServer(t, iss, "--trusted-writer-key", key.public)
+	writer := iss.Token(jose.ES256, oidcAudience, nil)
+	reader := iss.Token(jose.RS256, oidcAudience, map[string]any{"ref": "refs/heads/dev"})
+
+	src := newModernNix(t, "netrc-file = "+writeNetrc(t, srv.url, writer))
+	top, closure := src.buildWideClosure(8)
+	src.must("nix", "copy", "--to", srv.url+"?compression=zstd&secret-key="+key.secretFile, top)
+	dst := newModernNix(t, "substituters = "+srv.url, "trusted-public-keys = "+key.public, "require-sigs = true",
+		"netrc-file = "+writeNetrc(t, srv.url, reader))
+	dst.must("nix-store", "--realise", top)
+	dst.must("nix", "store", "verify", "--recursive", top)
+	for _, p := range closure {
+		sameTree(t, src, dst, p)
+	}
+	log := srv.out.String()
+	for _, tok := range []string{writer, reader} {
+		if strings.Contains(log, strings.Split(tok, ".")[2]) {
+			t.Fatalf("serve's log holds a token:\n%s", log)
+		}
+	}
+}
