@@ -108,8 +108,8 @@ func TestOIDCDoor(t *testing.T) {
 		const path = "/nar/1111111111111111111111111111111111111111111111111111.nar"
 		for _, auth := range [][]string{{"-u", "ci:" + reader}, {"-H", "Authorization: Bearer " + reader}} {
 			code, body := curlStatus(t, append(auth, "-T", nar, srv.url+path)...)
-			if code != "403" || !strings.Contains(body, "reader") {
-				t.Errorf("PUT with a reader token: %s %q, want 403", code, body)
+			if code != "405" || !strings.Contains(body, "reader") {
+				t.Errorf("PUT with a reader token: %s %q, want 405", code, body)
 			}
 		}
 		if _, err := os.Stat(filepath.Join(srv.cacheDir, path)); err == nil {
