@@ -210,4 +210,3 @@ func edit(t *testing.T, dir, old, new string) {
 		t.Fatal(err)
 	}
 }
-
