@@ -59,8 +59,8 @@ func TestTLSGateway(t *testing.T) {
 		pin       string
 		reachable bool
 	}{
-		{"the cache's own server certificate", ca, "sha256:"+strings.Repeat("0", 64), true},
-		{"a server certificate of another CA", other, "sha256:"+strings.Repeat("0", 64), false},
+		{"the cache's own server certificate", ca, "sha256:" + strings.Repeat("0", 64), true},
+		{"a server certificate of another CA", other, "sha256:" + strings.Repeat("0", 64), false},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			k, _ := clientauth.GeneratePrivateKey()
