@@ -19,6 +19,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/kiss-onion/kiss-onion/clientauth"
 	"github.com/kiss-onion/kiss-onion/internal/atomicfile"
 )
 
@@ -59,14 +60,24 @@ func LoadOrCreate(dir string) (*CA, error) {
 	if err == nil || !errors.Is(err, fs.ErrNotExist) {
 		return ca, err
 	}
-	if _, err := os.Stat(filepath.Join(dir, CAKeyFile)); err == nil {
-		return nil, fmt.Errorf("tls ca: %s exists without %s", filepath.Join(dir, CAKeyFile), CACertFile)
-	}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("tls ca: %w", err)
 	}
 	if err := os.Chmod(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("tls ca: %w", err)
+	}
+	// serve and 'keys add --tls' may both be first: one makes the CA, the
+	// other loads it.
+	unlock, err := clientauth.LockFile(filepath.Join(dir, ".ca.lock"))
+	if err != nil {
+		return nil, fmt.Errorf("tls ca: %w", err)
+	}
+	defer unlock()
+	if ca, err := Load(dir); err == nil || !errors.Is(err, fs.ErrNotExist) {
+		return ca, err
+	}
+	if _, err := os.Stat(filepath.Join(dir, CAKeyFile)); err == nil {
+		return nil, fmt.Errorf("tls ca: %s exists without %s", filepath.Join(dir, CAKeyFile), CACertFile)
 	}
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {

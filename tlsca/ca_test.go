@@ -202,3 +202,23 @@ func TestDefaultHosts(t *testing.T) {
 		}
 	}
 }
+
+func TestConcurrentFirstUsesMakeOneCA(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "tls")
+	cas := make(chan *CA, 8)
+	for range cap(cas) {
+		go func() {
+			ca, err := LoadOrCreate(dir)
+			if err != nil {
+				t.Error(err)
+			}
+			cas <- ca
+		}()
+	}
+	first := <-cas
+	for range cap(cas) - 1 {
+		if ca := <-cas; first == nil || ca == nil || !ca.Cert().Equal(first.Cert()) {
+			t.Fatal("concurrent LoadOrCreate made more than one CA")
+		}
+	}
+}
