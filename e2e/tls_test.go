@@ -198,6 +198,18 @@ func TestTLSDoor(t *testing.T) {
 		}
 	})
 
+	t.Run("status lists the door and its clients", func(t *testing.T) {
+		out, code := runKissOnion(t, "status", "--state-dir", d.stateDir)
+		if code != 0 {
+			t.Fatalf("status: exit %d\n%s", code, out)
+		}
+		for _, want := range []string{"tls    https://" + strings.TrimPrefix(d.url, "https://"), "laptop", "builder"} {
+			if !strings.Contains(out, want) {
+				t.Errorf("status does not say %q:\n%s", want, out)
+			}
+		}
+	})
+
 	t.Run("keys revoke shuts a reader out of the running serve", func(t *testing.T) {
 		gw := startTLSGateway(t, reader)
 		if r := curlDoor(t, caFile, d.url+topInfo, bundleCert(reader)...); r.status != "200" {
@@ -236,5 +248,43 @@ func registerCert(t *testing.T, stateDir, name, fp string) {
 	})
 	if err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestTLSDoorWithTheUsersCertificate: serve --tls-cert serves a
+// certificate the user supplies, bundles then pin no server certificate,
+// and a client trusting the user's CA is served.
+func TestTLSDoorWithTheUsersCertificate(t *testing.T) {
+	if testing.Short() {
+		t.Skip("runs serve")
+	}
+	userCA, err := tlsca.LoadOrCreate(filepath.Join(t.TempDir(), "user-ca"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	server, err := userCA.Issue(tlsca.Template{Name: "localhost", Hosts: []string{"localhost", "127.0.0.1"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	files := pemFiles(t, server)
+	d := startTLSDoor(t, "--tls-cert", files[1], "--tls-key", files[3])
+	if info, err := tlsca.LoadDoor(tlsca.Dir(d.stateDir)); err != nil || info.ServerFingerprint != "" {
+		t.Errorf("door.toml with the user's certificate: %+v, %v; want no server fingerprint", info, err)
+	}
+	reader := d.addTLSClient(t, "laptop", "reader")
+	b, err := clientauth.LoadBundle(reader)
+	if err != nil || b.TLS == nil || b.TLS.ServerFingerprint != "" {
+		t.Fatalf("bundle: %+v, %v", b.TLS, err)
+	}
+	userCAFile := filepath.Join(t.TempDir(), "user-ca.crt")
+	if err := os.WriteFile(userCAFile, userCA.CertPEM(), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if r := curlDoor(t, userCAFile, d.url+"/nix-cache-info", bundleCert(reader)...); r.status != "200" || !strings.Contains(r.body, "StoreDir:") {
+		t.Errorf("reader trusting the user's CA: %+v, want 200", r)
+	}
+	// The cache's own CA does not vouch for the user's certificate.
+	if r := curlDoor(t, filepath.Join(reader, clientauth.BundleTLSCAFile), d.url+"/nix-cache-info", bundleCert(reader)...); r.exit == 0 {
+		t.Errorf("curl trusted the user's certificate through the cache's CA: %+v", r)
 	}
 }
