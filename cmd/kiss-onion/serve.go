@@ -38,6 +38,7 @@ Examples:
 	kiss-onion serve --tor off --cache-dir /srv/cache --listen 127.0.0.1:8080 --listen-write 127.0.0.1:8081
 	kiss-onion serve --config /etc/kiss-onion.toml
 	kiss-onion serve --listen-oidc 127.0.0.1:37513 --oidc-issuer https://token.actions.githubusercontent.com --oidc-audience https://cache.example.org --oidc-writer 'repository=org/infra,ref=refs/heads/main'
+	kiss-onion serve --listen-tls 0.0.0.0:8443 --allow-remote --tls-name cache.lan   # the TLS door, docs/tls.md
 	kiss-onion serve --upstream https://cache.nixos.org --upstream-key cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=
 `
 
