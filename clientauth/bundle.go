@@ -3,6 +3,9 @@ package clientauth
 import (
 	"bufio"
 	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -18,6 +21,12 @@ import (
 const (
 	BundleConfigFile = "kiss-onion.toml"
 	BundleKeyFile    = "client.key"
+	// The files of a bundle's TLS door: the client certificate and its
+	// key, and the cache's CA, for Nix's ssl-cert-file (kiss-onion.toml
+	// holds the CA too).
+	BundleTLSCertFile = "tls-client.crt"
+	BundleTLSKeyFile  = "tls-client.key"
+	BundleTLSCAFile   = "tls-ca.crt"
 )
 
 // Bundle is what a client machine needs to reach the cache: its key and the
@@ -26,7 +35,11 @@ const (
 //	client.key             the private key (an age-like key file), 0600
 //	<onion>.auth_private   one per onion the key may reach, for tor's
 //	                       ClientOnionAuthDir, 0600
-//	kiss-onion.toml        name, role, public key, read_url and write_url
+//	kiss-onion.toml        name, role, public key, read_url and write_url,
+//	                       and for the TLS door tls_url, tls_ca and the
+//	                       fingerprints of the certificates
+//	tls-client.crt, .key   the TLS client certificate and its key, 0600
+//	tls-ca.crt             the cache's CA (for Nix's ssl-cert-file)
 //
 // A bundle without a private key holds kiss-onion.toml only, for a client
 // that keeps its key itself.
@@ -38,6 +51,26 @@ type Bundle struct {
 	Created    time.Time   // when the key was made, noted in client.key; not read back
 	ReadOnion  string      // the read onion's address, with or without ".onion"
 	WriteOnion string      // the write onion's address: writers only
+	TLS        *BundleTLS  // the TLS door; nil for a bundle of the onions alone
+}
+
+// BundleTLS is what a bundle holds to reach the cache's TLS door.
+type BundleTLS struct {
+	// URL is the door's base URL, https://HOST:PORT.
+	URL string
+	// CA is the PEM certificate of the cache's CA, which signed the
+	// client certificate (and the server's, when ServerFingerprint is set).
+	CA []byte
+	// ServerFingerprint pins the cache's own server certificate; "" when
+	// the server's certificate is one the user supplied, trusted through
+	// the system's roots.
+	ServerFingerprint string
+	// CertFingerprint is the client certificate's fingerprint, as the
+	// registry records it.
+	CertFingerprint string
+	// Cert and Key are the PEM client certificate and its private key;
+	// nil in a bundle without private keys.
+	Cert, Key []byte
 }
 
 // bundleConfig is the format of kiss-onion.toml.
@@ -47,6 +80,11 @@ type bundleConfig struct {
 	PublicKey string `toml:"public_key"`
 	ReadURL   string `toml:"read_url"`
 	WriteURL  string `toml:"write_url,omitempty"`
+	// The TLS door, all empty in a bundle without it.
+	TLSURL      string `toml:"tls_url,omitempty"`
+	TLSCertFP   string `toml:"tls_cert_fingerprint,omitempty"`
+	TLSServerFP string `toml:"tls_server_fingerprint,omitempty"`
+	TLSCA       string `toml:"tls_ca,multiline,omitempty"`
 }
 
 const bundleConfigHeader = `# kiss-onion client bundle, written by 'kiss-onion keys'.
@@ -133,13 +171,24 @@ func (b Bundle) files() ([]bundleFile, PublicKey, error) {
 			files = append(files, bundleFile{name, []byte(line + "\n")})
 		}
 	}
-	cfg, err := toml.Marshal(bundleConfig{
+	conf := bundleConfig{
 		Name:      b.Name,
 		Role:      string(b.Role),
 		PublicKey: pub.String(),
 		ReadURL:   b.ReadURL(),
 		WriteURL:  b.WriteURL(),
-	})
+	}
+	if t := b.TLS; t != nil {
+		if err := t.check(); err != nil {
+			return nil, PublicKey{}, err
+		}
+		if b.Key != nil && t.Key != nil {
+			files = append(files, bundleFile{BundleTLSKeyFile, t.Key}, bundleFile{BundleTLSCertFile, t.Cert})
+		}
+		files = append(files, bundleFile{BundleTLSCAFile, t.CA})
+		conf.TLSURL, conf.TLSCertFP, conf.TLSServerFP, conf.TLSCA = t.URL, t.CertFingerprint, t.ServerFingerprint, string(t.CA)
+	}
+	cfg, err := toml.Marshal(conf)
 	if err != nil {
 		return nil, PublicKey{}, fmt.Errorf("encode %s: %w", BundleConfigFile, err)
 	}
@@ -281,7 +330,88 @@ func LoadBundle(dir string) (Bundle, error) {
 	default:
 		b.Key = k
 	}
+	if cfg.TLSURL == "" {
+		for _, kv := range [][2]string{{"tls_ca", cfg.TLSCA}, {"tls_cert_fingerprint", cfg.TLSCertFP}, {"tls_server_fingerprint", cfg.TLSServerFP}} {
+			if kv[1] != "" {
+				return Bundle{}, fail(kv[0], "%s without tls_url", kv[0])
+			}
+		}
+		return b, nil
+	}
+	t := &BundleTLS{URL: cfg.TLSURL, CA: []byte(cfg.TLSCA), CertFingerprint: cfg.TLSCertFP, ServerFingerprint: cfg.TLSServerFP}
+	if err := t.check(); err != nil {
+		return Bundle{}, &FileError{Path: path, Err: err}
+	}
+	if err := t.readCert(dir); err != nil {
+		return Bundle{}, err
+	}
+	b.TLS = t
 	return b, nil
+}
+
+// check checks what kiss-onion.toml says of the TLS door.
+func (t *BundleTLS) check() error {
+	host, ok := strings.CutPrefix(t.URL, "https://")
+	if !ok || host == "" || strings.ContainsAny(host, "/?#@") {
+		return fmt.Errorf("tls_url %q is not https://HOST[:PORT]", t.URL)
+	}
+	if block, _ := pem.Decode(t.CA); block == nil || block.Type != "CERTIFICATE" {
+		return errors.New("tls_ca holds no PEM certificate")
+	}
+	if _, err := ParseCertFingerprint(t.CertFingerprint); err != nil {
+		return fmt.Errorf("tls_cert_fingerprint: %w", err)
+	}
+	if t.ServerFingerprint != "" {
+		if _, err := ParseCertFingerprint(t.ServerFingerprint); err != nil {
+			return fmt.Errorf("tls_server_fingerprint: %w", err)
+		}
+	}
+	if (t.Cert == nil) != (t.Key == nil) {
+		return errors.New("a TLS client certificate without its key, or a key without its certificate")
+	}
+	if t.Cert != nil && CertFingerprint(t.Cert) != t.CertFingerprint {
+		return errors.New("the TLS client certificate is not the one tls_cert_fingerprint names")
+	}
+	return nil
+}
+
+// readCert reads the client certificate and its key from dir, when there:
+// both or neither.
+func (t *BundleTLS) readCert(dir string) error {
+	certPath, keyPath := filepath.Join(dir, BundleTLSCertFile), filepath.Join(dir, BundleTLSKeyFile)
+	cert, cerr := os.ReadFile(certPath)
+	key, kerr := os.ReadFile(keyPath)
+	switch {
+	case errors.Is(cerr, fs.ErrNotExist) && errors.Is(kerr, fs.ErrNotExist):
+		return nil
+	case cerr != nil:
+		return fmt.Errorf("read bundle: %w", cerr)
+	case kerr != nil:
+		return fmt.Errorf("read bundle: %w", kerr)
+	}
+	if fp := CertFingerprint(cert); fp != t.CertFingerprint {
+		return &FileError{Path: certPath, Err: fmt.Errorf("certificate %s, but %s names %s", fp, BundleConfigFile, t.CertFingerprint)}
+	}
+	t.Cert, t.Key = cert, key
+	return nil
+}
+
+// CertFingerprint returns the fingerprint of the first certificate of a
+// PEM text, in the form the registry records ("sha256:" and the hex
+// SHA-256 of its DER), or "" when it holds none.
+func CertFingerprint(certPEM []byte) string {
+	rest := certPEM
+	for {
+		var block *pem.Block
+		block, rest = pem.Decode(rest)
+		if block == nil {
+			return ""
+		}
+		if block.Type == "CERTIFICATE" {
+			sum := sha256.Sum256(block.Bytes)
+			return "sha256:" + hex.EncodeToString(sum[:])
+		}
+	}
 }
 
 // parseOnionURL parses "http://<v3 onion address>" (a final "/" allowed)

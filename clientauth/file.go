@@ -97,3 +97,8 @@ func createFile(path string, data []byte) error {
 	}
 	return nil
 }
+
+// LockFile takes an exclusive lock on path (created 0600 when missing),
+// waiting for it, and returns the function that releases it: the lock
+// UpdateRegistry holds, for other state files made once and shared.
+func LockFile(path string) (unlock func(), err error) { return lockFile(path) }

@@ -29,3 +29,29 @@ func MergeKeys(regs ...*Registry) (readKeys, writeKeys [][32]byte) {
 	}
 	return readKeys, writeKeys
 }
+
+// MergeTLS returns the clients that may come in through the TLS door, by
+// the fingerprint of their certificate: those of all of regs that have
+// one, and none that any of regs revoked (by name's certificate or by
+// fingerprint), whatever the others say. When two registries give one
+// fingerprint to different roles, the first in regs decides.
+func MergeTLS(regs ...*Registry) map[string]Client {
+	revoked := map[string]bool{}
+	for _, reg := range regs {
+		for _, c := range reg.clients {
+			if c.IsRevoked() && c.TLSCert != "" {
+				revoked[c.TLSCert] = true
+			}
+		}
+	}
+	out := map[string]Client{}
+	for _, reg := range regs {
+		for _, c := range reg.clients {
+			if _, seen := out[c.TLSCert]; c.TLSCert == "" || c.IsRevoked() || revoked[c.TLSCert] || seen {
+				continue
+			}
+			out[c.TLSCert] = c
+		}
+	}
+	return out
+}

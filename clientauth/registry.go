@@ -1,12 +1,15 @@
 package clientauth
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/pelletier/go-toml/v2"
@@ -38,6 +41,10 @@ type Client struct {
 	PublicKey PublicKey
 	Created   time.Time
 	Revoked   time.Time // zero while the key is valid
+	// TLSCert is the fingerprint of the client's TLS certificate
+	// ("sha256:" and the hex SHA-256 of its DER), "" when it has none.
+	// Revoking the client revokes it too.
+	TLSCert string
 }
 
 // IsRevoked reports whether the client's key was revoked.
@@ -66,6 +73,7 @@ type clientEntry struct {
 	PublicKey string    `toml:"public_key"`
 	Created   time.Time `toml:"created"`
 	Revoked   time.Time `toml:"revoked,omitempty"`
+	TLSCert   string    `toml:"tls_cert,omitempty"`
 }
 
 // Stamp identifies one version of the registry file cheaply, from its
@@ -173,6 +181,14 @@ func (r *Registry) parse(data []byte) error {
 			}
 			return fail(at("name"), "%v", err)
 		}
+		if e.TLSCert != "" {
+			if c.TLSCert, err = ParseCertFingerprint(e.TLSCert); err != nil {
+				return fail(at("tls_cert"), "client %q: %v", e.Name, err)
+			}
+			if err := r.checkNewCert(c.TLSCert); err != nil {
+				return fail(at("tls_cert"), "client %q: %v", e.Name, err)
+			}
+		}
 		r.clients = append(r.clients, c)
 	}
 	return nil
@@ -193,6 +209,55 @@ func (r *Registry) checkNew(name string, pub PublicKey) error {
 		}
 	}
 	return nil
+}
+
+// checkNewCert refuses a certificate fingerprint already in the registry.
+func (r *Registry) checkNewCert(fp string) error {
+	for _, c := range r.clients {
+		if c.TLSCert == fp {
+			return fmt.Errorf("TLS certificate %s already registered to client %q", fp, c.Name)
+		}
+	}
+	return nil
+}
+
+// SetTLSCert records the fingerprint of the TLS certificate of the client
+// named name (see ParseCertFingerprint). It refuses a revoked client, one
+// that has a certificate already and a certificate already registered.
+// Call Save to write the change.
+func (r *Registry) SetTLSCert(name, fingerprint string) error {
+	fp, err := ParseCertFingerprint(fingerprint)
+	if err != nil {
+		return err
+	}
+	if err := r.checkNewCert(fp); err != nil {
+		return err
+	}
+	for i := range r.clients {
+		c := &r.clients[i]
+		if c.Name != name {
+			continue
+		}
+		switch {
+		case c.IsRevoked():
+			return fmt.Errorf("client %q %w", name, ErrRevoked)
+		case c.TLSCert != "":
+			return fmt.Errorf("client %q has a TLS certificate already", name)
+		}
+		c.TLSCert = fp
+		return nil
+	}
+	return fmt.Errorf("%w named %q", ErrNoClient, name)
+}
+
+// ParseCertFingerprint checks the form of a certificate fingerprint,
+// "sha256:" and 64 hex digits, and returns it in lower case.
+func ParseCertFingerprint(s string) (string, error) {
+	h, ok := strings.CutPrefix(strings.ToLower(s), "sha256:")
+	if b, err := hex.DecodeString(h); !ok || err != nil || len(b) != sha256.Size {
+		return "", fmt.Errorf("%q is not a certificate fingerprint (sha256: and 64 hex digits)", s)
+	}
+	return "sha256:" + h, nil
 }
 
 // Changed reports whether the registry's file was replaced since r was
@@ -298,6 +363,7 @@ func (r *Registry) Save() error {
 			PublicKey: c.PublicKey.String(),
 			Created:   c.Created,
 			Revoked:   c.Revoked,
+			TLSCert:   c.TLSCert,
 		})
 	}
 	body, err := toml.Marshal(rf)

@@ -208,6 +208,8 @@ func TestCorruptRegistryNamesFileAndLine(t *testing.T) {
 		{"bad key, no echo", "version = 1\n" + client("a", "reader", secret[:40]), 5, "malformed x25519 public key"},
 		{"duplicate name", "version = 1\n" + client("a", "reader", k) + client("a", "writer", rfc7748[1].pubBase32), 8, `client "a" already exists`},
 		{"duplicate key", "version = 1\n" + client("a", "reader", k) + client("b", "writer", k), 10, "public key already registered"},
+		{"bad tls_cert", "version = 1\n" + client("a", "reader", k) + "tls_cert = \"md5:00\"\n", 7, "not a certificate fingerprint"},
+		{"duplicate tls_cert", "version = 1\n" + client("a", "reader", k) + "tls_cert = \"" + fpA + "\"\n" + client("b", "reader", rfc7748[1].pubBase32) + "tls_cert = \"" + fpA + "\"\n", 13, `already registered to client "a"`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -596,6 +596,55 @@ var nixosServerCases = []nixosCase{
 		wantErr: "services.kiss-onion.oidc.writers",
 	},
 	{
+		name:    "server opens the TLS door with its own certificate",
+		modules: "server",
+		config: `{ services.kiss-onion = { enable = true; writers.ci.publicKey = "` + nixosWriterKey + `";
+			tls = { enable = true; listen = "0.0.0.0:8443"; names = [ "cache.lan" "192.168.1.5" ]; }; settings.allow-remote = true; }; }`,
+		check: func(t *testing.T, r *nixosEval) {
+			nixosAssertions(t, r)
+			conf := r.Etc["kiss-onion/kiss-onion.toml"].(map[string]any)
+			nixosEq(t, "listen-tls", conf["listen-tls"], "0.0.0.0:8443")
+			nixosEq(t, "tls-name", conf["tls-name"], []string{"cache.lan", "192.168.1.5"})
+			if _, ok := conf["tls-cert"]; ok {
+				t.Error("tls-cert set without tls.certFile")
+			}
+			if _, ok := nixosUnit(t, r, "kiss-onion").ServiceConfig["LoadCredential"]; ok {
+				t.Error("LoadCredential without tls.certFile")
+			}
+		},
+	},
+	{
+		name:    "server serves the user's certificate, read at run time as credentials",
+		modules: "server",
+		config: `{ services.kiss-onion = { enable = true; writers.ci.publicKey = "` + nixosWriterKey + `";
+			tls = { enable = true; certFile = "/var/lib/kiss-onion-secrets/cache.crt"; keyFile = "/var/lib/kiss-onion-secrets/cache.key"; }; }; }`,
+		check: func(t *testing.T, r *nixosEval) {
+			nixosAssertions(t, r)
+			conf := r.Etc["kiss-onion/kiss-onion.toml"].(map[string]any)
+			nixosEq(t, "listen-tls", conf["listen-tls"], "127.0.0.1:8443")
+			nixosEq(t, "tls-cert", conf["tls-cert"], "/run/credentials/kiss-onion.service/tls-cert")
+			nixosEq(t, "tls-key", conf["tls-key"], "/run/credentials/kiss-onion.service/tls-key")
+			nixosEq(t, "LoadCredential", nixosUnit(t, r, "kiss-onion").ServiceConfig["LoadCredential"],
+				[]string{"tls-cert:/var/lib/kiss-onion-secrets/cache.crt", "tls-key:/var/lib/kiss-onion-secrets/cache.key"})
+		},
+	},
+	{
+		name:    "server refuses a remote TLS door without allow-remote, and half a certificate",
+		modules: "server",
+		config: `{ services.kiss-onion = { enable = true; writers.ci.publicKey = "` + nixosWriterKey + `";
+			tls = { enable = true; listen = "0.0.0.0:8443"; names = [ "cache.lan" ]; certFile = "/var/lib/kiss-onion-secrets/cache.crt"; }; }; }`,
+		check: func(t *testing.T, r *nixosEval) {
+			nixosAssertions(t, r, `tls.listen = "0.0.0.0:8443" is not a loopback address`, "set certFile and keyFile together", "with tls.certFile, your certificate names them")
+		},
+	},
+	{
+		name:    "server refuses a certificate in the Nix store",
+		modules: "server",
+		config: `{ services.kiss-onion = { enable = true; writers.ci.publicKey = "` + nixosWriterKey + `";
+			tls = { enable = true; certFile = "/nix/store/00000000000000000000000000000000-cert"; keyFile = "/nix/store/00000000000000000000000000000000-key"; }; }; }`,
+		wantErr: "absolute path outside the Nix store",
+	},
+	{
 		name:    "server warns about a public read onion",
 		modules: "server",
 		config:  `{ services.kiss-onion = { enable = true; publicRead = true; writers.ci.publicKey = "` + nixosWriterKey + `"; }; }`,
@@ -817,6 +866,7 @@ const nixosEverything = `{
 		metrics.enable = true;
 		oidc = { enable = true; issuer = "https://token.actions.githubusercontent.com"; audience = "https://cache.example.org";
 			writers = [ "repository=org/infra,ref=refs/heads/main" ]; readers = [ "repository_owner=org" ]; };
+		tls = { enable = true; names = [ "cache1.lan" ]; };
 		tor.extraConfig = "UseBridges 1";
 		proxy = { enable = true; bundle = "` + nixosWriterBundle + `"; write = true; trustedPublicKeys = [ "` + nixosSignerKey + `" ]; };
 		update = { enable = true; bundle = "` + nixosReaderBundle + `"; publisherKey = "` + nixosSignerKey + `"; };

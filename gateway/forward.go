@@ -2,6 +2,7 @@ package gateway
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -91,6 +92,9 @@ type ForwarderConfig struct {
 	// sends it a small request to keep its connection and circuit open
 	// (DefaultKeepWarm when 0; negative never).
 	KeepWarm time.Duration
+	// TLS, when set, lets Target be an https:// URL, reached directly
+	// (SocksAddr nil) with this client configuration: the TLS door.
+	TLS *tls.Config
 	// CacheInfoFile is where the cache's nix-cache-info is remembered,
 	// so that it is answered while the onion is unreachable, across
 	// restarts too; "" remembers it in memory only.
@@ -172,8 +176,12 @@ func NewForwarder(cfg ForwarderConfig) (*Forwarder, error) {
 	if err != nil {
 		return nil, fmt.Errorf("forward to %q: %w", cfg.Target, err)
 	}
-	if target.Scheme != "http" || target.Host == "" || target.RawQuery != "" || target.Fragment != "" {
-		return nil, fmt.Errorf("forward to %q: want http://HOST[/PREFIX]", cfg.Target)
+	scheme := "http"
+	if cfg.TLS != nil {
+		scheme = "https"
+	}
+	if target.Scheme != scheme || target.Host == "" || target.RawQuery != "" || target.Fragment != "" {
+		return nil, fmt.Errorf("forward to %q: want %s://HOST[/PREFIX]", cfg.Target, scheme)
 	}
 	target.Path = strings.TrimSuffix(target.Path, "/")
 	if cfg.Circuits <= 0 {
@@ -241,6 +249,7 @@ func (f *Forwarder) newCircuit(n int) *circuit {
 		// onion drops it, so an upload never starts on a closing one.
 		IdleConnTimeout:       90 * time.Second,
 		ResponseHeaderTimeout: responseTimeout,
+		TLSClientConfig:       f.cfg.TLS,
 	}
 	return c
 }

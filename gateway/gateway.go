@@ -26,6 +26,9 @@ type Config struct {
 	// Write forwards to the write onion (a writer's bundle only) instead
 	// of the read onion.
 	Write bool
+	// Door is the way to the cache: DoorOnion (when empty) through tor,
+	// or DoorTLS, the bundle's TLS door, directly (see StartTLS).
+	Door string
 	// Listen is the loopback address to serve on; "127.0.0.1:0" (a free
 	// port) when empty.
 	Listen string
@@ -64,6 +67,9 @@ type Gateway struct {
 // bootstrapped. The onion may not be reachable yet: see WaitReachable.
 // ctx bounds only the start.
 func Start(ctx context.Context, cfg Config) (*Gateway, error) {
+	if cfg.Door == DoorTLS {
+		return startTLS(cfg)
+	}
 	b := cfg.Bundle
 	if b.Key == nil {
 		return nil, errors.New("start gateway: the bundle has no private key (client.key)")
@@ -116,20 +122,9 @@ func Start(ctx context.Context, cfg Config) (*Gateway, error) {
 	if err != nil {
 		return nil, fmt.Errorf("start gateway: %w", err)
 	}
-	if g.ln, err = net.Listen("tcp", cfg.Listen); err != nil {
-		g.Forwarder.Close()
-		return nil, fmt.Errorf("start gateway: %w", err)
+	if err := g.listen(cfg.Listen); err != nil {
+		return nil, err
 	}
-	g.srv = &http.Server{
-		Handler:           g.Forwarder,
-		ReadHeaderTimeout: 30 * time.Second,
-		IdleTimeout:       5 * time.Minute,
-	}
-	go func() {
-		if err := g.srv.Serve(g.ln); !errors.Is(err, http.ErrServerClosed) {
-			g.errc <- err
-		}
-	}()
 	log.WithFields(logrus.Fields{"client": b.Name, "listen": g.URL(), "target": target}).Info("gateway starting tor")
 
 	t, err := onion.Start(ctx, onion.Config{
@@ -159,6 +154,27 @@ func Start(ctx context.Context, cfg Config) (*Gateway, error) {
 	default:
 	}
 	return g, nil
+}
+
+// listen starts serving the Forwarder on addr; it closes the Forwarder
+// when it cannot.
+func (g *Gateway) listen(addr string) error {
+	var err error
+	if g.ln, err = net.Listen("tcp", addr); err != nil {
+		g.Forwarder.Close()
+		return fmt.Errorf("start gateway: %w", err)
+	}
+	g.srv = &http.Server{
+		Handler:           g.Forwarder,
+		ReadHeaderTimeout: 30 * time.Second,
+		IdleTimeout:       5 * time.Minute,
+	}
+	go func() {
+		if err := g.srv.Serve(g.ln); !errors.Is(err, http.ErrServerClosed) {
+			g.errc <- err
+		}
+	}()
+	return nil
 }
 
 // URL returns the gateway's address: "http://127.0.0.1:PORT".

@@ -22,6 +22,8 @@ let
   configPath = "${etcDir}/kiss-onion.toml";
   clientsPath = "${etcDir}/clients.toml";
   torrcPath = "${etcDir}/torrc";
+  # Where systemd puts the unit's LoadCredential files.
+  credentialsDir = "/run/credentials/kiss-onion.service";
 
   clientKey = types.submodule {
     options.publicKey = mkOption {
@@ -300,6 +302,54 @@ in
       };
     };
 
+    tls = {
+      enable = mkEnableOption "the TLS door: both roles on one HTTPS port, to clients with a certificate from `kiss-onion keys add --tls` (see docs/tls.md)";
+
+      listen = mkOption {
+        type = types.str;
+        default = "127.0.0.1:8443";
+        example = "0.0.0.0:8443";
+        description = ''
+          Where the TLS door listens (host:port). A non-loopback address also
+          needs `settings.allow-remote = true` and an open firewall port.
+        '';
+      };
+
+      names = mkOption {
+        type = types.listOf types.str;
+        default = [ ];
+        example = [
+          "cache.lan"
+          "192.168.1.5"
+        ];
+        description = ''
+          The DNS names and IP addresses clients reach the door at, put in
+          the cache's own server certificate (signed by its CA in stateDir).
+          The first makes the URL that `kiss-onion keys add --tls` writes
+          into bundles. Not with certFile, whose certificate names its hosts.
+        '';
+      };
+
+      certFile = mkOption {
+        type = types.nullOr kolib.secretPath;
+        default = null;
+        example = "/var/lib/kiss-onion-secrets/cache.lan.crt";
+        description = ''
+          A PEM server certificate (with its chain) to serve instead of the
+          cache's own; clients then trust it through their system's roots.
+          Read at run time (as a systemd credential, so it may be root's
+          alone), never copied into the Nix store. With keyFile.
+        '';
+      };
+
+      keyFile = mkOption {
+        type = types.nullOr kolib.secretPath;
+        default = null;
+        example = "/var/lib/kiss-onion-secrets/cache.lan.key";
+        description = "The private key of certFile, read at run time as a systemd credential.";
+      };
+    };
+
     metrics = {
       enable = mkEnableOption "Prometheus metrics of the server at http://<metrics.listen>/metrics (see docs/operating.md)";
 
@@ -372,6 +422,10 @@ in
       prune-interval = mkIf cfg.prune.enable cfg.prune.interval;
       max-root-age = mkIf (cfg.prune.enable && cfg.prune.maxRootAge != null) cfg.prune.maxRootAge;
       metrics-listen = mkIf cfg.metrics.enable cfg.metrics.listen;
+      listen-tls = mkIf cfg.tls.enable cfg.tls.listen;
+      tls-name = mkIf (cfg.tls.enable && cfg.tls.names != [ ]) cfg.tls.names;
+      tls-cert = mkIf (cfg.tls.enable && cfg.tls.certFile != null) "${credentialsDir}/tls-cert";
+      tls-key = mkIf (cfg.tls.enable && cfg.tls.keyFile != null) "${credentialsDir}/tls-key";
       upstream = mkIf (cfg.upstream.urls != [ ]) cfg.upstream.urls;
       upstream-key = mkIf (cfg.upstream.urls != [ ]) cfg.upstream.keys;
       upstream-via-tor = mkIf (cfg.upstream.urls != [ ] && cfg.upstream.viaTor) true;
@@ -440,6 +494,18 @@ in
         assertion = !cfg.metrics.enable || isLoopback cfg.metrics.listen || (cfg.settings.allow-remote or false);
         message = "services.kiss-onion.metrics.listen = \"${cfg.metrics.listen}\" is not a loopback address: serve refuses it unless services.kiss-onion.settings.allow-remote = true (then open the port in networking.firewall)";
       }
+      {
+        assertion = !cfg.tls.enable || isLoopback cfg.tls.listen || (cfg.settings.allow-remote or false);
+        message = "services.kiss-onion.tls.listen = \"${cfg.tls.listen}\" is not a loopback address: serve refuses it unless services.kiss-onion.settings.allow-remote = true (then open the port in networking.firewall)";
+      }
+      {
+        assertion = (cfg.tls.certFile == null) == (cfg.tls.keyFile == null);
+        message = "services.kiss-onion.tls: set certFile and keyFile together";
+      }
+      {
+        assertion = cfg.tls.certFile == null || cfg.tls.names == [ ];
+        message = "services.kiss-onion.tls.names names the hosts of the cache's own certificate: with tls.certFile, your certificate names them";
+      }
     ];
 
     warnings = lib.optional cfg.publicRead "services.kiss-onion.publicRead is on: anyone who learns the read onion's address can download the whole cache";
@@ -496,6 +562,12 @@ in
           cfg.stateDir
         ];
         RemoveIPC = true;
+        # The user's server certificate and key, readable by root alone,
+        # reach the service here.
+        LoadCredential = mkIf (cfg.tls.enable && cfg.tls.certFile != null && cfg.tls.keyFile != null) [
+          "tls-cert:${cfg.tls.certFile}"
+          "tls-key:${cfg.tls.keyFile}"
+        ];
       }
       // kolib.sandbox;
     };

@@ -14,6 +14,7 @@ import (
 
 	"github.com/kiss-onion/kiss-onion/clientauth"
 	"github.com/kiss-onion/kiss-onion/onion"
+	"github.com/kiss-onion/kiss-onion/tlsca"
 )
 
 func init() {
@@ -22,7 +23,7 @@ func init() {
 
 const keysUsage = `
 Usage:
-	kiss-onion keys add NAME --role reader|writer [--out DIR] [--state-dir DIR]
+	kiss-onion keys add NAME --role reader|writer [--tls [--tls-url URL]] [--out DIR] [--state-dir DIR]
 	kiss-onion keys add NAME --role reader|writer --public-key KEY [--out DIR] [--state-dir DIR]
 	kiss-onion keys export NAME [--key FILE] [--out DIR] [--state-dir DIR]
 	kiss-onion keys list [--state-dir DIR]
@@ -35,11 +36,13 @@ directory keeps only the public halves (in clients.toml); a running
 
 	add      mints a key pair, registers its public half and writes the
 	         private half to a bundle directory, the only place it is kept;
-	         with --public-key, registers a key made elsewhere instead
+	         with --public-key, registers a key made elsewhere instead;
+	         with --tls, also a TLS client certificate signed by the
+	         cache's CA, for the TLS door (docs/tls.md)
 	export   rewrites a client's bundle, from its private key file (--key)
 	         or, without it, only its kiss-onion.toml
 	list     prints the registered clients
-	revoke   revokes a client's key for good
+	revoke   revokes a client's key, and its TLS certificate, for good
 
 Arguments:
 	NAME    the client's name: letters, digits, '-', '_' and '.', not
@@ -51,10 +54,13 @@ Arguments:
 	KEY     a public key in tor's form, 52 base32 characters, or a line of
 	        tor's authorized_clients/ files: descriptor:x25519:KEY
 	FILE    a private key file, like a bundle's client.key
+	URL     the TLS door's https://HOST:PORT; by default the one that
+	        'kiss-onion serve --listen-tls' recorded in the state directory
 
 Examples:
 	kiss-onion keys add laptop --role reader
 	kiss-onion keys add ci --role writer --out /tmp/ci.bundle
+	kiss-onion keys add builder --role writer --tls --tls-url https://cache.lan:8443
 	kiss-onion keys export laptop --key laptop.bundle/client.key --out laptop.bundle
 	kiss-onion keys revoke laptop
 `
@@ -162,6 +168,57 @@ func keysPrintBundle(dir string, b clientauth.Bundle) {
 	fmt.Fprintf(keysStdout, "wrote %s: %s\n", dir, strings.Join(names, ", "))
 }
 
+// keysTLS mints a client certificate for name with the cache's CA
+// (created when missing) and returns what a bundle needs of the TLS door:
+// its URL (url, or the one serve recorded) and its server's fingerprint
+// (when serve recorded it).
+func keysTLS(stateDir, name, url string) (*clientauth.BundleTLS, error) {
+	dir := tlsca.Dir(stateDir)
+	door, err := tlsca.LoadDoor(dir)
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return nil, err
+	}
+	if url == "" {
+		if err != nil {
+			return nil, withHint(errors.New("no URL for the TLS door"), "give --tls-url https://HOST:PORT, or start 'kiss-onion serve --listen-tls ADDR' once: it records its URL in the state directory")
+		}
+		url = door.URL
+	}
+	url = strings.TrimSuffix(url, "/")
+	if err := tlsca.CheckURL(url); err != nil {
+		return nil, usagef("--tls-url: %v", err)
+	}
+	ca, err := tlsca.LoadOrCreate(dir)
+	if err != nil {
+		return nil, err
+	}
+	iss, err := ca.Issue(tlsca.Template{Client: true, Name: name})
+	if err != nil {
+		return nil, err
+	}
+	return &clientauth.BundleTLS{URL: url, CA: ca.CertPEM(), ServerFingerprint: door.ServerFingerprint, CertFingerprint: iss.Fingerprint(), Cert: iss.CertPEM, Key: iss.KeyPEM}, nil
+}
+
+// keysExportTLS returns what the bundle of a client with the TLS
+// certificate fp says of the TLS door, without the certificate itself,
+// or nil when serve never recorded the door.
+func keysExportTLS(stateDir, fp string) (*clientauth.BundleTLS, error) {
+	dir := tlsca.Dir(stateDir)
+	door, err := tlsca.LoadDoor(dir)
+	if errors.Is(err, fs.ErrNotExist) {
+		warningf("the client has a TLS certificate, but no 'kiss-onion serve --listen-tls' recorded the door's URL in %s: the bundle leaves the TLS door out", stateDir)
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	ca, err := tlsca.Load(dir)
+	if err != nil {
+		return nil, err
+	}
+	return &clientauth.BundleTLS{URL: door.URL, CA: ca.CertPEM(), ServerFingerprint: door.ServerFingerprint, CertFingerprint: fp}, nil
+}
+
 func keysBundleHint(dir string) {
 	hintf("copy %s to the client and run 'kiss-onion proxy --bundle %s', or put its .auth_private files in tor's ClientOnionAuthDir", dir, dir)
 }
@@ -171,6 +228,8 @@ func keysAdd(args []string) error {
 	roleFlag := flags.String("role", "", "the client's `role`: reader or writer (required)")
 	out := flags.String("out", "", "write the bundle to this `directory` (default ./NAME.bundle)")
 	pubFlag := flags.String("public-key", "", "register this public `key`, made elsewhere, instead of minting one")
+	withTLS := flags.Bool("tls", false, "also mint a TLS client certificate, for the TLS door (serve --listen-tls)")
+	tlsURL := flags.String("tls-url", "", "the TLS door's `URL`, https://HOST:PORT, for the bundle (default: the one serve --listen-tls recorded)")
 	pos, err := parseArgs(flags, args)
 	if err != nil {
 		return err
@@ -188,6 +247,16 @@ func keysAdd(args []string) error {
 	}
 
 	b := clientauth.Bundle{Name: name, Role: role}
+	switch {
+	case *tlsURL != "" && !*withTLS:
+		return usagef("--tls-url needs --tls")
+	case *withTLS && *pubFlag != "":
+		return usagef("--tls mints a private key for the bundle: it does not go with --public-key")
+	case *withTLS:
+		if b.TLS, err = keysTLS(*stateDir, name, *tlsURL); err != nil {
+			return err
+		}
+	}
 	if *pubFlag != "" {
 		parse := clientauth.ParsePublicKey
 		if strings.HasPrefix(*pubFlag, "descriptor:") {
@@ -221,6 +290,11 @@ func keysAdd(args []string) error {
 		if err != nil {
 			return err
 		}
+		if b.TLS != nil {
+			if err := r.SetTLSCert(name, b.TLS.CertFingerprint); err != nil {
+				return err
+			}
+		}
 		b.Created = c.Created
 		if *out == "" {
 			return nil
@@ -251,6 +325,9 @@ func keysAdd(args []string) error {
 	}
 
 	fmt.Fprintf(keysStdout, "added %s %q (fingerprint %s)\n", role, name, b.PublicKey.Fingerprint())
+	if b.TLS != nil {
+		fmt.Fprintf(keysStdout, "TLS certificate %s for %s\n", b.TLS.CertFingerprint, b.TLS.URL)
+	}
 	if *out != "" {
 		keysPrintBundle(*out, b)
 	}
@@ -296,6 +373,11 @@ func keysExport(args []string) error {
 		return fmt.Errorf("client %q was revoked on %s", name, c.Revoked.Format(time.RFC3339))
 	}
 	b := clientauth.Bundle{Name: name, Role: c.Role, PublicKey: c.PublicKey, Created: c.Created}
+	if c.TLSCert != "" {
+		if b.TLS, err = keysExportTLS(*stateDir, c.TLSCert); err != nil {
+			return err
+		}
+	}
 	if *keyFile != "" {
 		k, err := clientauth.ReadKeyFile(*keyFile)
 		if err != nil {
@@ -381,6 +463,6 @@ func keysRevoke(args []string) error {
 	case err != nil:
 		return err
 	}
-	fmt.Fprintf(keysStdout, "revoked %q: a running 'kiss-onion serve' drops its key without a restart\n", name)
+	fmt.Fprintf(keysStdout, "revoked %q: a running 'kiss-onion serve' drops its key (and its TLS certificate) without a restart\n", name)
 	return nil
 }

@@ -23,7 +23,7 @@ func init() {
 
 const proxyUsage = `
 Usage:
-	kiss-onion proxy --bundle DIR [--listen 127.0.0.1:37510] [--write] [--state-dir DIR] [--tor-config FILE]
+	kiss-onion proxy --bundle DIR [--listen 127.0.0.1:37510] [--write] [--via tls|onion] [--state-dir DIR] [--tor-config FILE]
 
 Runs a Tor client holding the key of the bundle DIR and serves the cache's
 read onion (the write onion with --write) as plain HTTP on a loopback
@@ -42,6 +42,11 @@ NARs, 421 to an upload (Nix reports it instead of retrying), 502 to
 anything else. GET /-/health answers whether the onion is reachable, and
 since when (JSON; 200 when reachable, 503 when not).
 
+A bundle from 'kiss-onion keys add --tls' also reaches the cache's TLS
+door (serve --listen-tls), directly with its client certificate and no
+tor: the gateway goes that way by default (--via tls), through the
+onion with --via onion. The door decides the role by the certificate.
+
 Arguments:
 	none
 
@@ -58,6 +63,7 @@ type gatewayFlags struct {
 	torConfig string
 	torBinary string
 	circuits  int
+	via       string // "", gateway.DoorTLS or gateway.DoorOnion
 }
 
 // add adds the flags; stateDir is --state-dir's default and stateUse what
@@ -79,6 +85,16 @@ func (g *gatewayFlags) start(ctx context.Context, write bool, listen string, log
 	b, err := clientauth.LoadBundle(g.bundle)
 	if err != nil {
 		return nil, withHint(err, "--bundle names a directory from 'kiss-onion keys add NAME --out DIR' or 'keys export'")
+	}
+	door, err := g.door(b)
+	if err != nil {
+		return nil, err
+	}
+	if door == gateway.DoorTLS {
+		if write && b.Role != clientauth.RoleWriter {
+			return nil, withHint(fmt.Errorf("bundle %s is a %s's (%s): it cannot write", g.bundle, b.Role, b.Name), "use a writer's bundle")
+		}
+		return gateway.Start(ctx, gateway.Config{Bundle: b, Door: door, Write: write, Listen: listen, StateDir: g.stateDir, Circuits: g.circuits, Log: log})
 	}
 	if b.Key == nil {
 		return nil, withHint(fmt.Errorf("bundle %s has no client.key", g.bundle), "export it with the key: 'kiss-onion keys export %s --key FILE'", b.Name)
@@ -111,6 +127,27 @@ func (g *gatewayFlags) start(ctx context.Context, write bool, listen string, log
 		Log:        log,
 		TorLog:     torLog,
 	})
+}
+
+// door returns the door to reach b's cache through: --via, or by default
+// the TLS door when b has a client certificate, else the onion.
+func (g *gatewayFlags) door(b clientauth.Bundle) (string, error) {
+	hasTLS := b.TLS != nil && b.TLS.Cert != nil
+	switch g.via {
+	case "":
+		if hasTLS {
+			return gateway.DoorTLS, nil
+		}
+		return gateway.DoorOnion, nil
+	case gateway.DoorOnion:
+		return gateway.DoorOnion, nil
+	case gateway.DoorTLS:
+		if !hasTLS {
+			return "", withHint(fmt.Errorf("bundle %s has no TLS client certificate", g.bundle), "mint a client with 'kiss-onion keys add NAME --tls', or use --via onion")
+		}
+		return gateway.DoorTLS, nil
+	}
+	return "", usagef("--via must be tls or onion, not %q", g.via)
 }
 
 // errCacheAway is wrapped by openCache's error when the onion could not be
@@ -157,6 +194,7 @@ func runProxy(args []string) error {
 	g.add(fs, "/var/lib/kiss-onion-proxy", "tor's data")
 	listen := fs.String("listen", "127.0.0.1:37510", "serve on this loopback `address`")
 	write := fs.Bool("write", false, "forward to the write onion (a writer's bundle): nix copy --to then uploads")
+	fs.StringVar(&g.via, "via", "", "reach the cache through this `door`: tls or onion (default: tls when the bundle has a TLS certificate)")
 	var lf logFlags
 	lf.add(fs)
 	rest, err := parseArgs(fs, args)

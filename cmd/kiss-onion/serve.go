@@ -38,6 +38,7 @@ Examples:
 	kiss-onion serve --tor off --cache-dir /srv/cache --listen 127.0.0.1:8080 --listen-write 127.0.0.1:8081
 	kiss-onion serve --config /etc/kiss-onion.toml
 	kiss-onion serve --listen-oidc 127.0.0.1:37513 --oidc-issuer https://token.actions.githubusercontent.com --oidc-audience https://cache.example.org --oidc-writer 'repository=org/infra,ref=refs/heads/main'
+	kiss-onion serve --listen-tls 0.0.0.0:8443 --allow-remote --tls-name cache.lan   # the TLS door, docs/tls.md
 	kiss-onion serve --upstream https://cache.nixos.org --upstream-key cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=
 `
 
@@ -106,6 +107,7 @@ type serveFlags struct {
 	metricsListen string
 	upstream      upstreamFlags
 	oidc          oidcFlags
+	tls           tlsFlags
 }
 
 func runServe(args []string) error {
@@ -117,7 +119,7 @@ func runServe(args []string) error {
 	fs.StringVar(&f.stateDir, "state-dir", "/var/lib/kiss-onion", "keys and tor data `directory` (created 0700), never under the cache")
 	fs.StringVar(&f.listen, "listen", "", "also serve reads on this local `address` (host:port)")
 	fs.StringVar(&f.listenWrite, "listen-write", "", "also take uploads on this local `address` (host:port)")
-	fs.BoolVar(&f.allowRemote, "allow-remote", false, "let --listen, --listen-write and --metrics-listen bind non-loopback addresses")
+	fs.BoolVar(&f.allowRemote, "allow-remote", false, "let --listen, --listen-write, --listen-tls and --metrics-listen bind non-loopback addresses")
 	fs.StringVar(&f.torMode, "tor", "public", "`mode`: public (the Tor network), local (a private offline Tor network) or off")
 	fs.IntVar(&f.priority, "priority", 30, "cache `priority` in nix-cache-info (lower is preferred)")
 	fs.BoolVar(&f.wantMassQuery, "want-mass-query", true, "advertise WantMassQuery in nix-cache-info")
@@ -134,6 +136,7 @@ func runServe(args []string) error {
 	fs.StringVar(&f.metricsListen, "metrics-listen", "", "serve Prometheus metrics at http://`address`/metrics (host:port; off when empty)")
 	f.upstream.register(fs)
 	f.oidc.register(fs)
+	f.tls.register(fs)
 	fs.StringVar(&f.logFormat, "log-format", "text", "log `format`: text or json")
 	fs.StringVar(&f.logLevel, "log-level", "info", "log `level`: debug, info, warn or error")
 	rest, err := parseArgs(fs, args)
@@ -215,8 +218,11 @@ func serveMain(f serveFlags, log *logrus.Entry) error {
 	if err := f.oidc.check(); err != nil {
 		return err
 	}
-	if f.torMode == "off" && len(listeners) == 0 && !f.oidc.listening() {
-		return usagef("with --tor off, give --listen, --listen-write or --listen-oidc")
+	if err := f.tls.check(f.allowRemote); err != nil {
+		return err
+	}
+	if f.torMode == "off" && len(listeners) == 0 && !f.oidc.listening() && f.tls.listen == "" {
+		return usagef("with --tor off, give --listen, --listen-write, --listen-oidc or --listen-tls")
 	}
 	if err := checkApart(f.cacheDir, f.stateDir); err != nil {
 		return err
@@ -294,6 +300,11 @@ func serveMain(f serveFlags, log *logrus.Entry) error {
 		log.WithFields(logrus.Fields{"role": l.role.String(), "url": "http://" + ln.Addr().String()}).Info("listening")
 		status.listening(l.role, "http://"+ln.Addr().String())
 		serveOn(ln, l.role)
+	}
+	if srv, err := startTLSDoor(f, cache, log, status, errc); err != nil {
+		return err
+	} else if srv != nil {
+		servers = append(servers, srv)
 	}
 
 	if f.torMode != "off" {

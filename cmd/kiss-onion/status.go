@@ -26,6 +26,7 @@ import (
 	"github.com/kiss-onion/kiss-onion/onion"
 	"github.com/kiss-onion/kiss-onion/prune"
 	"github.com/kiss-onion/kiss-onion/serve"
+	"github.com/kiss-onion/kiss-onion/tlsca"
 )
 
 func init() {
@@ -56,8 +57,8 @@ Examples:
 	kiss-onion status --state-dir /var/lib/kiss-onion --json | jq .cache
 `
 
-// doorOnion is the only door clients come through today: their key is
-// authorized on the onions. (TLS and OIDC doors come later.)
+// doorOnion is the door of clients whose key is authorized on the onions;
+// those with a TLS certificate come through tlsca.DoorName too.
 const doorOnion = "onion"
 
 // statusReport is what 'kiss-onion status' shows, and what serve's status
@@ -237,6 +238,10 @@ func filesStatus(stateDir, cacheDir string, registries []string) statusReport {
 				cs.Revoked = &t
 			}
 			rep.Clients = append(rep.Clients, cs)
+			if c.TLSCert != "" {
+				cs.Door, cs.Fingerprint = tlsca.DoorName, c.TLSCert
+				rep.Clients = append(rep.Clients, cs)
+			}
 		}
 	}
 	var st unix.Statfs_t
@@ -464,6 +469,13 @@ func (s *statusServer) listening(role serve.Role, url string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.listeners = append(s.listeners, listenerStatus{Role: role.String(), URL: url})
+}
+
+// listeningDoor records a door (both roles, by credentials) at url.
+func (s *statusServer) listeningDoor(door, url string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.listeners = append(s.listeners, listenerStatus{Role: door, URL: url})
 }
 
 // setOnions records the onions serve runs.
