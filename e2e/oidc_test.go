@@ -4,6 +4,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -11,6 +12,7 @@ import (
 	jose "github.com/go-jose/go-jose/v4"
 
 	"github.com/kiss-onion/kiss-onion/internal/oidctest"
+	"github.com/kiss-onion/kiss-onion/tlsca"
 )
 
 const oidcAudience = "https://cache.e2e.example"
@@ -215,5 +217,64 @@ func TestOIDCDoorNix218(t *testing.T) {
 		if strings.Contains(log, strings.Split(tok, ".")[2]) {
 			t.Fatalf("serve's log holds a token:\n%s", log)
 		}
+	}
+}
+
+// TestOIDCOnTheTLSDoor: the TLS door takes tokens from clients that show
+// no certificate. Nix 2.8 pushes over https with a writer token from its
+// netrc-file and substitutes with a reader token, trusting the cache's CA
+// (NIX_SSL_CERT_FILE); a certificate still decides when there is one, and a
+// request with neither is refused.
+func TestOIDCOnTheTLSDoor(t *testing.T) {
+	iss := oidctest.Start()
+	defer iss.Close()
+	key := newSigningKey(t, "oidc-tls-e2e-1")
+	door := startTLSDoor(t, "--oidc-issuer", iss.URL, "--oidc-audience", oidcAudience,
+		"--oidc-writer", "repository=org/infra,ref=refs/heads/main", "--oidc-reader", "repository_owner=org",
+		"--trusted-writer-key", key.public)
+	ca := filepath.Join(tlsca.Dir(door.stateDir), tlsca.CACertFile)
+	writer := iss.Token(jose.ES256, oidcAudience, nil)
+	reader := iss.Token(jose.RS256, oidcAudience, map[string]any{"ref": "refs/heads/dev"})
+	netrc := func(token string) string {
+		return writeNetrc(t, strings.Replace(door.url, "https://", "http://", 1), token)
+	}
+
+	// Nix 2.8 takes the CA from the environment (no ssl-cert-file setting).
+	src := newNix(t, "netrc-file = "+netrc(writer))
+	src.env0 = []string{"NIX_SSL_CERT_FILE=" + ca}
+	top, closure := src.buildClosure(16)
+	src.must("nix", "copy", "--to", door.url+"?compression=zstd&secret-key="+key.secretFile, top)
+	sub := newNix(t, "substituters = "+door.url, "trusted-public-keys = "+key.public, "require-sigs = true",
+		"netrc-file = "+netrc(reader))
+	sub.env0 = src.env0
+	sub.must("nix-store", "--realise", top)
+	for _, p := range closure {
+		sameTree(t, src, sub, p)
+	}
+
+	for _, tt := range []struct {
+		name   string
+		args   []string
+		status string
+	}{
+		{"neither a certificate nor a token", nil, "401"},
+		{"a reader token", []string{"-H", "Authorization: Bearer " + reader}, "200"},
+		{"a reader token may not upload", []string{"-H", "Authorization: Bearer " + reader, "-X", "PUT", "--data-binary", "x"}, "405"},
+		{"a token for another audience", []string{"-H", "Authorization: Bearer " + iss.Token(jose.RS256, "https://else.example", nil)}, "401"},
+		{"a reader certificate over a writer token", append(bundleCert(door.addTLSClient(t, "laptop", "reader")),
+			"-H", "Authorization: Bearer "+writer, "-X", "PUT", "--data-binary", "x"), "405"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			path := "/nix-cache-info"
+			if slices.Contains(tt.args, "PUT") {
+				path = "/gcroots/oidc-tls"
+			}
+			if r := curlDoor(t, ca, door.url+path, tt.args...); r.status != tt.status {
+				t.Errorf("%s: %s %q (curl exit %d), want %s", tt.name, r.status, r.body, r.exit, tt.status)
+			}
+		})
+	}
+	if _, err := os.Stat(filepath.Join(door.cacheDir, "gcroots", "oidc-tls")); err == nil {
+		t.Error("a refused PUT wrote a marker")
 	}
 }

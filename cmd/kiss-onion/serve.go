@@ -215,7 +215,7 @@ func serveMain(f serveFlags, log *logrus.Entry) error {
 			return err
 		}
 	}
-	if err := f.oidc.check(); err != nil {
+	if err := f.oidc.check(f.tls.listen != ""); err != nil {
 		return err
 	}
 	if err := f.tls.check(f.allowRemote); err != nil {
@@ -287,7 +287,13 @@ func serveMain(f serveFlags, log *logrus.Entry) error {
 			}
 		}()
 	}
-	if srv, err := f.oidc.serve(ctx, cache, log, errc); err != nil {
+	var tokens serve.Authenticator
+	if f.oidc.issuer != "" {
+		if tokens, err = f.oidc.authenticator(ctx, log); err != nil {
+			return err
+		}
+	}
+	if srv, err := f.oidc.serve(tokens, cache, log, errc); err != nil {
 		return err
 	} else if srv != nil {
 		servers = append(servers, srv)
@@ -301,7 +307,7 @@ func serveMain(f serveFlags, log *logrus.Entry) error {
 		status.listening(l.role, "http://"+ln.Addr().String())
 		serveOn(ln, l.role)
 	}
-	if srv, err := startTLSDoor(f, cache, log, status, errc); err != nil {
+	if srv, err := startTLSDoor(f, tokens, cache, log, status, errc); err != nil {
 		return err
 	} else if srv != nil {
 		servers = append(servers, srv)

@@ -44,8 +44,9 @@ func (o *oidcFlags) register(fs *flag.FlagSet) {
 // listening reports whether a door taking tokens was asked for.
 func (o *oidcFlags) listening() bool { return o.listen != "" }
 
-// check refuses flags that do not fit together, and parses the rules.
-func (o *oidcFlags) check() error {
+// check refuses flags that do not fit together, and parses the rules;
+// tlsDoor says whether the TLS door, which takes tokens too, is asked for.
+func (o *oidcFlags) check(tlsDoor bool) error {
 	if o.issuer == "" {
 		if o.audience != "" || len(o.writers)+len(o.readers) > 0 || o.listen != "" {
 			return usagef("--oidc-audience, --oidc-writer, --oidc-reader and --listen-oidc need --oidc-issuer")
@@ -75,8 +76,11 @@ func (o *oidcFlags) check() error {
 			*set.rules = append(*set.rules, r)
 		}
 	}
+	if o.listen == "" && !tlsDoor {
+		return usagef("--oidc-issuer needs a door that takes tokens: --listen-oidc or --listen-tls")
+	}
 	if o.listen == "" {
-		return usagef("--oidc-issuer needs a door that takes tokens: --listen-oidc")
+		return nil
 	}
 	// Tokens travel in clear on this door: never off the machine,
 	// whatever --allow-remote says.
@@ -117,15 +121,12 @@ func (o *oidcFlags) authenticator(ctx context.Context, log *logrus.Entry) (serve
 	}), nil
 }
 
-// serve starts the --listen-oidc door, if asked for, and returns its
-// server (nil without one); a failure of the server later goes to errc.
-func (o *oidcFlags) serve(ctx context.Context, cache *serve.Cache, log *logrus.Entry, errc chan<- error) (*serve.Server, error) {
+// serve starts the --listen-oidc door, if asked for, with auth (from
+// authenticator), and returns its server (nil without one); a failure of
+// the server later goes to errc.
+func (o *oidcFlags) serve(auth serve.Authenticator, cache *serve.Cache, log *logrus.Entry, errc chan<- error) (*serve.Server, error) {
 	if o.listen == "" {
 		return nil, nil
-	}
-	auth, err := o.authenticator(ctx, log)
-	if err != nil {
-		return nil, err
 	}
 	ln, err := net.Listen("tcp", o.listen)
 	if err != nil {

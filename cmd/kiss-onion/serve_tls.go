@@ -48,15 +48,13 @@ func (t *tlsFlags) check(allowRemote bool) error {
 	return checkListenAddr("listen-tls", t.listen, allowRemote)
 }
 
-// tokenAuth authenticates the TLS door's requests that come with no
-// client certificate (OIDC bearer tokens, once wired); nil refuses them.
-var tokenAuth serve.Authenticator
-
 // startTLSDoor listens on --listen-tls and serves the door there, with
 // the cache's CA, its own or the user's server certificate, and the
 // registries; it records the door's URL in the state directory for
-// 'keys add --tls'. It returns nil without --listen-tls.
-func startTLSDoor(f serveFlags, cache *serve.Cache, log *logrus.Entry, status *statusServer, errc chan<- error) (*serve.Server, error) {
+// 'keys add --tls'. A request with no client certificate goes to tokens
+// (OIDC bearer tokens; nil refuses it). It returns nil without
+// --listen-tls.
+func startTLSDoor(f serveFlags, tokens serve.Authenticator, cache *serve.Cache, log *logrus.Entry, status *statusServer, errc chan<- error) (*serve.Server, error) {
 	t := f.tls
 	if t.listen == "" {
 		return nil, nil
@@ -76,7 +74,7 @@ func startTLSDoor(f serveFlags, cache *serve.Cache, log *logrus.Entry, status *s
 	if err != nil {
 		return nil, fmt.Errorf("--listen-tls: server certificate: %w", err)
 	}
-	door, err := tlsca.NewDoor(tlsca.DoorConfig{CA: ca, Registries: registryPaths(f), Next: tokenAuth, Log: log.WithField("door", tlsca.DoorName)})
+	door, err := tlsca.NewDoor(tlsca.DoorConfig{CA: ca, Registries: registryPaths(f), Next: tokens, Log: log.WithField("door", tlsca.DoorName)})
 	if err != nil {
 		return nil, err
 	}
