@@ -42,6 +42,9 @@ type Config struct {
 	// Circuits and KeepWarm are the Forwarder's.
 	Circuits int
 	KeepWarm time.Duration
+	// Prefetch, when set, puts a Prefetcher in front of the read onion's
+	// Forwarder (not the write onion's).
+	Prefetch *PrefetchConfig
 	// Log receives the gateway's messages, TorLog tor's output (Log when
 	// nil); logrus's standard logger when nil.
 	Log    *logrus.Entry
@@ -53,10 +56,11 @@ type Config struct {
 // loopback address. Nix, publish and update then need no proxy settings.
 type Gateway struct {
 	*Forwarder
-	tor  atomic.Pointer[onion.Tor]
-	srv  *http.Server
-	ln   net.Listener
-	errc chan error
+	prefetch *Prefetcher // nil when off
+	tor      atomic.Pointer[onion.Tor]
+	srv      *http.Server
+	ln       net.Listener
+	errc     chan error
 }
 
 // Start listens, starts serving (the gateway answers for the onion until
@@ -116,12 +120,24 @@ func Start(ctx context.Context, cfg Config) (*Gateway, error) {
 	if err != nil {
 		return nil, fmt.Errorf("start gateway: %w", err)
 	}
+	var handler http.Handler = g.Forwarder
+	if cfg.Prefetch != nil && !cfg.Write {
+		pc := *cfg.Prefetch
+		if pc.Log == nil {
+			pc.Log = log
+		}
+		if g.prefetch, err = NewPrefetcher(g.Forwarder, pc); err != nil {
+			g.Forwarder.Close()
+			return nil, fmt.Errorf("start gateway: %w", err)
+		}
+		handler = g.prefetch
+	}
 	if g.ln, err = net.Listen("tcp", cfg.Listen); err != nil {
-		g.Forwarder.Close()
+		g.closeForwarding()
 		return nil, fmt.Errorf("start gateway: %w", err)
 	}
 	g.srv = &http.Server{
-		Handler:           g.Forwarder,
+		Handler:           handler,
 		ReadHeaderTimeout: 30 * time.Second,
 		IdleTimeout:       5 * time.Minute,
 	}
@@ -180,6 +196,13 @@ func (g *Gateway) closeServer() {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	g.srv.Shutdown(ctx)
+	g.closeForwarding()
+}
+
+func (g *Gateway) closeForwarding() {
+	if g.prefetch != nil {
+		g.prefetch.Close()
+	}
 	g.Forwarder.Close()
 }
 

@@ -24,6 +24,7 @@ func init() {
 const proxyUsage = `
 Usage:
 	kiss-onion proxy --bundle DIR [--listen 127.0.0.1:37510] [--write] [--state-dir DIR] [--tor-config FILE]
+	                 [--cache-dir DIR --cache-size SIZE] [--allow-remote]
 
 Runs a Tor client holding the key of the bundle DIR and serves the cache's
 read onion (the write onion with --write) as plain HTTP on a loopback
@@ -42,12 +43,25 @@ NARs, 421 to an upload (Nix reports it instead of retrying), 502 to
 anything else. GET /-/health answers whether the onion is reachable, and
 since when (JSON; 200 when reachable, 503 when not).
 
+Reading, the gateway spares Nix a round trip over Tor per path: on a
+narinfo it does not know, it asks the cache for the narinfos of the path's
+whole closure at once, answers Nix's next narinfo requests from that
+answer (for 30 s), and starts the closure's NARs over the circuits before
+Nix asks for them (--prefetch=false turns both off). NARs are checked
+against their names and kept in --state-dir within 1 GiB, or, with
+--cache-dir, in a cache that outlives the gateway, within --cache-size: a
+LAN cache, which fetches each NAR over Tor once for all the machines
+behind it, and serves the paths it holds whole while the onion is away.
+Serving other machines needs --listen on a LAN address and --allow-remote:
+whoever reaches that address reads the cache, as this bundle's key would.
+
 Arguments:
 	none
 
 Examples:
 	kiss-onion proxy --bundle /var/lib/kiss-onion-secrets/laptop.bundle
 	kiss-onion proxy --bundle ci.bundle --write --listen 127.0.0.1:37511 --state-dir ~/.cache/kiss-onion-proxy
+	kiss-onion proxy --bundle lan.bundle --listen 192.168.1.2:37510 --allow-remote --cache-dir /var/cache/kiss-onion --cache-size 50G
 	nix copy --to 'http://127.0.0.1:37511?compression=zstd' ./result
 `
 
@@ -58,6 +72,10 @@ type gatewayFlags struct {
 	torConfig string
 	torBinary string
 	circuits  int
+	// Read gateways only (proxy sets them; the defaults suit update).
+	noPrefetch bool
+	cacheDir   string
+	cacheSize  byteSize
 }
 
 // add adds the flags; stateDir is --state-dir's default and stateUse what
@@ -99,6 +117,13 @@ func (g *gatewayFlags) start(ctx context.Context, write bool, listen string, log
 	if write {
 		role = "write"
 	}
+	var prefetch *gateway.PrefetchConfig
+	if !write && (!g.noPrefetch || g.cacheDir != "") {
+		prefetch = &gateway.PrefetchConfig{Dir: filepath.Join(g.stateDir, "prefetch"), Ahead: !g.noPrefetch, Size: int64(g.cacheSize)}
+		if g.cacheDir != "" {
+			prefetch.Dir, prefetch.Keep = g.cacheDir, true
+		}
+	}
 	return gateway.Start(ctx, gateway.Config{
 		Bundle:     b,
 		Write:      write,
@@ -108,6 +133,7 @@ func (g *gatewayFlags) start(ctx context.Context, write bool, listen string, log
 		TorrcLines: lines,
 		StateDir:   g.stateDir,
 		Circuits:   g.circuits,
+		Prefetch:   prefetch,
 		Log:        log,
 		TorLog:     torLog,
 	})
@@ -157,6 +183,11 @@ func runProxy(args []string) error {
 	g.add(fs, "/var/lib/kiss-onion-proxy", "tor's data")
 	listen := fs.String("listen", "127.0.0.1:37510", "serve on this loopback `address`")
 	write := fs.Bool("write", false, "forward to the write onion (a writer's bundle): nix copy --to then uploads")
+	prefetch := fs.Bool("prefetch", true, "ask for a closure's narinfos at once and fetch its NARs ahead of Nix")
+	fs.StringVar(&g.cacheDir, "cache-dir", "", "keep fetched NARs and narinfos in this `directory` across restarts (a LAN cache)")
+	g.cacheSize = 10 << 30
+	fs.Var(&g.cacheSize, "cache-size", "bound --cache-dir to this `size` (like 512M or 50G), least recently used first")
+	allowRemote := fs.Bool("allow-remote", false, "let --listen bind a non-loopback address, to serve other machines")
 	var lf logFlags
 	lf.add(fs)
 	rest, err := parseArgs(fs, args)
@@ -169,7 +200,15 @@ func runProxy(args []string) error {
 	if g.bundle == "" {
 		return usagef("proxy needs --bundle DIR")
 	}
-	if err := checkListenAddr("listen", *listen, false); err != nil {
+	if err := checkListenAddr("listen", *listen, *allowRemote); err != nil {
+		return err
+	}
+	g.noPrefetch = !*prefetch
+	if g.cacheDir == "" {
+		g.cacheSize = 0 // the prefetch store's own bound
+	} else if *write {
+		return usagef("--cache-dir is for reading: not with --write")
+	} else if g.cacheDir, err = filepath.Abs(g.cacheDir); err != nil {
 		return err
 	}
 	log, err := lf.daemon(os.Stderr)
