@@ -365,6 +365,37 @@ func (f *Forwarder) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	f.proxy.ServeHTTP(w, r.WithContext(ctx))
 }
 
+// errAway is RoundTrip's error while the gateway answers requests itself.
+var errAway = errors.New("the onion is unreachable")
+
+// RoundTrip sends req, whose URL is a path on the onion (its scheme and
+// host are set here), over the circuits, for a client inside the gateway
+// (the Prefetcher). It fails at once, with an error wrapping errAway,
+// while the Forwarder answers requests itself; and a failure to reach the
+// onion counts as a forwarded request's would.
+func (f *Forwarder) RoundTrip(req *http.Request) (*http.Response, error) {
+	f.mu.Lock()
+	forwarding, reason := f.health.Forwarding, f.health.LastError
+	f.mu.Unlock()
+	if !forwarding {
+		return nil, fmt.Errorf("%w: %s", errAway, reason)
+	}
+	began := time.Now()
+	out := req.Clone(context.WithValue(req.Context(), arrivalKey{}, began))
+	u := *f.target
+	u.Path += req.URL.Path
+	out.URL, out.Host = &u, ""
+	resp, err := roundTripper{f}.RoundTrip(out)
+	if err != nil {
+		if req.Context().Err() == nil {
+			f.down(err, began)
+		}
+		return nil, err
+	}
+	f.up()
+	return resp, nil
+}
+
 func (f *Forwarder) serveHealth(w http.ResponseWriter, r *http.Request) {
 	if r.Method != http.MethodGet && r.Method != http.MethodHead {
 		w.Header().Set("Allow", "GET, HEAD")
@@ -389,10 +420,11 @@ func (f *Forwarder) received(resp *http.Response) error {
 	return nil
 }
 
-// ErrorHeader is set, to "unreachable", on every answer the gateway makes
-// itself because the onion could not take a request (a remembered
-// nix-cache-info too), so that a client can tell the gateway's answer
-// from the cache's.
+// ErrorHeader is set on every answer the gateway makes itself because the
+// onion could not take a request (a remembered nix-cache-info too), to
+// "unreachable", or because a NAR's download failed (prefetch.go), to
+// "download": so that a client can tell the gateway's answer from the
+// cache's.
 const ErrorHeader = "Kiss-Onion-Gateway-Error"
 
 // errorPrefix starts the body of those answers, for people.

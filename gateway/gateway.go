@@ -45,6 +45,9 @@ type Config struct {
 	// Circuits and KeepWarm are the Forwarder's.
 	Circuits int
 	KeepWarm time.Duration
+	// Prefetch, when set, puts a Prefetcher in front of the read onion's
+	// Forwarder (not the write onion's).
+	Prefetch *PrefetchConfig
 	// Log receives the gateway's messages, TorLog tor's output (Log when
 	// nil); logrus's standard logger when nil.
 	Log    *logrus.Entry
@@ -56,10 +59,11 @@ type Config struct {
 // loopback address. Nix, publish and update then need no proxy settings.
 type Gateway struct {
 	*Forwarder
-	tor  atomic.Pointer[onion.Tor]
-	srv  *http.Server
-	ln   net.Listener
-	errc chan error
+	prefetch *Prefetcher // nil when off
+	tor      atomic.Pointer[onion.Tor]
+	srv      *http.Server
+	ln       net.Listener
+	errc     chan error
 }
 
 // Start listens, starts serving (the gateway answers for the onion until
@@ -122,7 +126,7 @@ func Start(ctx context.Context, cfg Config) (*Gateway, error) {
 	if err != nil {
 		return nil, fmt.Errorf("start gateway: %w", err)
 	}
-	if err := g.listen(cfg.Listen); err != nil {
+	if err := g.listen(cfg, log); err != nil {
 		return nil, err
 	}
 	log.WithFields(logrus.Fields{"client": b.Name, "listen": g.URL(), "target": target}).Info("gateway starting tor")
@@ -156,16 +160,29 @@ func Start(ctx context.Context, cfg Config) (*Gateway, error) {
 	return g, nil
 }
 
-// listen starts serving the Forwarder on addr; it closes the Forwarder
-// when it cannot.
-func (g *Gateway) listen(addr string) error {
+// listen starts serving on cfg.Listen: the Forwarder, behind a Prefetcher
+// for reads when cfg asks for one. It closes them when it cannot.
+func (g *Gateway) listen(cfg Config, log *logrus.Entry) error {
+	var handler http.Handler = g.Forwarder
+	if cfg.Prefetch != nil && !cfg.Write {
+		pc := *cfg.Prefetch
+		if pc.Log == nil {
+			pc.Log = log
+		}
+		var err error
+		if g.prefetch, err = NewPrefetcher(g.Forwarder, pc); err != nil {
+			g.Forwarder.Close()
+			return fmt.Errorf("start gateway: %w", err)
+		}
+		handler = g.prefetch
+	}
 	var err error
-	if g.ln, err = net.Listen("tcp", addr); err != nil {
-		g.Forwarder.Close()
+	if g.ln, err = net.Listen("tcp", cfg.Listen); err != nil {
+		g.closeForwarding()
 		return fmt.Errorf("start gateway: %w", err)
 	}
 	g.srv = &http.Server{
-		Handler:           g.Forwarder,
+		Handler:           handler,
 		ReadHeaderTimeout: 30 * time.Second,
 		IdleTimeout:       5 * time.Minute,
 	}
@@ -196,6 +213,13 @@ func (g *Gateway) closeServer() {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	g.srv.Shutdown(ctx)
+	g.closeForwarding()
+}
+
+func (g *Gateway) closeForwarding() {
+	if g.prefetch != nil {
+		g.prefetch.Close()
+	}
 	g.Forwarder.Close()
 }
 

@@ -60,7 +60,7 @@ func startTLS(cfg Config) (*Gateway, error) {
 	if err != nil {
 		return nil, fmt.Errorf("start gateway: %w", err)
 	}
-	if err := g.listen(cfg.Listen); err != nil {
+	if err := g.listen(cfg, log); err != nil {
 		return nil, err
 	}
 	log.WithFields(logrus.Fields{"client": b.Name, "listen": g.URL(), "target": b.TLS.URL, "door": DoorTLS}).Info("gateway forwarding")

@@ -75,6 +75,8 @@ type Cache struct {
 	narinfos *memCache
 	durable  *durability
 	metrics  *metrics
+	// closureWalks bounds the closure queries answered at once.
+	closureWalks chan struct{}
 	// forgetting is held for writing while a DELETE of a narinfo holds the
 	// cache, and for reading by a narinfo upload from its check until its
 	// commit begins (forget.go).
@@ -120,6 +122,8 @@ func New(cfg Config) (*Cache, error) {
 		locks:   cachelock.New(cfg.Dir),
 		metrics: newMetrics(),
 		log:     cfg.Log,
+
+		closureWalks: make(chan struct{}, closureWalks),
 	}
 	c.durable = newDurability()
 	if cfg.NarInfoMemory > 0 {
@@ -207,7 +211,7 @@ func (h *handler) allowed(method string, t target, routeStatus int) bool {
 	case http.MethodGet, http.MethodHead:
 		return true
 	case http.MethodPut:
-		return h.role == Write
+		return h.role == Write && t.kind != kindClosure
 	case http.MethodDelete:
 		return h.role == Write && (routeStatus != 0 || t.kind == kindRoot || t.kind == kindLock || t.kind == kindNarInfo)
 	}

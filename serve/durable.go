@@ -178,6 +178,13 @@ func (d *durability) find(dir, rel string) (*commit, error) {
 	return nil, nil
 }
 
+// committing reports whether rel is being committed now.
+func (d *durability) committing(rel string) bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.pending[rel] != nil
+}
+
 // visible waits, for at most max, until a pending rel has ended its
 // commit. It reports whether rel was pending and has since become
 // visible: a reader that did not find it should look again.

@@ -82,6 +82,8 @@ func (c *Cache) read(t target, q *query) answer {
 
 func (c *Cache) readNow(t target, q *query) answer {
 	switch t.kind {
+	case kindClosure:
+		return c.readClosure(t, q)
 	case kindCacheInfo:
 		return respond(q, contentType[kindCacheInfo], c.infoETag, c.infoModified, c.infoTime, c.info, nil)
 	case kindNarInfo:

@@ -21,6 +21,7 @@ const (
 	kindDebugInfo               // debuginfo/<build-id>
 	kindRoot                    // gcroots/<name>[/<name>...]
 	kindLock                    // gcroots/.lock/<name>
+	kindClosure                 // kiss-onion/closure/<hash>[,<hash>...] (closure.go)
 )
 
 // target is a request path resolved to a file of the cache.
@@ -128,6 +129,8 @@ func route(u *url.URL) (target, error) {
 			return target{}, badPath("debuginfo name must be a build id")
 		}
 		return target{kind: kindDebugInfo, rel: p}, nil
+	case closureDir:
+		return routeClosure(rest)
 	case "gcroots":
 		if name, ok := strings.CutPrefix(rest, ".lock/"); ok {
 			if err := nixcache.CheckName(name); err != nil || strings.Contains(name, "/") {

@@ -1,11 +1,14 @@
 // Command gateway benchmarks `kiss-onion proxy` against a stock Tor client:
-// the time for the real nix to substitute a closure of a few hundred store
-// paths from the cache's read onion (a) through the gateway and (b) with
+// the time for the real nix to substitute a closure of store paths from
+// the cache's read onion (a) through the gateway (closure queries and NARs
+// fetched ahead, with 4, 6 or 8 circuits; and without them) and (b) with
 // ALL_PROXY=socks5h:// through a plain client tor, on one private Tor
-// network, alternating rounds; also the gateway with one circuit, and
-// serve's loopback listener (no Tor: the floor). Each round also downloads
-// every NAR, 16 at a time, through each. Run by hand, never in CI; see
-// README.md.
+// network; also serve's loopback listener (no Tor: the floor), and a
+// second, fresh store through the warm gateway (its LAN cache). Every
+// round has a closure of its own (same shape, new contents), so that no
+// gateway has it in store; each way in also downloads the round's NARs,
+// 16 at a time, which is what its circuits carry. Run by hand, never in
+// CI; see README.md.
 package main
 
 import (
@@ -37,8 +40,9 @@ import (
 var (
 	binary  = flag.String("binary", "bin/kiss-onion", "the kiss-onion binary")
 	workDir = flag.String("dir", "/tmp/kiss-onion-gateway-bench", "work directory (the built closure and its cache are reused)")
-	nPaths  = flag.Int("paths", 200, "store paths in the closure")
-	bigMiB  = flag.Int("big-mib", 4, "size of every 20th path, in MiB (the rest are 1-32 KiB)")
+	nPaths  = flag.Int("paths", 100, "store paths in the closure")
+	bigMiB  = flag.Int("big-mib", 5, "size of every 20th path, in MiB (the rest are 1-32 KiB)")
+	circs   = flag.String("circuits", "4,6,8", "the gateway's circuit counts to measure, with closure queries and prefetch")
 	rounds  = flag.Int("rounds", 3, "rounds (each variant once a round)")
 	maxJobs = flag.Int("max-jobs", 16, "nix's max-jobs (Nix 2.8 substitutes at most this many paths at once)")
 	only    = flag.String("only", "", "run only these variants (comma-separated names)")
@@ -58,8 +62,10 @@ type variant struct {
 	substitute string   // the substituter URL nix gets
 	env        []string // more environment for nix
 	client     *http.Client
+	warm       bool // substitute a second time, into another fresh store (the gateway's LAN cache)
 	times      []time.Duration
 	rates      []float64 // MiB/s of the raw NAR downloads
+	warmTimes  []time.Duration
 }
 
 func run() error {
@@ -70,19 +76,28 @@ func run() error {
 	if err := os.MkdirAll(*workDir, 0o755); err != nil {
 		return err
 	}
-	top, err := buildClosure()
-	if err != nil {
-		return err
-	}
 	cacheDir := filepath.Join(*workDir, fmt.Sprintf("cache-%d-%d", *nPaths, *bigMiB))
-	if _, err := os.Stat(filepath.Join(cacheDir, "nix-cache-info")); err != nil {
-		fmt.Fprintf(os.Stderr, "copying the closure into %s\n", cacheDir)
-		if out, err := nixCmd(filepath.Join(*workDir, "store"), "nix", "copy", "--to", "file://"+cacheDir+"?compression=zstd", top).CombinedOutput(); err != nil {
+	tops := make([]string, *rounds)
+	narSets := make([][]string, *rounds)
+	var closureBytes []int64
+	for r := range tops {
+		top, err := buildClosure(r)
+		if err != nil {
+			return err
+		}
+		store := filepath.Join(*workDir, "store")
+		if out, err := nixCmd(store, "nix", "copy", "--to", "file://"+cacheDir+"?compression=zstd", top).CombinedOutput(); err != nil {
 			return fmt.Errorf("nix copy: %v\n%s", err, out)
 		}
+		tops[r] = top
+		var size int64
+		if narSets[r], size, err = closureNars(store, cacheDir, top); err != nil {
+			return err
+		}
+		closureBytes = append(closureBytes, size)
 	}
-	nars, bytes := cacheSize(cacheDir)
-	fmt.Fprintf(os.Stderr, "closure: %d paths, %d NARs, %.1f MiB\n", *nPaths+1, nars, float64(bytes)/(1<<20))
+	nars, bytes := len(narSets[0]), closureBytes[0]
+	fmt.Fprintf(os.Stderr, "closures: %d paths, %d NARs, %.1f MiB each\n", *nPaths+1, nars, float64(bytes)/(1<<20))
 
 	run := filepath.Join(*workDir, "run")
 	os.RemoveAll(run)
@@ -123,14 +138,19 @@ func run() error {
 	onionURL := "http://" + readOnion
 
 	// The ways in.
-	var variants []*variant
-	for _, g := range []struct {
+	type gw struct {
 		name string
 		args []string
-	}{
-		{"gateway (4 circuits)", nil},
-		{"gateway (1 circuit)", []string{"--circuits", "1"}},
-	} {
+		warm bool
+	}
+	var gws []gw
+	for _, c := range strings.Split(*circs, ",") {
+		c = strings.TrimSpace(c)
+		gws = append(gws, gw{"gateway, closure + prefetch (" + c + " circuits)", []string{"--circuits", c}, c == "4"})
+	}
+	gws = append(gws, gw{"gateway, no prefetch (4 circuits)", []string{"--prefetch=false"}, false})
+	var variants []*variant
+	for _, g := range gws {
 		if !selected(g.name) {
 			continue
 		}
@@ -145,7 +165,7 @@ func run() error {
 		if err := waitGateway("http://"+addr, 4*time.Minute); err != nil {
 			return fmt.Errorf("%s: %w", g.name, err)
 		}
-		variants = append(variants, &variant{name: g.name, substitute: "http://" + addr, client: &http.Client{}})
+		variants = append(variants, &variant{name: g.name, substitute: "http://" + addr, client: &http.Client{}, warm: g.warm})
 	}
 	if selected("nix with ALL_PROXY through a stock tor") {
 		client, err := network.StartClient(ctx, filepath.Join(run, "client"), bundle)
@@ -173,43 +193,84 @@ func run() error {
 			order = append(order[1:], order[0])
 		}
 		for _, v := range order {
-			d, err := substitute(v, top, r)
+			d, err := substitute(v, tops[r], r)
 			if err != nil {
 				return fmt.Errorf("%s: %w", v.name, err)
 			}
 			v.times = append(v.times, d)
-			rate, err := download(v, cacheDir)
+			if v.warm {
+				w, err := substitute(v, tops[r], r)
+				if err != nil {
+					return fmt.Errorf("%s, warm: %w", v.name, err)
+				}
+				v.warmTimes = append(v.warmTimes, w)
+			}
+			rate, err := download(v, narSets[r])
 			if err != nil {
 				return fmt.Errorf("%s: %w", v.name, err)
 			}
 			v.rates = append(v.rates, rate)
-			fmt.Fprintf(os.Stderr, "round %d: %-42s %6.2f s, NARs at %5.2f MiB/s\n", r+1, v.name, d.Seconds(), rate)
+			fmt.Fprintf(os.Stderr, "round %d: %-48s %6.2f s (%5.2f MiB/s), NARs at %5.2f MiB/s\n", r+1, v.name, d.Seconds(),
+				float64(closureBytes[r])/(1<<20)/d.Seconds(), rate)
 		}
 	}
 
-	fmt.Printf("\nnix-store --realise of a %d-path closure (%d NARs, %.1f MiB zstd) from the read onion,\n", *nPaths+1, nars, float64(bytes)/(1<<20))
-	fmt.Printf("private Tor network on this machine, Nix max-jobs = %d, %d rounds (best / median):\n\n", *maxJobs, *rounds)
-	fmt.Printf("| %-42s | %8s | %8s | %18s |\n|---|---:|---:|---:|\n", "way in", "best", "median", "NARs, 16 at once")
+	fmt.Printf("\nnix-store --realise of a %d-path closure (%d NARs, %.1f MiB zstd of random data) from the read onion,\n", *nPaths+1, nars, float64(bytes)/(1<<20))
+	fmt.Printf("private Tor network on this machine, Nix max-jobs = %d, %d rounds, a new closure each (best / median):\n\n", *maxJobs, *rounds)
+	fmt.Printf("| %-48s | %8s | %8s | %11s | %18s |\n|---|---:|---:|---:|---:|\n", "way in", "best", "median", "median rate", "NARs, 16 at once")
 	for _, v := range variants {
-		s := slices.Clone(v.times)
-		slices.Sort(s)
+		best, med := bestMedian(v.times)
 		rates := slices.Clone(v.rates)
 		slices.Sort(rates)
-		fmt.Printf("| %-42s | %6.2f s | %6.2f s | %9.2f MiB/s |\n", v.name, s[0].Seconds(), s[len(s)/2].Seconds(), rates[len(rates)/2])
+		fmt.Printf("| %-48s | %6.2f s | %6.2f s | %5.2f MiB/s | %9.2f MiB/s |\n", v.name, best.Seconds(), med.Seconds(),
+			float64(bytes)/(1<<20)/med.Seconds(), rates[len(rates)/2])
+		if v.warm {
+			best, med := bestMedian(v.warmTimes)
+			fmt.Printf("| %-48s | %6.2f s | %6.2f s | %5.2f MiB/s | |\n", "  the same, second store (warm LAN cache)", best.Seconds(), med.Seconds(),
+				float64(bytes)/(1<<20)/med.Seconds())
+		}
 	}
 	return nil
 }
 
-// download fetches every NAR of the cache through v, 16 at a time, as a
-// client with no dependency order would, and returns the rate in MiB/s.
-func download(v *variant, cacheDir string) (float64, error) {
-	ents, err := os.ReadDir(filepath.Join(cacheDir, "nar"))
+func bestMedian(d []time.Duration) (best, median time.Duration) {
+	s := slices.Clone(d)
+	slices.Sort(s)
+	return s[0], s[len(s)/2]
+}
+
+// closureNars returns the NAR files of top's closure in cacheDir, and
+// their bytes.
+func closureNars(store, cacheDir, top string) ([]string, int64, error) {
+	out, err := nixCmd(store, "nix-store", "-qR", top).Output()
 	if err != nil {
-		return 0, err
+		return nil, 0, fmt.Errorf("nix-store -qR: %v", err)
 	}
-	work := make(chan string, len(ents))
-	for _, e := range ents {
-		work <- "/nar/" + e.Name()
+	var nars []string
+	var size int64
+	for _, p := range strings.Fields(string(out)) {
+		info, err := os.ReadFile(filepath.Join(cacheDir, strings.TrimPrefix(p, "/nix/store/")[:32]+".narinfo"))
+		if err != nil {
+			return nil, 0, err
+		}
+		for _, l := range strings.Split(string(info), "\n") {
+			if u, ok := strings.CutPrefix(l, "URL: "); ok {
+				nars = append(nars, "/"+u)
+				if fi, err := os.Stat(filepath.Join(cacheDir, u)); err == nil {
+					size += fi.Size()
+				}
+			}
+		}
+	}
+	return nars, size, nil
+}
+
+// download fetches the NARs through v, 16 at a time, as a client with no
+// dependency order would, and returns the rate in MiB/s.
+func download(v *variant, nars []string) (float64, error) {
+	work := make(chan string, len(nars))
+	for _, n := range nars {
+		work <- n
 	}
 	close(work)
 	var total atomic.Int64
@@ -285,10 +346,11 @@ func nixCmd(store, name string, args ...string) *exec.Cmd {
 	return cmd
 }
 
-// buildClosure builds (once) N store paths, each referencing up to three
-// earlier ones: most of a few KiB, every 20th of -big-mib MiB.
-func buildClosure() (string, error) {
-	marker := filepath.Join(*workDir, fmt.Sprintf("closure-%d-%d", *nPaths, *bigMiB))
+// buildClosure builds (once) round's closure: N store paths, each
+// referencing up to three earlier ones: most of a few KiB, every 20th of
+// -big-mib MiB. Rounds have the same shape and new contents.
+func buildClosure(round int) (string, error) {
+	marker := filepath.Join(*workDir, fmt.Sprintf("closure-%d-%d-r%d", *nPaths, *bigMiB, round))
 	if b, err := os.ReadFile(marker); err == nil {
 		return strings.TrimSpace(string(b)), nil
 	}
@@ -304,35 +366,24 @@ func buildClosure() (string, error) {
 		for j := 0; j < 3 && i > 0; j++ {
 			refs = append(refs, fmt.Sprintf("\"${p%d}\"", r.Intn(i)))
 		}
-		fmt.Fprintf(&b, "  p%d = mk \"p%d-%d\" \"%d\" [ %s ];\n", i, i, *bigMiB, kib, strings.Join(refs, " "))
+		fmt.Fprintf(&b, "  p%d = mk \"p%d-%d-r%d\" \"%d\" [ %s ];\n", i, i, *bigMiB, round, kib, strings.Join(refs, " "))
 	}
-	b.WriteString("in mk \"top\" \"1\" [ ")
+	fmt.Fprintf(&b, "in mk \"top-r%d\" \"1\" [ ", round)
 	for i := 0; i < *nPaths; i++ {
 		fmt.Fprintf(&b, "\"${p%d}\" ", i)
 	}
 	b.WriteString("]\n")
-	expr := filepath.Join(*workDir, "closure.nix")
+	expr := filepath.Join(*workDir, fmt.Sprintf("closure-r%d.nix", round))
 	if err := os.WriteFile(expr, []byte(b.String()), 0o644); err != nil {
 		return "", err
 	}
-	fmt.Fprintf(os.Stderr, "building a closure of %d paths\n", *nPaths+1)
+	fmt.Fprintf(os.Stderr, "building round %d's closure of %d paths\n", round+1, *nPaths+1)
 	out, err := nixCmd(filepath.Join(*workDir, "store"), "nix-build", expr, "--no-out-link", "-j", "2").Output()
 	if err != nil {
 		return "", fmt.Errorf("nix-build: %v", err)
 	}
 	top := strings.TrimSpace(string(out))
 	return top, os.WriteFile(marker, []byte(top), 0o644)
-}
-
-func cacheSize(dir string) (n int, size int64) {
-	ents, _ := os.ReadDir(filepath.Join(dir, "nar"))
-	for _, e := range ents {
-		if fi, err := e.Info(); err == nil {
-			n++
-			size += fi.Size()
-		}
-	}
-	return n, size
 }
 
 // proc is a process the benchmark started, its output in a log file.

@@ -24,6 +24,7 @@ func init() {
 const proxyUsage = `
 Usage:
 	kiss-onion proxy --bundle DIR [--listen 127.0.0.1:37510] [--write] [--via tls|onion] [--state-dir DIR] [--tor-config FILE]
+	                 [--cache-dir DIR --cache-size SIZE] [--allow-remote]
 
 Runs a Tor client holding the key of the bundle DIR and serves the cache's
 read onion (the write onion with --write) as plain HTTP on a loopback
@@ -47,12 +48,25 @@ door (serve --listen-tls), directly with its client certificate and no
 tor: the gateway goes that way by default (--via tls), through the
 onion with --via onion. The door decides the role by the certificate.
 
+Reading, the gateway spares Nix a round trip over Tor per path: on a
+narinfo it does not know, it asks the cache for the narinfos of the path's
+whole closure at once, answers Nix's next narinfo requests from that
+answer (for 30 s), and starts the closure's NARs over the circuits before
+Nix asks for them (--prefetch=false turns both off). NARs are checked
+against their names and kept in --state-dir within 1 GiB, or, with
+--cache-dir, in a cache that outlives the gateway, within --cache-size: a
+LAN cache, which fetches each NAR over Tor once for all the machines
+behind it, and serves the paths it holds whole while the onion is away.
+Serving other machines needs --listen on a LAN address and --allow-remote:
+whoever reaches that address reads the cache, as this bundle's key would.
+
 Arguments:
 	none
 
 Examples:
 	kiss-onion proxy --bundle /var/lib/kiss-onion-secrets/laptop.bundle
 	kiss-onion proxy --bundle ci.bundle --write --listen 127.0.0.1:37511 --state-dir ~/.cache/kiss-onion-proxy
+	kiss-onion proxy --bundle lan.bundle --listen 192.168.1.2:37510 --allow-remote --cache-dir /var/cache/kiss-onion --cache-size 50G
 	nix copy --to 'http://127.0.0.1:37511?compression=zstd' ./result
 `
 
@@ -64,6 +78,10 @@ type gatewayFlags struct {
 	torBinary string
 	circuits  int
 	via       string // "", gateway.DoorTLS or gateway.DoorOnion
+	// Read gateways only (proxy sets them; the defaults suit update).
+	noPrefetch bool
+	cacheDir   string
+	cacheSize  byteSize
 }
 
 // add adds the flags; stateDir is --state-dir's default and stateUse what
@@ -90,11 +108,23 @@ func (g *gatewayFlags) start(ctx context.Context, write bool, listen string, log
 	if err != nil {
 		return nil, err
 	}
+	var prefetch *gateway.PrefetchConfig
+	if !write && (!g.noPrefetch || g.cacheDir != "") {
+		prefetch = &gateway.PrefetchConfig{Dir: filepath.Join(g.stateDir, "prefetch"), Ahead: !g.noPrefetch, Size: int64(g.cacheSize)}
+		if g.cacheDir != "" {
+			prefetch.Dir, prefetch.Keep = g.cacheDir, true
+		}
+	}
 	if door == gateway.DoorTLS {
 		if write && b.Role != clientauth.RoleWriter {
 			return nil, withHint(fmt.Errorf("bundle %s is a %s's (%s): it cannot write", g.bundle, b.Role, b.Name), "use a writer's bundle")
 		}
-		return gateway.Start(ctx, gateway.Config{Bundle: b, Door: door, Write: write, Listen: listen, StateDir: g.stateDir, Circuits: g.circuits, Log: log})
+		if prefetch != nil {
+			if err := os.MkdirAll(g.stateDir, 0o700); err != nil {
+				return nil, withHint(fmt.Errorf("create state directory: %w", err), "choose a writable one with --state-dir")
+			}
+		}
+		return gateway.Start(ctx, gateway.Config{Bundle: b, Door: door, Write: write, Listen: listen, StateDir: g.stateDir, Circuits: g.circuits, Prefetch: prefetch, Log: log})
 	}
 	if b.Key == nil {
 		return nil, withHint(fmt.Errorf("bundle %s has no client.key", g.bundle), "export it with the key: 'kiss-onion keys export %s --key FILE'", b.Name)
@@ -124,6 +154,7 @@ func (g *gatewayFlags) start(ctx context.Context, write bool, listen string, log
 		TorrcLines: lines,
 		StateDir:   g.stateDir,
 		Circuits:   g.circuits,
+		Prefetch:   prefetch,
 		Log:        log,
 		TorLog:     torLog,
 	})
@@ -195,6 +226,11 @@ func runProxy(args []string) error {
 	listen := fs.String("listen", "127.0.0.1:37510", "serve on this loopback `address`")
 	write := fs.Bool("write", false, "forward to the write onion (a writer's bundle): nix copy --to then uploads")
 	fs.StringVar(&g.via, "via", "", "reach the cache through this `door`: tls or onion (default: tls when the bundle has a TLS certificate)")
+	prefetch := fs.Bool("prefetch", true, "ask for a closure's narinfos at once and fetch its NARs ahead of Nix")
+	fs.StringVar(&g.cacheDir, "cache-dir", "", "keep fetched NARs and narinfos in this `directory` across restarts (a LAN cache)")
+	g.cacheSize = 10 << 30
+	fs.Var(&g.cacheSize, "cache-size", "bound --cache-dir to this `size` (like 512M or 50G), least recently used first")
+	allowRemote := fs.Bool("allow-remote", false, "let --listen bind a non-loopback address, to serve other machines")
 	var lf logFlags
 	lf.add(fs)
 	rest, err := parseArgs(fs, args)
@@ -207,7 +243,15 @@ func runProxy(args []string) error {
 	if g.bundle == "" {
 		return usagef("proxy needs --bundle DIR")
 	}
-	if err := checkListenAddr("listen", *listen, false); err != nil {
+	if err := checkListenAddr("listen", *listen, *allowRemote); err != nil {
+		return err
+	}
+	g.noPrefetch = !*prefetch
+	if g.cacheDir == "" {
+		g.cacheSize = 0 // the prefetch store's own bound
+	} else if *write {
+		return usagef("--cache-dir is for reading: not with --write")
+	} else if g.cacheDir, err = filepath.Abs(g.cacheDir); err != nil {
 		return err
 	}
 	log, err := lf.daemon(os.Stderr)
