@@ -142,6 +142,16 @@ func (c *Cache) StoreNar(url string, r io.Reader) error {
 	return c.putStream(r, target{kind: kindNar, rel: url}, time.Now())
 }
 
+// StoreListing stores the listing (<hash>.ls) of the store path whose
+// hash part is hash from r, atomically: it is discarded when r fails.
+// The caller checked what r gives: a listing carries no signature.
+func (c *Cache) StoreListing(hash string, r io.Reader) error {
+	if !nixcache.IsHashPart(hash) {
+		return fmt.Errorf("store listing: %q is not a store hash", hash)
+	}
+	return c.putStream(r, target{kind: kindListing, rel: hash + ".ls", name: hash}, time.Now())
+}
+
 // StoreNarInfo stores the narinfo of the store path whose hash part is
 // hash, whose NAR and references must be in the cache, and returns once
 // it is visible and durable. Unlike an upload it is not held to the

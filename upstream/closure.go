@@ -263,6 +263,11 @@ func (f *Fetcher) storeOne(ctx context.Context, n *node, c *serve.Cache) error {
 		sp.finish(err)
 		narDone <- err
 	}()
+	lsDone := make(chan struct{})
+	go func() {
+		defer close(lsDone)
+		f.listing(ctx, n, c)
+	}()
 	refs := make([]string, len(n.refs))
 	err = f.each(ctx, refs, func(ctx context.Context, i int, _ string) error {
 		if r := n.refs[i]; r != nil {
@@ -275,6 +280,7 @@ func (f *Fetcher) storeOne(ctx context.Context, n *node, c *serve.Cache) error {
 	if narErr := <-narDone; err == nil {
 		err = narErr
 	}
+	<-lsDone
 	if err != nil {
 		return err
 	}

@@ -83,8 +83,10 @@ type Fetcher struct {
 	log    *logrus.Entry
 
 	keeper *keeper // nil without Config.Keep and Config.MaxKept
-	// downloads bounds the NARs downloaded at once.
+	// downloads and listings bound the NARs and listings (listing.go)
+	// downloaded at once.
 	downloads chan struct{}
+	listings  chan struct{}
 	// resolving and flights run one resolve and one store of a path at a
 	// time; nodes and byURL are the paths resolved and not yet stored, by
 	// hash part and by NAR URL (closure.go).
@@ -140,7 +142,7 @@ func New(cfg Config) (*Fetcher, error) {
 		cfg.Log = logrus.NewEntry(logrus.StandardLogger())
 	}
 	f := &Fetcher{cfg: cfg, log: cfg.Log, misses: map[string]time.Time{}, down: map[*url.URL]time.Time{}, now: time.Now,
-		downloads: make(chan struct{}, maxDownloads), nodes: map[string]*node{}, byURL: map[string]*node{}}
+		downloads: make(chan struct{}, maxDownloads), listings: make(chan struct{}, maxListings), nodes: map[string]*node{}, byURL: map[string]*node{}}
 	if cfg.Keep > 0 || cfg.MaxKept > 0 {
 		if cfg.CacheDir == "" {
 			return nil, errors.New("a keep time or size needs the cache directory")
