@@ -23,10 +23,12 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
+	"os/signal"
 	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -46,8 +48,21 @@ var (
 	useHTTP = flag.Bool("no-nginx", false, "serve the upstream with a second kiss-onion serve instead of nginx")
 )
 
+// killUpstream stops the running nginx at once on SIGINT or SIGTERM: its
+// workers outlive a master that is killed.
+var killUpstream atomic.Pointer[func()]
+
 func main() {
 	flag.Parse()
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
+	go func() {
+		<-sigs
+		if kill := killUpstream.Load(); kill != nil {
+			(*kill)()
+		}
+		os.Exit(1)
+	}()
 	if err := run(); err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(1)
@@ -332,6 +347,8 @@ http {
 		return nil, err
 	}
 	u := &upstreamServer{name: "nginx", url: "http://" + addr, stop: func() { cmd.Process.Signal(syscall.SIGQUIT); cmd.Wait() }}
+	kill := func() { cmd.Process.Signal(syscall.SIGTERM); cmd.Wait() }
+	killUpstream.Store(&kill)
 	return u, waitHTTP(u.url, time.Minute)
 }
 
