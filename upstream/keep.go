@@ -163,19 +163,21 @@ func (k *keeper) drop(p string) {
 func (k *keeper) trim(now time.Time) bool {
 	var total int64
 	expired := false
-	referrers := map[string]int{}
 	for _, e := range k.paths {
 		total += e.size
 		expired = expired || k.expired(e, now)
+	}
+	over := func() bool { return k.maxKept > 0 && total > k.maxKept }
+	if !expired && !over() {
+		return false
+	}
+	referrers := map[string]int{}
+	for _, e := range k.paths {
 		for _, r := range e.refs {
 			if _, ok := k.paths[r]; ok {
 				referrers[r]++
 			}
 		}
-	}
-	over := func() bool { return k.maxKept > 0 && total > k.maxKept }
-	if !expired && !over() {
-		return false
 	}
 	order := make([]string, 0, len(k.paths))
 	for p := range k.paths {
