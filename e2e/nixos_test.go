@@ -654,6 +654,47 @@ var nixosServerCases = []nixosCase{
 		},
 	},
 	{
+		name:    "server passes the upstream options",
+		modules: "server",
+		config: `{ services.kiss-onion = { enable = true; writers.ci.publicKey = "` + nixosWriterKey + `";
+			upstream = { urls = [ "https://cache.nixos.org" ]; keys = [ "` + nixosSignerKey + `" ]; viaTor = true;
+				timeout = "10s"; closureTimeout = "3m"; downloadTimeout = "4h"; keep = "168h"; maxSize = "50G"; maxNarSize = "2G"; }; }; }`,
+		check: func(t *testing.T, r *nixosEval) {
+			nixosAssertions(t, r)
+			toml := r.Etc["kiss-onion/kiss-onion.toml"].(map[string]any)
+			for k, v := range map[string]any{
+				"upstream": []any{"https://cache.nixos.org"}, "upstream-key": []any{nixosSignerKey}, "upstream-via-tor": true,
+				"upstream-timeout": "10s", "upstream-closure-timeout": "3m", "upstream-download-timeout": "4h",
+				"upstream-keep": "168h", "upstream-max-size": "50G", "upstream-max-nar-size": "2G",
+			} {
+				nixosEq(t, k, toml[k], v)
+			}
+		},
+	},
+	{
+		name:    "server without upstream URLs passes no upstream option",
+		modules: "server",
+		config: `{ services.kiss-onion = { enable = true; writers.ci.publicKey = "` + nixosWriterKey + `";
+			upstream = { keep = "168h"; maxSize = "50G"; maxNarSize = "2G"; closureTimeout = "3m"; }; }; }`,
+		check: func(t *testing.T, r *nixosEval) {
+			nixosAssertions(t, r)
+			for k := range r.Etc["kiss-onion/kiss-onion.toml"].(map[string]any) {
+				if strings.HasPrefix(k, "upstream") {
+					t.Errorf("%s set without upstream.urls", k)
+				}
+			}
+		},
+	},
+	{
+		name:    "server refuses upstream URLs without keys",
+		modules: "server",
+		config: `{ services.kiss-onion = { enable = true; writers.ci.publicKey = "` + nixosWriterKey + `";
+			upstream.urls = [ "https://cache.nixos.org" ]; }; }`,
+		check: func(t *testing.T, r *nixosEval) {
+			nixosAssertions(t, r, "upstream.urls is set but upstream.keys is empty")
+		},
+	},
+	{
 		name:    "server option and the same key in settings conflict",
 		modules: "server",
 		config:  `{ services.kiss-onion = { enable = true; writers.ci.publicKey = "` + nixosWriterKey + `"; priority = 10; settings.priority = 20; }; }`,

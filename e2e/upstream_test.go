@@ -25,11 +25,16 @@ func newUpstreamCache(t *testing.T) *upstreamCache {
 	return u
 }
 
-// add builds a closure and copies it into the upstream cache.
-func (u *upstreamCache) add(t *testing.T, compression string) (string, []string) {
+// add builds a closure and copies it into the upstream cache, with more
+// store parameters (like write-nar-listing=true) when given.
+func (u *upstreamCache) add(t *testing.T, compression string, params ...string) (string, []string) {
 	t.Helper()
 	top, closure := u.src.buildClosure(128)
-	u.src.must("nix", "copy", "--to", "file://"+u.cacheDir+"?compression="+compression+"&secret-key="+u.key.secretFile, top)
+	extra := ""
+	for _, p := range params {
+		extra += "&" + p
+	}
+	u.src.must("nix", "copy", "--to", "file://"+u.cacheDir+"?compression="+compression+"&secret-key="+u.key.secretFile+extra, top)
 	return top, closure
 }
 
@@ -44,10 +49,11 @@ func narInfoField(ni []byte, field string) string {
 
 // TestUpstreamFallback: a reader substitutes, through the cache's read
 // listener, a closure that only upstream has; the cache keeps it with the
-// upstream's signature and serves it from disk once upstream is gone.
+// upstream's signature, and the listings upstream has, and serves it from
+// disk once upstream is gone.
 func TestUpstreamFallback(t *testing.T) {
 	up := newUpstreamCache(t)
-	top, closure := up.add(t, "xz")
+	top, closure := up.add(t, "xz", "write-nar-listing=true")
 	srv := startServer(t, "", "--upstream", up.readURL, "--upstream-key", up.key.public)
 
 	sub := newNix(t, "substituters = "+srv.readURL, "trusted-public-keys = "+up.key.public)
@@ -66,6 +72,11 @@ func TestUpstreamFallback(t *testing.T) {
 		if _, err := os.Stat(filepath.Join(srv.cacheDir, narInfoField(ni, "URL"))); err != nil {
 			t.Errorf("NAR of %s not kept: %v", p, err)
 		}
+		ls, err := os.ReadFile(filepath.Join(srv.cacheDir, hash+".ls"))
+		upLs, _ := os.ReadFile(filepath.Join(up.cacheDir, hash+".ls"))
+		if err != nil || len(upLs) == 0 || string(ls) != string(upLs) {
+			t.Errorf("listing of %s not kept as upstream has it (%d bytes): %v", p, len(upLs), err)
+		}
 	}
 
 	up.kill()
@@ -73,6 +84,10 @@ func TestUpstreamFallback(t *testing.T) {
 	again.must("nix-store", "--realise", top)
 	for _, p := range closure {
 		sameTree(t, up.src, again, p)
+	}
+	// Nix reads the listing for nix store ls on a binary cache.
+	if out := again.must("nix", "store", "ls", "--store", srv.readURL, "-R", top); !strings.Contains(out, "/") {
+		t.Errorf("nix store ls of %s from the cache: %q", top, out)
 	}
 }
 

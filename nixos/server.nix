@@ -219,18 +219,48 @@ in
         description = "Connect and answer timeout of upstream requests; null: 5s, 30s through tor.";
       };
 
+      closureTimeout = mkOption {
+        type = types.nullOr kolib.goDuration;
+        default = null;
+        example = "3m";
+        description = ''
+          How long a narinfo request waits for the narinfos of the path's
+          closure from upstream; null: 24 times `timeout`, at most 5m.
+        '';
+      };
+
+      downloadTimeout = mkOption {
+        type = types.nullOr kolib.goDuration;
+        default = null;
+        example = "4h";
+        description = "How long the download of a closure's NARs that a request started may take; null: 1h.";
+      };
+
       keep = mkOption {
         type = types.nullOr kolib.goDuration;
         default = null;
         example = "168h";
         description = ''
           Keep each path fetched from upstream this long after its last
-          read (with the marker gcroots/upstream/recent); null: until the
-          next prune (enable `prune` either way, or the cache only grows).
+          read (with the marker gcroots/upstream/recent); null: no time
+          limit when `maxSize` is set, else until the next prune (enable
+          `prune` either way, or the cache only grows).
         '';
       };
 
       maxSize = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "50G";
+        description = ''
+          Keep at most this much (NAR files, like 50G) of the paths fetched
+          from upstream: past it, the least recently read leave the marker
+          gcroots/upstream/recent and the next prune deletes them, unless
+          another root reaches them; null: no bound.
+        '';
+      };
+
+      maxNarSize = mkOption {
         type = types.nullOr types.str;
         default = null;
         example = "2G";
@@ -431,12 +461,15 @@ in
       upstream-via-tor = mkIf (cfg.upstream.urls != [ ] && cfg.upstream.viaTor) true;
       upstream-timeout = mkIf (cfg.upstream.urls != [ ] && cfg.upstream.timeout != null) cfg.upstream.timeout;
       upstream-keep = mkIf (cfg.upstream.urls != [ ] && cfg.upstream.keep != null) cfg.upstream.keep;
+      upstream-closure-timeout = mkIf (cfg.upstream.urls != [ ] && cfg.upstream.closureTimeout != null) cfg.upstream.closureTimeout;
+      upstream-download-timeout = mkIf (cfg.upstream.urls != [ ] && cfg.upstream.downloadTimeout != null) cfg.upstream.downloadTimeout;
       upstream-max-size = mkIf (cfg.upstream.urls != [ ] && cfg.upstream.maxSize != null) cfg.upstream.maxSize;
       listen-oidc = mkIf cfg.oidc.enable cfg.oidc.listen;
       oidc-issuer = mkIf cfg.oidc.enable cfg.oidc.issuer;
       oidc-audience = mkIf cfg.oidc.enable cfg.oidc.audience;
       oidc-writer = mkIf (cfg.oidc.enable && cfg.oidc.writers != [ ]) cfg.oidc.writers;
       oidc-reader = mkIf (cfg.oidc.enable && cfg.oidc.readers != [ ]) cfg.oidc.readers;
+      upstream-max-nar-size = mkIf (cfg.upstream.urls != [ ] && cfg.upstream.maxNarSize != null) cfg.upstream.maxNarSize;
     };
 
     assertions = [

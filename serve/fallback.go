@@ -7,6 +7,7 @@ import (
 	"io"
 	"io/fs"
 	"net/http"
+	"strconv"
 	"time"
 
 	"github.com/kiss-onion/kiss-onion/internal/nixcache"
@@ -18,34 +19,42 @@ import (
 // may be downloading. A hit never reaches it.
 type Upstream interface {
 	// Lookup returns the narinfo of the store path whose hash part is
-	// hash once it and its closure are known to be upstream, and brings
+	// hash once it and its closure are known to be upstream (bounding
+	// that wait itself: ctx has no deadline), and brings
 	// them into c in the background, through StoreNar and StoreNarInfo:
 	// references first, so that the cache on disk stays closed under
 	// references. It returns nil and no error when c has the path, and
 	// an error wrapping fs.ErrNotExist when no upstream has it.
 	Lookup(ctx context.Context, hash string, c *Cache) ([]byte, error)
 	// OpenNar returns a reader of the NAR file at url (a narinfo's URL)
-	// while it downloads, from its first byte, and its size (-1 when
-	// unknown); false when no download of it is under way.
-	OpenNar(url string, c *Cache) (io.ReadCloser, int64, bool)
+	// while it downloads, from its first byte; false when no download of
+	// it is under way.
+	OpenNar(url string, c *Cache) (NarDownload, bool)
 	// Used records that the NAR file at url (a narinfo's URL) was read:
 	// fetched paths are kept for a while after their last read. It is
 	// called on every NAR read that finds the file, and must be cheap.
 	Used(url string)
 }
 
-// upstreamWait bounds what a read waits for the narinfos of a closure
-// from upstream.
-const upstreamWait = 2 * time.Minute
+// NarDownload reads a NAR file as it downloads from upstream. A Read
+// waits for the bytes it asks for, and fails when the download does:
+// what it gave may not be trusted before its io.EOF, which comes only
+// once the whole file is checked.
+type NarDownload interface {
+	io.ReadCloser
+	// Size is the file's size, -1 when its narinfo does not say.
+	Size() int64
+	// Narrow makes the reader give the n bytes from offset start only
+	// (a Range), before its first Read.
+	Narrow(start, n int64)
+}
 
 // readUpstream answers a narinfo the cache lacks from upstream: 404 when
 // no upstream has it or what came was refused. It is answered as soon as
 // the narinfos of its closure are checked, from memory, while the NARs
 // download; it becomes visible on disk once they are stored.
 func (c *Cache) readUpstream(t target, q *query) answer {
-	ctx, cancel := context.WithTimeout(context.Background(), upstreamWait)
-	defer cancel()
-	data, err := c.cfg.Upstream.Lookup(ctx, t.name, c)
+	data, err := c.cfg.Upstream.Lookup(context.Background(), t.name, c)
 	if err != nil {
 		if !errors.Is(err, fs.ErrNotExist) {
 			c.log.WithField("path", t.rel).WithError(err).Warn("not fetched from upstream")
@@ -60,24 +69,45 @@ func (c *Cache) readUpstream(t target, q *query) answer {
 }
 
 // readUpstreamNar answers a NAR the cache lacks from its download from
-// upstream, as it comes: 200 with the whole file (a Range is ignored,
-// and none is offered), cut off if the download fails.
+// upstream, as it comes: 200 with the whole file, or 206 with a single
+// range when the file's size is known (each byte sent once it arrived),
+// cut off if the download fails.
 func (c *Cache) readUpstreamNar(t target, q *query) answer {
-	rc, size, ok := c.cfg.Upstream.OpenNar(t.rel, c)
+	d, ok := c.cfg.Upstream.OpenNar(t.rel, c)
 	if !ok {
 		// It may have been stored meanwhile, or be on its way there.
 		a := c.readNow(t, q)
 		if a.status == http.StatusNotFound && c.durable.visible(t.rel, pendingWait) {
 			a = c.readNow(t, q)
 		}
+		if a.status < 300 && !q.head {
+			c.cfg.Upstream.Used(t.rel)
+		}
 		return a
 	}
+	size := d.Size()
 	a := answer{status: http.StatusOK, ctype: contentType[kindNar], length: size}
-	if q.head || size == 0 {
-		rc.Close()
+	// No validator yet: an If-Range cannot match, and gets the whole file.
+	if q.rng != "" && size > 0 && rangeApplies(q.ifRange, "", time.Time{}) {
+		s, l, ok := parseRange(q.rng, size)
+		switch {
+		case !ok:
+			// A malformed or multiple range is ignored: the whole body.
+		case l < 0:
+			d.Close()
+			return answer{status: http.StatusRequestedRangeNotSatisfiable, contentRange: "bytes */" + strconv.FormatInt(size, 10),
+				msg: "range not satisfiable: the file has " + strconv.FormatInt(size, 10) + " bytes"}
+		default:
+			d.Narrow(s, l)
+			a.status, a.length = http.StatusPartialContent, l
+			a.contentRange = "bytes " + strconv.FormatInt(s, 10) + "-" + strconv.FormatInt(s+l-1, 10) + "/" + strconv.FormatInt(size, 10)
+		}
+	}
+	if q.head || a.length == 0 {
+		d.Close()
 		return a
 	}
-	a.stream = rc
+	a.stream = d
 	return a
 }
 
@@ -110,6 +140,16 @@ func (c *Cache) StoreNar(url string, r io.Reader) error {
 		return fmt.Errorf("store %s: %w", url, err)
 	}
 	return c.putStream(r, target{kind: kindNar, rel: url}, time.Now())
+}
+
+// StoreListing stores the listing (<hash>.ls) of the store path whose
+// hash part is hash from r, atomically: it is discarded when r fails.
+// The caller checked what r gives: a listing carries no signature.
+func (c *Cache) StoreListing(hash string, r io.Reader) error {
+	if !nixcache.IsHashPart(hash) {
+		return fmt.Errorf("store listing: %q is not a store hash", hash)
+	}
+	return c.putStream(r, target{kind: kindListing, rel: hash + ".ls", name: hash}, time.Now())
 }
 
 // StoreNarInfo stores the narinfo of the store path whose hash part is

@@ -180,7 +180,7 @@ func (c *Cache) writeFast(ctx *fasthttp.RequestCtx, a answer) {
 		return
 	}
 	if a.stream != nil {
-		// As it downloads from upstream: no ranges, and a length only
+		// As it downloads from upstream (fallback.go): a length only
 		// when the narinfo gave one (else chunked).
 		ctx.SetBodyStream(a.stream, int(a.length))
 		return

@@ -6,11 +6,11 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"math"
 	"net/url"
 	"os"
 	"path/filepath"
 	"sync"
-	"time"
 
 	"github.com/sirupsen/logrus"
 
@@ -58,9 +58,6 @@ func (n *node) spooled(dir string) (*spool, error) {
 // at once.
 const refParallel = 4
 
-// storeWait bounds the storing that a client's narinfo request started.
-const storeWait = time.Hour
-
 // nestedFetch marks the context of a reference's resolve or store.
 type nestedFetch struct{}
 
@@ -78,11 +75,14 @@ func (f *Fetcher) Fetch(ctx context.Context, hash string, c *serve.Cache) error 
 	return err
 }
 
-// Lookup resolves the closure of the path whose hash part is hash and
-// returns its narinfo, while its NARs are fetched and stored in the
-// background; it implements serve.Upstream. It returns nil and no error
-// when the path is in the cache.
+// Lookup resolves the closure of the path whose hash part is hash, within
+// Config.ClosureTimeout, and returns its narinfo, while its NARs are
+// fetched and stored in the background, within Config.DownloadTimeout; it
+// implements serve.Upstream. It returns nil and no error when the path
+// is in the cache.
 func (f *Fetcher) Lookup(ctx context.Context, hash string, c *serve.Cache) ([]byte, error) {
+	ctx, cancel := context.WithTimeout(ctx, f.cfg.ClosureTimeout)
+	defer cancel()
 	n, err := f.resolve(ctx, hash, c)
 	if err != nil || n == nil {
 		return nil, err
@@ -92,37 +92,32 @@ func (f *Fetcher) Lookup(ctx context.Context, hash string, c *serve.Cache) ([]by
 }
 
 // OpenNar returns a reader of the NAR file at url, of a path being
-// fetched, from its first byte as it downloads, and the file's size (-1
-// when the narinfo does not say); it implements serve.Upstream. The
-// reader fails when the download does: what it gave may not be trusted
-// before its io.EOF.
-func (f *Fetcher) OpenNar(url string, c *serve.Cache) (io.ReadCloser, int64, bool) {
+// fetched, from its first byte as it downloads; it implements
+// serve.Upstream. The reader fails when the download does: what it gave
+// may not be trusted before its io.EOF.
+func (f *Fetcher) OpenNar(url string, c *serve.Cache) (serve.NarDownload, bool) {
 	f.mu.Lock()
 	n := f.byURL[url]
 	f.mu.Unlock()
 	if n == nil || c.HasNar(url) {
-		return nil, 0, false
+		return nil, false
 	}
 	sp, err := n.spooled(f.spoolDir())
 	if err != nil {
 		f.log.WithError(err).Warn("NAR not streamed")
-		return nil, 0, false
+		return nil, false
 	}
 	r := sp.open()
 	if r == nil {
-		return nil, 0, false
+		return nil, false
 	}
 	f.storeInBackground(n, c)
-	size := int64(n.ni.FileSize)
-	if size == 0 {
-		size = -1
-	}
-	return r, size, true
+	return r, true
 }
 
 func (f *Fetcher) storeInBackground(n *node, c *serve.Cache) {
 	go func() {
-		ctx, cancel := context.WithTimeout(context.Background(), storeWait)
+		ctx, cancel := context.WithTimeout(context.Background(), f.cfg.DownloadTimeout)
 		defer cancel()
 		if err := f.store(ctx, n, c); err != nil {
 			f.log.WithField("path", n.ni.StorePath).WithError(err).Warn("not stored from upstream")
@@ -181,8 +176,8 @@ func (f *Fetcher) resolveOne(ctx context.Context, hash string, c *serve.Cache) e
 	if err != nil {
 		return err
 	}
-	if int64(ni.FileSize) > f.cfg.MaxSize || int64(ni.NarSize) > f.cfg.MaxSize {
-		return fmt.Errorf("%s: %d bytes (%d as a file) is over the upstream size limit of %d", ni.StorePath, ni.NarSize, ni.FileSize, f.cfg.MaxSize)
+	if int64(ni.FileSize) > f.cfg.MaxNarSize || int64(ni.NarSize) > f.cfg.MaxNarSize {
+		return fmt.Errorf("%s: %d bytes (%d as a file) is over the upstream NAR size limit of %d", ni.StorePath, ni.NarSize, ni.FileSize, f.cfg.MaxNarSize)
 	}
 	n := &node{hash: hash, ni: ni, data: data, base: base}
 	var refs []string
@@ -268,6 +263,11 @@ func (f *Fetcher) storeOne(ctx context.Context, n *node, c *serve.Cache) error {
 		sp.finish(err)
 		narDone <- err
 	}()
+	lsDone := make(chan struct{})
+	go func() {
+		defer close(lsDone)
+		f.listing(ctx, n, c)
+	}()
 	refs := make([]string, len(n.refs))
 	err = f.each(ctx, refs, func(ctx context.Context, i int, _ string) error {
 		if r := n.refs[i]; r != nil {
@@ -280,6 +280,7 @@ func (f *Fetcher) storeOne(ctx context.Context, n *node, c *serve.Cache) error {
 	if narErr := <-narDone; err == nil {
 		err = narErr
 	}
+	<-lsDone
 	if err != nil {
 		return err
 	}
@@ -288,7 +289,7 @@ func (f *Fetcher) storeOne(ctx context.Context, n *node, c *serve.Cache) error {
 	}
 	f.log.WithFields(logrus.Fields{"path": n.ni.StorePath, "upstream": n.base.Redacted(), "size": n.ni.FileSize}).Info("fetched from upstream")
 	if f.keeper != nil {
-		f.keeper.fetched(n.ni.StorePath, n.ni.URL)
+		f.keeper.fetched(n.ni)
 	}
 	if f.cfg.Fetched != nil {
 		f.cfg.Fetched(n.ni.StorePath, n.ni.FileSize)
@@ -402,30 +403,53 @@ func (s *spool) open() *spoolReader {
 		return nil
 	}
 	s.refs++
-	return &spoolReader{s: s}
-}
-
-// readable is how far readers may read; the caller holds s.mu.
-func (s *spool) readable() int64 {
-	if !s.done && s.size > 0 && s.n >= s.size {
-		return s.size - 1
+	end := int64(math.MaxInt64)
+	if s.size > 0 {
+		end = s.size
 	}
-	return s.n
+	return &spoolReader{s: s, end: end}
 }
 
+// readable is how far a reader that stops at end may read; the caller
+// holds s.mu. The last byte it asks for is held back until the download
+// is checked, so that a reader of a file that fails its check is cut off
+// rather than handed all it expected.
+func (s *spool) readable(end int64) int64 {
+	if s.done {
+		return min(s.n, end)
+	}
+	return min(s.n, end-1)
+}
+
+// spoolReader reads a spool from off to end (the file's size, or
+// math.MaxInt64 when unknown).
 type spoolReader struct {
 	s      *spool
 	off    int64
+	end    int64
 	closed bool
+}
+
+// Size is the file's size, -1 when unknown.
+func (r *spoolReader) Size() int64 {
+	if r.s.size <= 0 {
+		return -1
+	}
+	return r.s.size
+}
+
+// Narrow makes r read the n bytes from start only.
+func (r *spoolReader) Narrow(start, n int64) {
+	r.off, r.end = start, start+n
 }
 
 func (r *spoolReader) Read(p []byte) (int, error) {
 	s := r.s
 	s.mu.Lock()
-	for r.off >= s.readable() && !s.done {
+	for r.off >= s.readable(r.end) && !s.done {
 		s.cond.Wait()
 	}
-	avail, done, err := s.readable()-r.off, s.done, s.err
+	avail, done, err := s.readable(r.end)-r.off, s.done, s.err
 	s.mu.Unlock()
 	if done && err != nil {
 		return 0, err

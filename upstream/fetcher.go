@@ -32,12 +32,19 @@ type Config struct {
 	// answer's headers; default 5 s. A narinfo must arrive whole within
 	// twice that, and a NAR download may stall for at most StallTimeout.
 	Timeout time.Duration
+	// ClosureTimeout bounds what Lookup waits for the narinfos of a
+	// path's closure; default 24 times Timeout, at most 5 minutes (Nix
+	// gives up on a request stalled that long).
+	ClosureTimeout time.Duration
+	// DownloadTimeout bounds the download of the NARs of a closure that
+	// Lookup or OpenNar started; default an hour.
+	DownloadTimeout time.Duration
 	// StallTimeout cuts off a NAR download that receives nothing for this
 	// long; default 30 s.
 	StallTimeout time.Duration
-	// MaxSize is the largest NAR (as stored, and uncompressed) that is
-	// fetched; default 8 GiB.
-	MaxSize int64
+	// MaxNarSize is the largest NAR (as stored, and uncompressed) that
+	// is fetched; default 8 GiB.
+	MaxNarSize int64
 	// NegativeTTL is how long a path that no upstream has, or that could
 	// not be fetched, is not asked for again; default 30 s.
 	NegativeTTL time.Duration
@@ -48,9 +55,15 @@ type Config struct {
 	// Keep, when set, keeps each fetched path for this long after it was
 	// fetched or its NAR last read, with the marker KeepMarker in
 	// CacheDir (keep.go); KeepLoop must run. Zero: fetched paths are
-	// rooted by nothing, and a prune deletes them.
+	// rooted by nothing, and a prune deletes them, unless MaxKept is set.
 	Keep time.Duration
-	// CacheDir is the cache directory, for Keep.
+	// MaxKept, when set, bounds the bytes of NAR files that KeepMarker
+	// keeps: past it, the least recently read fetched paths leave the
+	// marker (not one that a path kept references), and the next prune
+	// deletes them unless another root reaches them. With Keep zero, it
+	// alone decides what the marker keeps.
+	MaxKept int64
+	// CacheDir is the cache directory, for Keep and MaxKept.
 	CacheDir string
 	// Fetched, when set, is called after each path is stored, with its
 	// store path and the size of its NAR file (for progress), from
@@ -69,9 +82,11 @@ type Fetcher struct {
 	client *http.Client
 	log    *logrus.Entry
 
-	keeper *keeper // nil without Config.Keep
-	// downloads bounds the NARs downloaded at once.
+	keeper *keeper // nil without Config.Keep and Config.MaxKept
+	// downloads and listings bound the NARs and listings (listing.go)
+	// downloaded at once.
 	downloads chan struct{}
+	listings  chan struct{}
 	// resolving and flights run one resolve and one store of a path at a
 	// time; nodes and byURL are the paths resolved and not yet stored, by
 	// hash part and by NAR URL (closure.go).
@@ -108,11 +123,17 @@ func New(cfg Config) (*Fetcher, error) {
 	if cfg.Timeout <= 0 {
 		cfg.Timeout = 5 * time.Second
 	}
+	if cfg.ClosureTimeout <= 0 {
+		cfg.ClosureTimeout = min(24*cfg.Timeout, 5*time.Minute)
+	}
+	if cfg.DownloadTimeout <= 0 {
+		cfg.DownloadTimeout = time.Hour
+	}
 	if cfg.StallTimeout <= 0 {
 		cfg.StallTimeout = 30 * time.Second
 	}
-	if cfg.MaxSize <= 0 {
-		cfg.MaxSize = 8 << 30
+	if cfg.MaxNarSize <= 0 {
+		cfg.MaxNarSize = 8 << 30
 	}
 	if cfg.NegativeTTL <= 0 {
 		cfg.NegativeTTL = 30 * time.Second
@@ -121,12 +142,12 @@ func New(cfg Config) (*Fetcher, error) {
 		cfg.Log = logrus.NewEntry(logrus.StandardLogger())
 	}
 	f := &Fetcher{cfg: cfg, log: cfg.Log, misses: map[string]time.Time{}, down: map[*url.URL]time.Time{}, now: time.Now,
-		downloads: make(chan struct{}, maxDownloads), nodes: map[string]*node{}, byURL: map[string]*node{}}
-	if cfg.Keep > 0 {
+		downloads: make(chan struct{}, maxDownloads), listings: make(chan struct{}, maxListings), nodes: map[string]*node{}, byURL: map[string]*node{}}
+	if cfg.Keep > 0 || cfg.MaxKept > 0 {
 		if cfg.CacheDir == "" {
-			return nil, errors.New("a keep time needs the cache directory")
+			return nil, errors.New("a keep time or size needs the cache directory")
 		}
-		f.keeper = newKeeper(cfg.CacheDir, cfg.Keep, func() time.Time { return f.now() })
+		f.keeper = newKeeper(cfg.CacheDir, cfg.StoreDir, max(cfg.Keep, 0), max(cfg.MaxKept, 0), func() time.Time { return f.now() })
 	}
 	for _, s := range cfg.URLs {
 		u, err := url.Parse(strings.TrimSuffix(s, "/") + "/")
@@ -312,7 +333,7 @@ func (f *Fetcher) nar(ctx context.Context, base *url.URL, ni *nixcache.NarInfo, 
 	body := &stallReader{r: resp.Body, cancel: cancel, stall: f.cfg.StallTimeout}
 	body.arm()
 	defer body.stop()
-	v, err := newVerifier(body, ni, f.cfg.MaxSize)
+	v, err := newVerifier(body, ni, f.cfg.MaxNarSize)
 	if err != nil {
 		return fmt.Errorf("%s: %w", ni.StorePath, err)
 	}

@@ -447,12 +447,14 @@ func TestServeFetchesOnAMiss(t *testing.T) {
 }
 
 // TestKeepMarker: with a keep time, fetched paths are named by the keep
-// marker until that long after their last read, across a restart.
+// marker until that long after their last read, across a restart; a path
+// that a kept one references stays with it.
 func TestKeepMarker(t *testing.T) {
 	key := testKey(t, "upstream-1")
 	up := newUpstreamCache(t)
 	lib := up.add("lib", nil, "xz", &key)
 	app := up.add("app", []string{lib.base}, "xz", &key)
+	other := up.add("other", nil, "xz", &key)
 	c, dir := newCache(t)
 	now := time.Now()
 	newF := func() *Fetcher {
@@ -464,8 +466,10 @@ func TestKeepMarker(t *testing.T) {
 		return f
 	}
 	f := newF()
-	if err := f.Fetch(context.Background(), app.hash, c); err != nil {
-		t.Fatal(err)
+	for _, p := range []path{app, other} {
+		if err := f.Fetch(context.Background(), p.hash, c); err != nil {
+			t.Fatal(err)
+		}
 	}
 	marker := func() []string {
 		t.Helper()
@@ -479,7 +483,7 @@ func TestKeepMarker(t *testing.T) {
 		}
 		return roots
 	}
-	if got := marker(); len(got) != 2 {
+	if got := marker(); len(got) != 3 {
 		t.Fatalf("marker after a fetch: %v", got)
 	}
 	now = now.Add(50 * time.Minute)
@@ -487,14 +491,14 @@ func TestKeepMarker(t *testing.T) {
 	f.Used("nar/" + strings.Repeat("a", 52) + ".nar") // not fetched: ignored
 	now = now.Add(20 * time.Minute)
 	f.keeper.flush()
-	if got := marker(); len(got) != 1 || got[0] != app.base {
-		t.Errorf("marker after app was read and lib was not: %v", got)
+	if got := marker(); len(got) != 2 || got[0] != lib.base || got[1] != app.base {
+		t.Errorf("marker after app was read, and lib and other were not: %v, want lib (app references it) and app", got)
 	}
 	// A restarted serve takes up the marker.
 	f = newF()
 	now = now.Add(30 * time.Minute)
 	f.keeper.flush()
-	if got := marker(); len(got) != 1 {
+	if got := marker(); len(got) != 2 {
 		t.Errorf("marker after a restart, within the keep time: %v", got)
 	}
 	now = now.Add(time.Hour)

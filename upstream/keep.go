@@ -18,7 +18,8 @@ import (
 )
 
 // KeepMarker is the marker, relative to the cache directory, that roots
-// the paths fetched from upstream for Config.Keep after their last read.
+// the paths fetched from upstream for Config.Keep after their last read,
+// within Config.MaxKept.
 const KeepMarker = "gcroots/upstream/recent"
 
 // keeper remembers when each fetched path was last fetched or read, and
@@ -28,11 +29,15 @@ const KeepMarker = "gcroots/upstream/recent"
 //
 // The marker is a plain marker (one store path a line) with a comment
 // before each path: "# <unix seconds of the last read> <NAR URL>", from
-// which a restarted serve takes up where it left off.
+// which a restarted serve takes up where it left off (the paths' sizes
+// and references from their narinfos).
 type keeper struct {
-	file string
-	keep time.Duration
-	now  func() time.Time
+	dir      string // the cache directory
+	storeDir string
+	file     string
+	keep     time.Duration // 0: no time limit
+	maxKept  int64         // 0: no size limit
+	now      func() time.Time
 
 	mu    sync.Mutex
 	paths map[string]*keptPath // store path ->
@@ -45,17 +50,19 @@ type keeper struct {
 type keptPath struct {
 	url  string
 	last time.Time
+	size int64    // of the NAR file
+	refs []string // store paths, itself excluded
 }
 
-func newKeeper(cacheDir string, keep time.Duration, now func() time.Time) *keeper {
-	k := &keeper{file: filepath.Join(cacheDir, filepath.FromSlash(KeepMarker)), keep: keep, now: now,
-		paths: map[string]*keptPath{}, byURL: map[string]string{}}
+func newKeeper(cacheDir, storeDir string, keep time.Duration, maxKept int64, now func() time.Time) *keeper {
+	k := &keeper{dir: cacheDir, storeDir: storeDir, file: filepath.Join(cacheDir, filepath.FromSlash(KeepMarker)),
+		keep: keep, maxKept: maxKept, now: now, paths: map[string]*keptPath{}, byURL: map[string]string{}}
 	k.load()
 	return k
 }
 
 // load reads the marker a previous serve wrote; what does not parse is
-// dropped.
+// dropped, and so is a path whose narinfo is gone.
 func (k *keeper) load() {
 	data, err := os.ReadFile(k.file)
 	if err != nil {
@@ -74,18 +81,60 @@ func (k *keeper) load() {
 			continue
 		}
 		if strings.HasPrefix(l, "/") && url != "" {
-			k.paths[l] = &keptPath{url: url, last: last}
-			k.byURL[url] = l
+			e := &keptPath{url: url, last: last}
+			if k.fromNarInfo(l, e) {
+				k.paths[l] = e
+				k.byURL[url] = l
+			}
 		}
 		url = ""
 	}
 }
 
-// fetched records a path just stored.
-func (k *keeper) fetched(storePath, url string) {
+// fromNarInfo fills e's size and references from the narinfo of
+// storePath in the cache; false when it is not there.
+func (k *keeper) fromNarInfo(storePath string, e *keptPath) bool {
+	base := strings.TrimPrefix(storePath, k.storeDir+"/")
+	if len(base) < nixcache.HashLen || !nixcache.IsHashPart(base[:nixcache.HashLen]) {
+		return false
+	}
+	data, err := os.ReadFile(filepath.Join(k.dir, base[:nixcache.HashLen]+".narinfo"))
+	if err != nil {
+		return false
+	}
+	ni, err := nixcache.ParseNarInfo(data)
+	if err != nil {
+		return false
+	}
+	e.size, e.refs = keptSize(ni), refPaths(k.storeDir, ni)
+	return true
+}
+
+// keptSize is what a fetched path takes in the cache: its NAR file.
+func keptSize(ni *nixcache.NarInfo) int64 {
+	if ni.FileSize > 0 {
+		return int64(ni.FileSize)
+	}
+	return int64(ni.NarSize)
+}
+
+// refPaths returns the store paths ni references, itself excluded.
+func refPaths(storeDir string, ni *nixcache.NarInfo) []string {
+	refs := make([]string, 0, len(ni.References))
+	for _, r := range ni.References {
+		if p := storeDir + "/" + r; p != ni.StorePath {
+			refs = append(refs, p)
+		}
+	}
+	return refs
+}
+
+// fetched records a path just stored: its keep time starts now, after
+// every read of its download.
+func (k *keeper) fetched(ni *nixcache.NarInfo) {
 	k.mu.Lock()
-	k.paths[storePath] = &keptPath{url: url, last: k.now()}
-	k.byURL[url] = storePath
+	k.paths[ni.StorePath] = &keptPath{url: ni.URL, last: k.now(), size: keptSize(ni), refs: refPaths(k.storeDir, ni)}
+	k.byURL[ni.URL] = ni.StorePath
 	k.dirty = true
 	k.mu.Unlock()
 }
@@ -100,21 +149,81 @@ func (k *keeper) used(url string) {
 	k.mu.Unlock()
 }
 
-// flush drops what was not read for keep and rewrites the marker when
-// anything changed.
+// drop forgets p; the caller holds k.mu.
+func (k *keeper) drop(p string) {
+	delete(k.byURL, k.paths[p].url)
+	delete(k.paths, p)
+}
+
+// trim drops the paths not read for keep, and the least recently read
+// while those kept take more than maxKept, but never one that another
+// kept path references: a prune would keep it anyway, through the
+// marker, and what the keeper counts is what the marker keeps. The
+// caller holds k.mu.
+func (k *keeper) trim(now time.Time) bool {
+	var total int64
+	expired := false
+	for _, e := range k.paths {
+		total += e.size
+		expired = expired || k.expired(e, now)
+	}
+	over := func() bool { return k.maxKept > 0 && total > k.maxKept }
+	if !expired && !over() {
+		return false
+	}
+	referrers := map[string]int{}
+	for _, e := range k.paths {
+		for _, r := range e.refs {
+			if _, ok := k.paths[r]; ok {
+				referrers[r]++
+			}
+		}
+	}
+	order := make([]string, 0, len(k.paths))
+	for p := range k.paths {
+		order = append(order, p)
+	}
+	sort.Slice(order, func(i, j int) bool {
+		a, b := k.paths[order[i]], k.paths[order[j]]
+		if !a.last.Equal(b.last) {
+			return a.last.Before(b.last)
+		}
+		return order[i] < order[j]
+	})
+	// Each pass drops, oldest first, what no kept path references;
+	// dropping a referrer frees its references for the next pass.
+	changed := false
+	for progress := true; progress; {
+		progress = false
+		for _, p := range order {
+			e, ok := k.paths[p]
+			if !ok || referrers[p] > 0 || !(k.expired(e, now) || over()) {
+				continue
+			}
+			delete(k.byURL, e.url)
+			delete(k.paths, p)
+			total -= e.size
+			for _, r := range e.refs {
+				referrers[r]--
+			}
+			progress, changed = true, true
+		}
+	}
+	return changed
+}
+
+func (k *keeper) expired(e *keptPath, now time.Time) bool {
+	return k.keep > 0 && now.Sub(e.last) > k.keep
+}
+
+// flush drops what was not read for keep, and the least recently read
+// past maxKept, and rewrites the marker when anything changed.
 func (k *keeper) flush() error {
 	k.writing.Lock()
 	defer k.writing.Unlock()
 	k.mu.Lock()
 	now := k.now()
-	changed := k.dirty
-	for p, e := range k.paths {
-		if now.Sub(e.last) > k.keep {
-			delete(k.paths, p)
-			delete(k.byURL, e.url)
-			changed = true
-		}
-	}
+	changed := k.trim(now) || k.dirty
 	if !changed {
 		k.mu.Unlock()
 		return nil
@@ -126,7 +235,14 @@ func (k *keeper) flush() error {
 	}
 	sort.Strings(names)
 	var b strings.Builder
-	fmt.Fprintf(&b, "# kiss-onion serve: paths fetched from upstream, kept for %s after their last read\n", k.keep)
+	b.WriteString("# kiss-onion serve: paths fetched from upstream")
+	if k.keep > 0 {
+		fmt.Fprintf(&b, ", kept for %s after their last read", k.keep)
+	}
+	if k.maxKept > 0 {
+		fmt.Fprintf(&b, ", the most recently read within %d bytes", k.maxKept)
+	}
+	b.WriteString("\n")
 	for _, p := range names {
 		e := k.paths[p]
 		fmt.Fprintf(&b, "# %d %s\n%s\n", e.last.Unix(), e.url, p)
@@ -141,15 +257,18 @@ func (k *keeper) flush() error {
 	return nil
 }
 
-// KeepLoop rewrites the keep marker (Config.Keep) until ctx ends: reads
-// recorded since, and paths whose keep time is over, go into it at most
-// a minute later (sooner for a keep time under two minutes). Without
-// Config.Keep it returns at once.
+// KeepLoop rewrites the keep marker (Config.Keep, Config.MaxKept) until
+// ctx ends: reads recorded since, and paths whose keep time is over or
+// that no longer fit, go into it at most a minute later (sooner for a
+// keep time under two minutes). Without either it returns at once.
 func (f *Fetcher) KeepLoop(ctx context.Context) {
 	if f.keeper == nil {
 		return
 	}
-	every := min(f.cfg.Keep/2, time.Minute)
+	every := time.Minute
+	if f.cfg.Keep > 0 {
+		every = min(f.cfg.Keep/2, every)
+	}
 	t := time.NewTicker(every)
 	defer t.Stop()
 	for {

@@ -22,9 +22,14 @@ type upstreamFlags struct {
 	urls    stringList
 	keys    stringList
 	timeout time.Duration
-	maxSize byteSize
-	viaTor  bool
-	keep    time.Duration
+	// closureTimeout and downloadTimeout bound the two steps of a fetch
+	// (package upstream).
+	closureTimeout  time.Duration
+	downloadTimeout time.Duration
+	maxNarSize      byteSize
+	maxSize         byteSize
+	viaTor          bool
+	keep            time.Duration
 	// tor is the SOCKS port of serve's own tor once it runs, for
 	// --upstream-via-tor.
 	tor *torProxy
@@ -33,21 +38,24 @@ type upstreamFlags struct {
 }
 
 func (u *upstreamFlags) register(fs *flag.FlagSet) {
-	u.maxSize = 8 << 30
+	u.maxNarSize = 8 << 30
 	u.tor = &torProxy{}
-	fs.DurationVar(&u.keep, "upstream-keep", 0, "keep paths fetched from upstream this `long` after their last read, with the marker gcroots/upstream/recent (0: until a prune)")
+	fs.DurationVar(&u.keep, "upstream-keep", 0, "keep paths fetched from upstream this `long` after their last read, with the marker gcroots/upstream/recent (0: no time limit with --upstream-max-size, else until a prune)")
 	fs.Var(&u.urls, "upstream", "fetch narinfos the cache lacks from this upstream cache `URL` (repeatable, tried in order)")
 	fs.Var(&u.keys, "upstream-key", "accept from upstream only paths signed by this `name:base64` key (repeatable)")
 	fs.DurationVar(&u.timeout, "upstream-timeout", 0, "connect and answer `timeout` of upstream requests (0: 5s, 30s with --upstream-via-tor)")
-	fs.Var(&u.maxSize, "upstream-max-size", "largest NAR `size` fetched from upstream (like 512M or 8G)")
+	fs.DurationVar(&u.closureTimeout, "upstream-closure-timeout", 0, "how `long` a narinfo request waits for the narinfos of the path's closure from upstream (0: 24 times --upstream-timeout, at most 5m)")
+	fs.DurationVar(&u.downloadTimeout, "upstream-download-timeout", time.Hour, "how `long` the download of a closure's NARs that a request started may take")
+	fs.Var(&u.maxNarSize, "upstream-max-nar-size", "largest NAR `size` fetched from upstream (like 512M or 8G)")
+	fs.Var(&u.maxSize, "upstream-max-size", "keep at most this `size` of paths fetched from upstream with the marker gcroots/upstream/recent, the least recently read going first (like 50G; default: no bound)")
 	fs.BoolVar(&u.viaTor, "upstream-via-tor", false, "reach upstream through serve's tor (for an appliance with no clearnet; needs --tor public or local)")
 }
 
 // fetcher returns the Fetcher the flags ask for, nil without --upstream.
 func (u *upstreamFlags) fetcher(cacheDir, storeDir, torMode string, log *logrus.Entry) (serve.Upstream, error) {
 	if len(u.urls) == 0 {
-		if len(u.keys) > 0 || u.viaTor {
-			return nil, usagef("--upstream-key and --upstream-via-tor need --upstream")
+		if len(u.keys) > 0 || u.viaTor || u.keep > 0 || u.maxSize > 0 {
+			return nil, usagef("--upstream-key, --upstream-via-tor, --upstream-keep and --upstream-max-size need --upstream")
 		}
 		return nil, nil
 	}
@@ -63,14 +71,17 @@ func (u *upstreamFlags) fetcher(cacheDir, storeDir, torMode string, log *logrus.
 		keys = append(keys, k)
 	}
 	cfg := upstream.Config{
-		URLs:     u.urls,
-		Keys:     keys,
-		StoreDir: storeDir,
-		Timeout:  u.timeout,
-		MaxSize:  int64(u.maxSize),
-		Keep:     u.keep,
-		CacheDir: cacheDir,
-		Log:      log.WithField("component", "upstream"),
+		URLs:            u.urls,
+		Keys:            keys,
+		StoreDir:        storeDir,
+		Timeout:         u.timeout,
+		ClosureTimeout:  u.closureTimeout,
+		DownloadTimeout: u.downloadTimeout,
+		MaxNarSize:      int64(u.maxNarSize),
+		MaxKept:         int64(u.maxSize),
+		Keep:            u.keep,
+		CacheDir:        cacheDir,
+		Log:             log.WithField("component", "upstream"),
 	}
 	if u.viaTor {
 		if torMode == "off" {
