@@ -12,6 +12,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/sirupsen/logrus"
 
 	"github.com/kiss-onion/kiss-onion/clientauth"
@@ -64,6 +65,7 @@ type Gateway struct {
 	srv      *http.Server
 	ln       net.Listener
 	errc     chan error
+	role     string // "read" or "write", for the metrics
 }
 
 // Start listens, starts serving (the gateway answers for the onion until
@@ -109,7 +111,10 @@ func Start(ctx context.Context, cfg Config) (*Gateway, error) {
 		// Named after the read onion: both onions serve the same cache.
 		cacheInfoFile = filepath.Join(cfg.StateDir, strings.TrimSuffix(b.ReadOnion, ".onion")+".nix-cache-info")
 	}
-	g := &Gateway{errc: make(chan error, 1)}
+	g := &Gateway{errc: make(chan error, 1), role: "read"}
+	if cfg.Write {
+		g.role = "write"
+	}
 	g.Forwarder, err = NewForwarder(ForwarderConfig{
 		Target: target,
 		SocksAddr: func() string {
@@ -196,6 +201,12 @@ func (g *Gateway) listen(cfg Config, log *logrus.Entry) error {
 
 // URL returns the gateway's address: "http://127.0.0.1:PORT".
 func (g *Gateway) URL() string { return "http://" + g.ln.Addr().String() }
+
+// RegisterMetrics registers the gateway's metrics with reg (see
+// Forwarder.RegisterMetrics), labelled with the role of its onion.
+func (g *Gateway) RegisterMetrics(reg prometheus.Registerer) error {
+	return g.Forwarder.RegisterMetrics(reg, g.role)
+}
 
 // Err returns a channel that receives an error if serving stops.
 func (g *Gateway) Err() <-chan error { return g.errc }

@@ -24,7 +24,7 @@ func init() {
 const proxyUsage = `
 Usage:
 	kiss-onion proxy --bundle DIR [--listen 127.0.0.1:37510] [--write] [--via tls|onion] [--state-dir DIR] [--tor-config FILE]
-	                 [--cache-dir DIR --cache-size SIZE] [--allow-remote]
+	                 [--cache-dir DIR --cache-size SIZE] [--metrics-listen 127.0.0.1:37513] [--allow-remote]
 
 Runs a Tor client holding the key of the bundle DIR and serves the cache's
 read onion (the write onion with --write) as plain HTTP on a loopback
@@ -59,6 +59,12 @@ LAN cache, which fetches each NAR over Tor once for all the machines
 behind it, and serves the paths it holds whole while the onion is away.
 Serving other machines needs --listen on a LAN address and --allow-remote:
 whoever reaches that address reads the cache, as this bundle's key would.
+
+--metrics-listen serves the gateway's Prometheus metrics at
+http://ADDRESS/metrics: whether the onion (or the TLS door) is reachable
+and since when, the circuits, the requests (the gateway's own answers
+told apart), the bytes to and from the cache, failed dials. Off by
+default; a loopback address unless --allow-remote.
 
 Arguments:
 	none
@@ -230,7 +236,8 @@ func runProxy(args []string) error {
 	fs.StringVar(&g.cacheDir, "cache-dir", "", "keep fetched NARs and narinfos in this `directory` across restarts (a LAN cache)")
 	g.cacheSize = 10 << 30
 	fs.Var(&g.cacheSize, "cache-size", "bound --cache-dir to this `size` (like 512M or 50G), least recently used first")
-	allowRemote := fs.Bool("allow-remote", false, "let --listen bind a non-loopback address, to serve other machines")
+	allowRemote := fs.Bool("allow-remote", false, "let --listen (to serve other machines) and --metrics-listen bind non-loopback addresses")
+	metricsListen := fs.String("metrics-listen", "", "serve Prometheus metrics at http://`address`/metrics (host:port; off when empty)")
 	var lf logFlags
 	lf.add(fs)
 	rest, err := parseArgs(fs, args)
@@ -254,6 +261,11 @@ func runProxy(args []string) error {
 	} else if g.cacheDir, err = filepath.Abs(g.cacheDir); err != nil {
 		return err
 	}
+	if *metricsListen != "" {
+		if err := checkListenAddr("metrics-listen", *metricsListen, *allowRemote); err != nil {
+			return err
+		}
+	}
 	log, err := lf.daemon(os.Stderr)
 	if err != nil {
 		return err
@@ -268,11 +280,23 @@ func runProxy(args []string) error {
 		return err
 	}
 	defer gw.Close()
+	errc := make(chan error, 1)
+	if *metricsListen != "" {
+		reg := newProcessRegistry()
+		if err := gw.RegisterMetrics(reg); err != nil {
+			return err
+		}
+		if err := serveRegistry(ctx, *metricsListen, reg, log, errc); err != nil {
+			return fmt.Errorf("--metrics-listen: %w", err)
+		}
+	}
 	log.WithField("listen", gw.URL()).Info("gateway ready")
 	select {
 	case <-ctx.Done():
 		log.Info("stopping")
 		return nil
+	case err := <-errc:
+		return fmt.Errorf("serve metrics on %s: %w", *metricsListen, err)
 	case err := <-gw.Err():
 		if errors.Is(err, context.Canceled) {
 			return nil
