@@ -93,6 +93,8 @@ type metrics struct {
 	sent     [2]atomic.Uint64                          // body bytes answered, by Role
 	received atomic.Uint64                             // upload body bytes, as sent (before decoding)
 	busy     atomic.Uint64                             // lock PUTs refused while a prune held the cache
+	// refusedConns counts connections refused past a listener's cap, by Role.
+	refusedConns [2]atomic.Uint64
 
 	visibleVec *prometheus.HistogramVec
 	visible    [numUploadKinds]prometheus.Observer
@@ -247,6 +249,8 @@ var (
 		"Bytes of response bodies sent, by role.", []string{"role"}, nil)
 	receivedDesc = prometheus.NewDesc("kiss_onion_http_received_bytes_total",
 		"Bytes of request bodies received (uploads, as sent: before decoding), by role.", []string{"role"}, nil)
+	refusedConnsDesc = prometheus.NewDesc("kiss_onion_connections_refused_total",
+		"Connections refused because the listener (of this role) held its cap of connections, none idle to close: they never became requests.", []string{"role"}, nil)
 	busyDesc = prometheus.NewDesc("kiss_onion_upload_lock_refusals_total",
 		"Upload locks refused (503) because a prune held the cache.", nil, nil)
 	queueDesc = prometheus.NewDesc("kiss_onion_durability_queue",
@@ -260,7 +264,7 @@ var (
 )
 
 func (cc *cacheCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{requestsDesc, sentDesc, receivedDesc, busyDesc, queueDesc, filesDesc, bytesDesc, locksDesc} {
+	for _, d := range []*prometheus.Desc{requestsDesc, sentDesc, receivedDesc, refusedConnsDesc, busyDesc, queueDesc, filesDesc, bytesDesc, locksDesc} {
 		ch <- d
 	}
 	cc.c.metrics.visibleVec.Describe(ch)
@@ -278,6 +282,7 @@ func (cc *cacheCollector) Collect(ch chan<- prometheus.Metric) {
 			}
 		}
 		ch <- prometheus.MustNewConstMetric(sentDesc, prometheus.CounterValue, float64(m.sent[role].Load()), rn)
+		ch <- prometheus.MustNewConstMetric(refusedConnsDesc, prometheus.CounterValue, float64(m.refusedConns[role].Load()), rn)
 	}
 	ch <- prometheus.MustNewConstMetric(receivedDesc, prometheus.CounterValue, float64(m.received.Load()), Write.String())
 	ch <- prometheus.MustNewConstMetric(busyDesc, prometheus.CounterValue, float64(m.busy.Load()))
