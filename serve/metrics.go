@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -101,9 +102,11 @@ type metrics struct {
 
 	// The cache's size: counted once (countSize), then kept up to date
 	// from what the cache makes visible and deletes, and what Removed is
-	// told. counted is set once the count is done.
-	files, bytes atomic.Int64
-	counted      atomic.Bool
+	// told. counted is set once the count is done, at countedAt.
+	files, bytes, narinfos atomic.Int64
+	counted                atomic.Bool
+	countedAt              atomic.Int64 // unix nanoseconds
+	countOnce              sync.Once
 }
 
 func newMetrics() *metrics {
@@ -131,6 +134,9 @@ func (m *metrics) count(role Role, method, status int) {
 func (m *metrics) stored(kind int, start time.Time, old, size int64) {
 	m.visible[kind].Observe(time.Since(start).Seconds())
 	m.resized(old, size)
+	if kind == uploadNarInfo && old < 0 {
+		m.narinfos.Add(1)
+	}
 }
 
 // resized records that a file of old bytes (old < 0: none) is now one of
@@ -167,6 +173,15 @@ func (c *Cache) Removed(rel string, size int64) {
 		return
 	}
 	c.metrics.resized(size, -1)
+	if topNarInfo(rel) {
+		c.metrics.narinfos.Add(-1)
+	}
+}
+
+// topNarInfo reports whether rel, slash-separated and relative to the
+// cache directory, is a store path's narinfo.
+func topNarInfo(rel string) bool {
+	return !strings.Contains(rel, "/") && strings.HasSuffix(rel, ".narinfo")
 }
 
 // countedFile reports whether a file, by its slash-separated path
@@ -181,7 +196,7 @@ func countedFile(rel string) bool {
 // chunk at a time: nar/ of a large cache holds millions of names.
 func (c *Cache) countSize() {
 	start := time.Now()
-	var files, bytes int64
+	var files, bytes, narinfos int64
 	var walk func(dir, rel string)
 	walk = func(dir, rel string) {
 		d, err := os.Open(dir)
@@ -205,6 +220,9 @@ func (c *Cache) countSize() {
 					if fi, err := e.Info(); err == nil {
 						files++
 						bytes += fi.Size()
+						if topNarInfo(r) {
+							narinfos++
+						}
 					}
 				}
 			}
@@ -216,9 +234,39 @@ func (c *Cache) countSize() {
 	walk(c.cfg.Dir, "")
 	c.metrics.files.Add(files)
 	c.metrics.bytes.Add(bytes)
+	c.metrics.narinfos.Add(narinfos)
+	c.metrics.countedAt.Store(time.Now().UnixNano())
 	c.metrics.counted.Store(true)
-	c.log.WithFields(logrus.Fields{"files": files, "bytes": bytes, "elapsed": time.Since(start).Round(time.Millisecond)}).
+	c.log.WithFields(logrus.Fields{"files": files, "bytes": bytes, "narinfos": narinfos, "elapsed": time.Since(start).Round(time.Millisecond)}).
 		Debug("cache size counted")
+}
+
+// CountSize starts counting the cache's files and bytes in the
+// background, once per Cache (RegisterMetrics starts it too); from then
+// on they are kept up to date as the metrics describe, and Size reports
+// them.
+func (c *Cache) CountSize() {
+	c.metrics.countOnce.Do(func() { go c.countSize() })
+}
+
+// Size is the cache's size as a Cache keeps it: its narinfos (store
+// paths), and its files and their bytes, partial uploads and lock files
+// aside.
+type Size struct {
+	NarInfos, Files, Bytes int64
+	// Counted is when the count at the start ended; the figures are kept
+	// up to date since.
+	Counted time.Time
+}
+
+// Size returns the cache's size, and false while the count that
+// CountSize started is not done.
+func (c *Cache) Size() (Size, bool) {
+	m := c.metrics
+	if !m.counted.Load() {
+		return Size{}, false
+	}
+	return Size{NarInfos: m.narinfos.Load(), Files: m.files.Load(), Bytes: m.bytes.Load(), Counted: time.Unix(0, m.countedAt.Load())}, true
 }
 
 // RegisterMetrics registers the cache's metrics with reg and starts
@@ -234,7 +282,7 @@ func (c *Cache) RegisterMetrics(reg prometheus.Registerer) error {
 	if err := reg.Register(&cacheCollector{c: c}); err != nil {
 		return err
 	}
-	go c.countSize()
+	c.CountSize()
 	return nil
 }
 
