@@ -336,6 +336,11 @@ func TestGatewayMetrics(t *testing.T) {
 	writerMetrics, readerMetrics := freeAddr(t), freeAddr(t)
 	writer := startGateway(t, writerBundle, "--write", "--metrics-listen", writerMetrics)
 	reader := startGateway(t, readerBundle, "--metrics-listen", readerMetrics)
+	// The metrics are there as soon as the gateway listens, whether its
+	// onion answers yet or not.
+	if m := scrapeMetrics(t, "http://"+readerMetrics+"/metrics"); m.get(`kiss_onion_gateway_circuits{role="read"}`) != 4 {
+		t.Errorf("no circuits in the metrics of a gateway that listens:\n%s", m.text)
+	}
 	writer.waitReachable(t)
 	reader.waitReachable(t)
 

@@ -49,6 +49,10 @@ type Config struct {
 	// Prefetch, when set, puts a Prefetcher in front of the read onion's
 	// Forwarder (not the write onion's).
 	Prefetch *PrefetchConfig
+	// Metrics, when not nil, gets the gateway's metrics registered (see
+	// Forwarder.RegisterMetrics) before it listens and tor starts,
+	// labelled with the role of the onion.
+	Metrics prometheus.Registerer
 	// Log receives the gateway's messages, TorLog tor's output (Log when
 	// nil); logrus's standard logger when nil.
 	Log    *logrus.Entry
@@ -65,7 +69,6 @@ type Gateway struct {
 	srv      *http.Server
 	ln       net.Listener
 	errc     chan error
-	role     string // "read" or "write", for the metrics
 }
 
 // Start listens, starts serving (the gateway answers for the onion until
@@ -111,10 +114,7 @@ func Start(ctx context.Context, cfg Config) (*Gateway, error) {
 		// Named after the read onion: both onions serve the same cache.
 		cacheInfoFile = filepath.Join(cfg.StateDir, strings.TrimSuffix(b.ReadOnion, ".onion")+".nix-cache-info")
 	}
-	g := &Gateway{errc: make(chan error, 1), role: "read"}
-	if cfg.Write {
-		g.role = "write"
-	}
+	g := &Gateway{errc: make(chan error, 1)}
 	g.Forwarder, err = NewForwarder(ForwarderConfig{
 		Target: target,
 		SocksAddr: func() string {
@@ -181,6 +181,10 @@ func (g *Gateway) listen(cfg Config, log *logrus.Entry) error {
 		}
 		handler = g.prefetch
 	}
+	if err := g.registerMetrics(cfg); err != nil {
+		g.closeForwarding()
+		return err
+	}
 	var err error
 	if g.ln, err = net.Listen("tcp", cfg.Listen); err != nil {
 		g.closeForwarding()
@@ -201,12 +205,6 @@ func (g *Gateway) listen(cfg Config, log *logrus.Entry) error {
 
 // URL returns the gateway's address: "http://127.0.0.1:PORT".
 func (g *Gateway) URL() string { return "http://" + g.ln.Addr().String() }
-
-// RegisterMetrics registers the gateway's metrics with reg (see
-// Forwarder.RegisterMetrics), labelled with the role of its onion.
-func (g *Gateway) RegisterMetrics(reg prometheus.Registerer) error {
-	return g.Forwarder.RegisterMetrics(reg, g.role)
-}
 
 // Err returns a channel that receives an error if serving stops.
 func (g *Gateway) Err() <-chan error { return g.errc }

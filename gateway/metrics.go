@@ -3,6 +3,7 @@ package gateway
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net/http"
 	"os"
@@ -25,16 +26,17 @@ const (
 	sourceGateway = "gateway"
 )
 
-// Reasons a dial to the onion fails.
+// Reasons a dial to the onion fails, as the dial failure counters know
+// them.
 const (
-	dialSlow    = "timeout" // no connection within DialTimeout, or a probe's timeout
-	dialRefused = "refused" // tor refused the stream (a SOCKS error)
-	dialNoTor   = "no_tor"  // tor is not running
-	dialOther   = "other"   // anything else
-	numDialWhys = 4
+	dialTimeout = iota // no connection within DialTimeout, or a probe's timeout
+	dialRefused        // tor refused the stream (a SOCKS error)
+	dialNoTor          // tor is not running
+	dialOther
+	numDialReasons
 )
 
-var dialReasons = [numDialWhys]string{dialSlow, dialRefused, dialNoTor, dialOther}
+var dialReasons = [numDialReasons]string{"timeout", "refused", "no_tor", "other"}
 
 // requestKey is one cell of the request counters.
 type requestKey struct {
@@ -49,7 +51,7 @@ type forwarderMetrics struct {
 	inflight atomic.Int64
 	sent     atomic.Uint64 // request body bytes read from clients and sent on to the onion
 	received atomic.Uint64 // response body bytes read from the onion, probes' included
-	dials    [numDialWhys]atomic.Uint64
+	dials    [numDialReasons]atomic.Uint64
 }
 
 func newForwarderMetrics() *forwarderMetrics {
@@ -88,15 +90,15 @@ func (m *forwarderMetrics) begin(w http.ResponseWriter, r *http.Request) (http.R
 
 // dialFailed counts a dial to the onion that failed with err.
 func (m *forwarderMetrics) dialFailed(err error) {
-	why := 3
+	why := dialOther
 	var se *SocksError
 	switch {
 	case errors.Is(err, errSlow), errors.Is(err, context.DeadlineExceeded), errors.Is(err, os.ErrDeadlineExceeded):
-		why = 0
+		why = dialTimeout
 	case errors.As(err, &se):
-		why = 1
+		why = dialRefused
 	case errors.Is(err, errNoTor):
-		why = 2
+		why = dialNoTor
 	}
 	m.dials[why].Add(1)
 }
@@ -192,6 +194,24 @@ type forwarderCollector struct {
 // the requests and their bytes, the failed dials.
 func (f *Forwarder) RegisterMetrics(reg prometheus.Registerer, role string) error {
 	return reg.Register(&forwarderCollector{f: f, role: role})
+}
+
+// registerMetrics registers the Forwarder's metrics with cfg.Metrics, if
+// any, labelled with the role cfg asks for (the TLS door decides the
+// role by the certificate: the label says whether the gateway was started
+// to write).
+func (g *Gateway) registerMetrics(cfg Config) error {
+	if cfg.Metrics == nil {
+		return nil
+	}
+	role := "read"
+	if cfg.Write {
+		role = "write"
+	}
+	if err := g.Forwarder.RegisterMetrics(cfg.Metrics, role); err != nil {
+		return fmt.Errorf("start gateway: %w", err)
+	}
+	return nil
 }
 
 func (fc *forwarderCollector) Describe(ch chan<- *prometheus.Desc) {

@@ -11,6 +11,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/sirupsen/logrus"
 
 	"github.com/kiss-onion/kiss-onion/clientauth"
@@ -88,6 +89,8 @@ type gatewayFlags struct {
 	noPrefetch bool
 	cacheDir   string
 	cacheSize  byteSize
+	// metrics, when not nil, gets the gateway's metrics (proxy only).
+	metrics prometheus.Registerer
 }
 
 // add adds the flags; stateDir is --state-dir's default and stateUse what
@@ -130,7 +133,7 @@ func (g *gatewayFlags) start(ctx context.Context, write bool, listen string, log
 				return nil, withHint(fmt.Errorf("create state directory: %w", err), "choose a writable one with --state-dir")
 			}
 		}
-		return gateway.Start(ctx, gateway.Config{Bundle: b, Door: door, Write: write, Listen: listen, StateDir: g.stateDir, Circuits: g.circuits, Prefetch: prefetch, Log: log})
+		return gateway.Start(ctx, gateway.Config{Bundle: b, Door: door, Write: write, Listen: listen, StateDir: g.stateDir, Circuits: g.circuits, Prefetch: prefetch, Metrics: g.metrics, Log: log})
 	}
 	if b.Key == nil {
 		return nil, withHint(fmt.Errorf("bundle %s has no client.key", g.bundle), "export it with the key: 'kiss-onion keys export %s --key FILE'", b.Name)
@@ -161,6 +164,7 @@ func (g *gatewayFlags) start(ctx context.Context, write bool, listen string, log
 		StateDir:   g.stateDir,
 		Circuits:   g.circuits,
 		Prefetch:   prefetch,
+		Metrics:    g.metrics,
 		Log:        log,
 		TorLog:     torLog,
 	})
@@ -272,6 +276,16 @@ func runProxy(args []string) error {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
+	// The metrics come first: they say the onion is not reachable yet
+	// while tor bootstraps.
+	errc := make(chan error, 1)
+	if *metricsListen != "" {
+		reg := newProcessRegistry()
+		if err := serveRegistry(ctx, *metricsListen, reg, log, errc); err != nil {
+			return fmt.Errorf("--metrics-listen: %w", err)
+		}
+		g.metrics = reg
+	}
 	gw, err := g.start(ctx, *write, *listen, log, nil)
 	if err != nil {
 		if ctx.Err() != nil {
@@ -280,16 +294,6 @@ func runProxy(args []string) error {
 		return err
 	}
 	defer gw.Close()
-	errc := make(chan error, 1)
-	if *metricsListen != "" {
-		reg := newProcessRegistry()
-		if err := gw.RegisterMetrics(reg); err != nil {
-			return err
-		}
-		if err := serveRegistry(ctx, *metricsListen, reg, log, errc); err != nil {
-			return fmt.Errorf("--metrics-listen: %w", err)
-		}
-	}
 	log.WithField("listen", gw.URL()).Info("gateway ready")
 	select {
 	case <-ctx.Done():
