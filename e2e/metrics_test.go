@@ -474,3 +474,41 @@ func gatewayMetricsDocumented(t *testing.T, scrapes ...metricValues) {
 	}
 	metricsDocumented(t, all, func(name string) bool { return strings.HasPrefix(name, "kiss_onion_gateway_") })
 }
+
+// TestGatewayMetricsThroughTheTLSDoor: a writer's proxy on the TLS door
+// (--via tls) exports the same metrics: a nix copy through it shows.
+func TestGatewayMetricsThroughTheTLSDoor(t *testing.T) {
+	key := newSigningKey(t, "tls-e2e-1")
+	d := startTLSDoor(t, "--trusted-writer-key", key.public)
+	writer := d.addTLSClient(t, "builder", "writer")
+	metricsAddr := freeAddr(t)
+	gw := startTLSGateway(t, writer, "--write", "--metrics-listen", metricsAddr)
+	src := newNix(t)
+	top, closure := src.buildClosure(128)
+	src.must("nix", "copy", "--to", gw.url+"?compression=zstd&secret-key="+key.secretFile, top)
+	var narBytes int64
+	nars := map[string]bool{}
+	for _, p := range closure {
+		info, err := visibleFile(t, d.cacheDir, hashOf(p)+".narinfo")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if url := narinfoField(t, info, "URL"); !nars[url] {
+			nars[url] = true
+			narBytes += narinfoNumber(t, info, "FileSize")
+		}
+	}
+	m := scrapeMetrics(t, "http://"+metricsAddr+"/metrics")
+	for name, atLeast := range map[string]float64{
+		`kiss_onion_gateway_onion_reachable{role="write"}`:                                         1,
+		`kiss_onion_gateway_requests_total{method="PUT",role="write",source="onion",status="201"}`: float64(len(nars) + len(closure)),
+		`kiss_onion_gateway_onion_sent_bytes_total{role="write"}`:                                  float64(narBytes),
+	} {
+		if got := m.get(name); got < atLeast {
+			t.Errorf("%s = %v, want at least %v", name, got, atLeast)
+		}
+	}
+	if got := m.get(`kiss_onion_gateway_dial_failures_total{reason="other",role="write"}`); got != 0 {
+		t.Errorf("%v failed dials to a door that answers", got)
+	}
+}
