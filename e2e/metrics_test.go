@@ -364,7 +364,13 @@ func TestGatewayMetrics(t *testing.T) {
 	dst.must("nix-store", "--realise", top)
 
 	w := scrapeMetrics(t, "http://"+writerMetrics+"/metrics")
-	r := scrapeMetrics(t, "http://"+readerMetrics+"/metrics")
+	var r metricValues
+	// A request is counted once its handler returns, a moment after Nix
+	// has its answer.
+	waitReady(t, reader.proc, "the reader's requests counted", time.Minute, func() bool {
+		r = scrapeMetrics(t, "http://"+readerMetrics+"/metrics")
+		return r.get(`kiss_onion_gateway_requests_in_flight{role="read"}`) == 0
+	})
 	sum := func(m metricValues, prefix string, contains ...string) (n float64) {
 	sample:
 		for name, v := range m.values {
@@ -388,7 +394,12 @@ func TestGatewayMetrics(t *testing.T) {
 		{"writer: PUTs the onion answered 2xx", sum(w, "kiss_onion_gateway_requests_total{", `method="PUT"`, `role="write"`, `source="onion"`, `status="2`), float64(len(nars) + len(closure))},
 		{"writer: bytes sent to the onion", w.get(`kiss_onion_gateway_onion_sent_bytes_total{role="write"}`), float64(narBytes)},
 		// nix-cache-info, a narinfo and a NAR a path.
-		{"reader: GETs the onion answered 200", r.get(`kiss_onion_gateway_requests_total{method="GET",role="read",source="onion",status="200"}`), float64(1 + len(closure) + len(nars))},
+		// nix-cache-info, a narinfo and a NAR a path: forwarded, or
+		// answered from the closure answer and the NARs fetched ahead.
+		{"reader: GETs answered 200", sum(r, "kiss_onion_gateway_requests_total{", `method="GET"`, `role="read"`, `status="200"`), float64(1 + len(closure) + len(nars))},
+		{"reader: NARs from its store", sum(r, "kiss_onion_gateway_cache_nar_requests_total{", `role="read"`), float64(len(nars))},
+		{"reader: NARs in its store", r.get(`kiss_onion_gateway_cache_files{role="read"}`), float64(len(nars))},
+		{"reader: bytes in its store", r.get(`kiss_onion_gateway_cache_bytes{role="read"}`), float64(narBytes)},
 		{"reader: bytes received from the onion", r.get(`kiss_onion_gateway_onion_received_bytes_total{role="read"}`), float64(narBytes)},
 	} {
 		if c.got < c.atLeast {
@@ -438,7 +449,8 @@ func TestGatewayMetrics(t *testing.T) {
 	// The cache goes away: the next request fails, the gateway answers
 	// itself and says the onion is unreachable.
 	srv.stop()
-	code, body := httpDo(t, "GET", reader.url+"/"+hashOf(closure[0])+".narinfo", nil)
+	// A path the gateway never heard of: it asks the cache.
+	code, body := httpDo(t, "GET", reader.url+"/"+strings.Repeat("1", 32)+".narinfo", nil)
 	if code != 404 || !strings.Contains(body, "is unreachable") {
 		t.Errorf("GET a narinfo once the server stopped: %d %q, want the gateway's 404", code, body)
 	}

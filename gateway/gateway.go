@@ -191,7 +191,7 @@ func (g *Gateway) listen(cfg Config, log *logrus.Entry) error {
 		return fmt.Errorf("start gateway: %w", err)
 	}
 	g.srv = &http.Server{
-		Handler:           handler,
+		Handler:           g.Forwarder.metrics.handler(handler),
 		ReadHeaderTimeout: 30 * time.Second,
 		IdleTimeout:       5 * time.Minute,
 	}

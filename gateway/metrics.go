@@ -20,10 +20,12 @@ import (
 // fixed sets (role, method, status, source, state, reason): no metric
 // carries a key, an onion address or a path.
 
-// Sources of an answer: the onion's, or the gateway's own (ErrorHeader).
+// Sources of an answer: the onion's (forwarded), the gateway's own for an
+// onion away (ErrorHeader), or the gateway's from what it holds.
 const (
 	sourceOnion   = "onion"
 	sourceGateway = "gateway"
+	sourceCache   = "cache"
 )
 
 // Reasons a dial to the onion fails, as the dial failure counters know
@@ -52,15 +54,57 @@ type forwarderMetrics struct {
 	sent     atomic.Uint64 // request body bytes read from clients and sent on to the onion
 	received atomic.Uint64 // response body bytes read from the onion, probes' included
 	dials    [numDialReasons]atomic.Uint64
+
+	narHits, narMisses atomic.Uint64 // NARs the Prefetcher served, by whether stored already
 }
 
 func newForwarderMetrics() *forwarderMetrics {
 	return &forwarderMetrics{requests: map[requestKey]uint64{}}
 }
 
-// begin starts counting a request: it returns the writer and request to
+// countedKey is the context key of a request counted by handler: a
+// *counted.
+type countedKey struct{}
+
+// counted is what handler learns of a request it counts.
+type counted struct {
+	forwarded atomic.Bool // the Forwarder took it (rather than the Prefetcher)
+}
+
+// handler counts the requests next answers (all but HealthPath), telling
+// apart those the Forwarder forwards, those the gateway answers itself
+// for an onion away (ErrorHeader), and those it answers from what it holds
+// (a Prefetcher's closure answers and NAR store).
+func (m *forwarderMetrics) handler(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == HealthPath {
+			next.ServeHTTP(w, r)
+			return
+		}
+		c := &counted{}
+		r = r.WithContext(context.WithValue(r.Context(), countedKey{}, c))
+		w, r, done := m.count(w, r, c)
+		defer done()
+		next.ServeHTTP(w, r)
+	})
+}
+
+// begin is the Forwarder's side of handler: it notes that the Forwarder
+// took r, or counts r when no handler does (a bare Forwarder). done is to
+// be called once r is answered.
+func (m *forwarderMetrics) begin(w http.ResponseWriter, r *http.Request) (_ http.ResponseWriter, _ *http.Request, done func()) {
+	if c, ok := r.Context().Value(countedKey{}).(*counted); ok {
+		c.forwarded.Store(true)
+		return w, r, func() {}
+	}
+	c := &counted{}
+	c.forwarded.Store(true)
+	return m.count(w, r, c)
+}
+
+// count starts counting a request: it returns the writer and request to
 // serve it with, and done, to call once it is answered.
-func (m *forwarderMetrics) begin(w http.ResponseWriter, r *http.Request) (http.ResponseWriter, *http.Request, func()) {
+func (m *forwarderMetrics) count(w http.ResponseWriter, r *http.Request, c *counted) (http.ResponseWriter, *http.Request, func()) {
 	m.inflight.Add(1)
 	sw := &statusWriter{ResponseWriter: w}
 	if r.Body != nil && r.Body != http.NoBody {
@@ -77,14 +121,27 @@ func (m *forwarderMetrics) begin(w http.ResponseWriter, r *http.Request) (http.R
 				status = 499 // nginx's "client closed request"
 			}
 		}
-		source := sourceOnion
-		if w.Header().Get(ErrorHeader) != "" {
+		source := sourceCache
+		switch {
+		case w.Header().Get(ErrorHeader) != "":
 			source = sourceGateway
+		case c.forwarded.Load():
+			source = sourceOnion
 		}
 		k := requestKey{methodName(r.Method), statusName(status), source}
 		m.mu.Lock()
 		m.requests[k]++
 		m.mu.Unlock()
+	}
+}
+
+// narLookup counts a NAR a Prefetcher served from its store: complete
+// there already (fetched ahead, or for an earlier request), or not.
+func (m *forwarderMetrics) narLookup(stored bool) {
+	if stored {
+		m.narHits.Add(1)
+	} else {
+		m.narMisses.Add(1)
 	}
 }
 
@@ -170,7 +227,7 @@ var (
 	gwCircuitsInUseDesc = prometheus.NewDesc("kiss_onion_gateway_circuits_in_use",
 		"Circuits with a request (or a probe) in flight now.", []string{"role"}, nil)
 	gwRequestsDesc = prometheus.NewDesc("kiss_onion_gateway_requests_total",
-		"Requests answered, by role, method (GET, HEAD, PUT, DELETE, other), status and source: onion (the cache's answer) or gateway (its own, with the Kiss-Onion-Gateway-Error header, while the onion is unreachable).",
+		"Requests answered, by role, method (GET, HEAD, PUT, DELETE, other), status and source: onion (forwarded: the cache's answer), gateway (its own, with the Kiss-Onion-Gateway-Error header, while the onion is unreachable or a download failed) or cache (from what the gateway holds: closure answers, its NAR store).",
 		[]string{"role", "method", "status", "source"}, nil)
 	gwInFlightDesc = prometheus.NewDesc("kiss_onion_gateway_requests_in_flight",
 		"Requests being answered now.", []string{"role"}, nil)
@@ -178,6 +235,13 @@ var (
 		"Bytes of request bodies (uploads) sent on to the onion.", []string{"role"}, nil)
 	gwReceivedDesc = prometheus.NewDesc("kiss_onion_gateway_onion_received_bytes_total",
 		"Bytes of response bodies received from the onion, the gateway's probes included.", []string{"role"}, nil)
+	gwCacheBytesDesc = prometheus.NewDesc("kiss_onion_gateway_cache_bytes",
+		"Bytes of the NARs (and, with --cache-dir, narinfos) the gateway holds, downloads under way included.", []string{"role"}, nil)
+	gwCacheFilesDesc = prometheus.NewDesc("kiss_onion_gateway_cache_files",
+		"Files the gateway holds complete.", []string{"role"}, nil)
+	gwCacheNarsDesc = prometheus.NewDesc("kiss_onion_gateway_cache_nar_requests_total",
+		"NAR requests the gateway answered from its store, by result: hit (complete there already: fetched ahead, or for an earlier request) or miss (fetched, or still arriving, when asked).",
+		[]string{"role", "result"}, nil)
 	gwDialFailuresDesc = prometheus.NewDesc("kiss_onion_gateway_dial_failures_total",
 		"Connections to the onion through Tor that failed, by reason: timeout (none within the dial timeout), refused (Tor refused the stream), no_tor (Tor not running), other.",
 		[]string{"role", "reason"}, nil)
@@ -187,6 +251,7 @@ var (
 type forwarderCollector struct {
 	f    *Forwarder
 	role string
+	p    *Prefetcher // nil: none
 }
 
 // RegisterMetrics registers the Forwarder's metrics with reg, labelled
@@ -208,7 +273,7 @@ func (g *Gateway) registerMetrics(cfg Config) error {
 	if cfg.Write {
 		role = "write"
 	}
-	if err := g.Forwarder.RegisterMetrics(cfg.Metrics, role); err != nil {
+	if err := cfg.Metrics.Register(&forwarderCollector{f: g.Forwarder, role: role, p: g.prefetch}); err != nil {
 		return fmt.Errorf("start gateway: %w", err)
 	}
 	return nil
@@ -216,7 +281,7 @@ func (g *Gateway) registerMetrics(cfg Config) error {
 
 func (fc *forwarderCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{gwReachableDesc, gwStateDesc, gwSinceDesc, gwForwardingDesc, gwCircuitsDesc, gwCircuitsInUseDesc,
-		gwRequestsDesc, gwInFlightDesc, gwSentDesc, gwReceivedDesc, gwDialFailuresDesc} {
+		gwRequestsDesc, gwInFlightDesc, gwSentDesc, gwReceivedDesc, gwDialFailuresDesc, gwCacheBytesDesc, gwCacheFilesDesc, gwCacheNarsDesc} {
 		ch <- d
 	}
 }
@@ -254,6 +319,13 @@ func (fc *forwarderCollector) Collect(ch chan<- prometheus.Metric) {
 	counter(gwReceivedDesc, m.received.Load())
 	for i, why := range dialReasons {
 		counter(gwDialFailuresDesc, m.dials[i].Load(), why)
+	}
+	if fc.p != nil {
+		bytes, files := fc.p.store.stats()
+		gauge(gwCacheBytesDesc, float64(bytes))
+		gauge(gwCacheFilesDesc, float64(files))
+		counter(gwCacheNarsDesc, m.narHits.Load(), "hit")
+		counter(gwCacheNarsDesc, m.narMisses.Load(), "miss")
 	}
 }
 

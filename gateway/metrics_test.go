@@ -3,6 +3,8 @@ package gateway
 import (
 	"io"
 	"net/http"
+	"net/http/httptest"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -86,6 +88,12 @@ func TestForwarderMetrics(t *testing.T) {
 	if code := do("PUT", "/up.nar", strings.Repeat("y", 5000)); code != 201 {
 		t.Fatalf("PUT: %d", code)
 	}
+	// A request is counted once its handler returns, a moment after the
+	// client has the whole answer.
+	settled := func() bool {
+		return value("kiss_onion_gateway_requests_in_flight") == 0 && value("kiss_onion_gateway_circuits_in_use") == 0
+	}
+	waitFor(t, "the requests' end", settled)
 	for _, tc := range []struct {
 		name   string
 		labels []string
@@ -122,6 +130,7 @@ func TestForwarderMetrics(t *testing.T) {
 			t.Fatalf("GET while refused: %d, want the gateway's 404", code)
 		}
 	}
+	waitFor(t, "the requests' end", settled)
 	if got := value("kiss_onion_gateway_requests_total", "method", "GET", "status", "404", "source", "gateway"); got != 3 {
 		t.Errorf("gateway's 404s = %v, want 3", got)
 	}
@@ -138,5 +147,85 @@ func TestForwarderMetrics(t *testing.T) {
 	}
 	if got := value("kiss_onion_gateway_forwarding"); got != 0 {
 		t.Errorf("forwarding = %v while unreachable", got)
+	}
+}
+
+// TestPrefetcherMetrics counts what a Prefetcher in front of the
+// Forwarder answers from what it holds (source cache), the NARs it had
+// stored already (fetched ahead: hits) and not (misses), and the store's
+// size; a request the Prefetcher hands on counts as the onion's.
+func TestPrefetcherMetrics(t *testing.T) {
+	o, relay := newOrigin(t)
+	paths := o.push(t, 'm', 3, 32<<10)
+	f, _, _ := newTestForwarder(t, relay, ForwarderConfig{Circuits: 2, KeepWarm: -1})
+	warmedUp(t, f)
+	p, err := NewPrefetcher(f, PrefetchConfig{Dir: filepath.Join(t.TempDir(), "store"), Ahead: true, Log: testLog()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(p.Close)
+	g := &Gateway{Forwarder: f, prefetch: p}
+	reg := prometheus.NewRegistry()
+	if err := g.registerMetrics(Config{Metrics: reg}); err != nil {
+		t.Fatal(err)
+	}
+	srv := httptest.NewServer(f.metrics.handler(p))
+	t.Cleanup(srv.Close)
+	scrape := func() map[string]float64 {
+		t.Helper()
+		mfs, err := reg.Gather()
+		if err != nil {
+			t.Fatal(err)
+		}
+		out := map[string]float64{}
+		for _, mf := range mfs {
+			for _, m := range mf.GetMetric() {
+				var labels []string
+				for _, lp := range m.GetLabel() {
+					labels = append(labels, lp.GetName()+"="+lp.GetValue())
+				}
+				key := mf.GetName() + "{" + strings.Join(labels, ",") + "}"
+				if m.Counter != nil {
+					out[key] = m.Counter.GetValue()
+				} else {
+					out[key] = m.Gauge.GetValue()
+				}
+			}
+		}
+		return out
+	}
+
+	for _, tp := range paths {
+		if status, _ := get(t, srv.URL+"/"+tp.hash+".narinfo"); status != 200 {
+			t.Fatalf("narinfo of %s: %d", tp.name, status)
+		}
+	}
+	// Fetched ahead: every NAR is a hit. The first one again, a hit too.
+	for _, tp := range paths {
+		waitFor(t, "the NARs fetched ahead", func() bool { return o.count("/"+tp.nar) == 1 })
+	}
+	waitFor(t, "the NARs stored", func() bool { return scrape()["kiss_onion_gateway_cache_files{role=read}"] == 3 })
+	for _, tp := range append(paths, paths[0]) {
+		if status, body := get(t, srv.URL+"/"+tp.nar); status != 200 || body != string(tp.content) {
+			t.Fatalf("NAR of %s: %d", tp.name, status)
+		}
+	}
+	// Not a NAR or a narinfo: the Forwarder's.
+	if status, _ := get(t, srv.URL+"/nix-cache-info"); status != 200 {
+		t.Fatalf("nix-cache-info: %d", status)
+	}
+	waitFor(t, "the requests' end", func() bool { return scrape()["kiss_onion_gateway_requests_in_flight{role=read}"] == 0 })
+	m := scrape()
+	for name, want := range map[string]float64{
+		"kiss_onion_gateway_requests_total{method=GET,role=read,source=cache,status=200}": 3 + 4,
+		"kiss_onion_gateway_requests_total{method=GET,role=read,source=onion,status=200}": 1,
+		"kiss_onion_gateway_cache_nar_requests_total{result=hit,role=read}":               4,
+		"kiss_onion_gateway_cache_nar_requests_total{result=miss,role=read}":              0,
+		"kiss_onion_gateway_cache_files{role=read}":                                       3,
+		"kiss_onion_gateway_cache_bytes{role=read}":                                       3 * 32 << 10,
+	} {
+		if got := m[name]; got != want {
+			t.Errorf("%s = %v, want %v", name, got, want)
+		}
 	}
 }

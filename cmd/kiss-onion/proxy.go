@@ -63,9 +63,10 @@ whoever reaches that address reads the cache, as this bundle's key would.
 
 --metrics-listen serves the gateway's Prometheus metrics at
 http://ADDRESS/metrics: whether the onion (or the TLS door) is reachable
-and since when, the circuits, the requests (the gateway's own answers
-told apart), the bytes to and from the cache, failed dials. Off by
-default; a loopback address unless --allow-remote.
+and since when, the circuits, the requests (forwarded, answered from what
+it holds, or its own answers for an onion away), its NAR store's hits and
+size, the bytes to and from the cache, failed dials. Off by default; a
+loopback address unless --allow-remote.
 
 Arguments:
 	none
