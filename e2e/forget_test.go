@@ -359,3 +359,76 @@ func TestForgetRacesUploadsAndPrunes(t *testing.T) {
 		}
 	}
 }
+
+// TestForgetWithReferrersThroughTheWriteRole: `forget --cache URL
+// --with-referrers` (DELETE /<hash>.narinfo?with-referrers=1) takes a
+// referenced path and its referrers out of a cache filled with the real
+// nix: the referrer no longer substitutes, an unrelated path still does.
+func TestForgetWithReferrersThroughTheWriteRole(t *testing.T) {
+	key := newSigningKey(t, "e2e-1")
+	srv := startServer(t, "")
+	src := newNix(t)
+	app, closure := src.buildClosure(64)
+	lib, data := named(t, closure, "-lib"), named(t, closure, "-data")
+	other, otherClosure := src.buildClosure(64)
+	src.must("nix", "copy", "--to", srv.writeURL+"?compression=zstd&secret-key="+key.secretFile, app, other)
+	for _, p := range append(closure, otherClosure...) {
+		if _, err := visibleFile(t, srv.cacheDir, hashOf(p)+".narinfo"); err != nil {
+			t.Fatalf("%s not in the cache after nix copy: %v", p, err)
+		}
+	}
+	if code, body := httpDo(t, "PUT", srv.writeURL+"/gcroots/web1", strings.NewReader(app+"\n")); code != 201 {
+		t.Fatalf("PUT marker: %d %s", code, body)
+	}
+	substitutes := func(p string) bool {
+		dst := newNix(t, "substituters = "+srv.readURL, "trusted-public-keys = "+key.public)
+		_, err := dst.run(nil, "nix-store", "--realise", p)
+		return err == nil && dst.hasPath(p)
+	}
+
+	before := cacheFiles(t, srv.cacheDir)
+	for _, q := range []string{"?dry-run=1", "?with-referrers=yes"} {
+		if code, body := httpDo(t, "DELETE", srv.writeURL+"/"+hashOf(lib)+".narinfo"+q, nil); code != 400 {
+			t.Errorf("DELETE %s: %d %q, want 400", q, code, body)
+		}
+	}
+	out, code := runKissOnion(t, "forget", "--cache", srv.writeURL, lib)
+	if code != 1 || !strings.Contains(out, "referrer "+app) || !strings.Contains(out, "add --with-referrers") {
+		t.Errorf("forget --cache of a referenced path: exit %d, want 1, the referrers and a hint:\n%s", code, out)
+	}
+	if after := cacheFiles(t, srv.cacheDir); !slices.Equal(before, after) {
+		t.Fatalf("refusals changed the cache:\nbefore %q\nafter  %q", before, after)
+	}
+
+	// app comes too: it goes as a referrer of lib, and is not then
+	// reported missing.
+	out, code = runKissOnion(t, "forget", "--cache", srv.writeURL, "--with-referrers", lib, app)
+	if code != 0 {
+		t.Fatalf("forget --cache --with-referrers: exit %d\n%s", code, out)
+	}
+	for _, want := range []string{"kiss-onion: forgot " + lib + " and 2 referrers: ", "forgot referrer " + app + "\n", "forgot referrer " + data + "\n",
+		"warning: marker gcroots/web1 names " + app + ", which is gone"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("output lacks %q:\n%s", want, out)
+		}
+	}
+	if strings.Contains(out, "not in the cache") {
+		t.Errorf("a path forgotten as a referrer reported missing:\n%s", out)
+	}
+	for _, p := range closure {
+		for _, u := range []string{srv.readURL, srv.writeURL} {
+			if code, _ := httpDo(t, "GET", u+"/"+hashOf(p)+".narinfo", nil); code != 404 {
+				t.Errorf("GET %s.narinfo on %s after the forget: %d, want 404", hashOf(p), u, code)
+			}
+		}
+	}
+	if substitutes(app) {
+		t.Errorf("%s, a referrer of the forgotten %s, still substitutes", app, lib)
+	}
+	if !substitutes(other) {
+		t.Errorf("%s, unrelated, does not substitute", other)
+	}
+	if problems := cacheProblems(srv.cacheDir); len(problems) > 0 {
+		t.Errorf("cache left invalid:\n%s", strings.Join(problems, "\n"))
+	}
+}

@@ -173,14 +173,15 @@ func TestMetrics(t *testing.T) {
 			t.Errorf("the metrics name %q", s)
 		}
 	}
-	metricsDocumented(t, m)
+	metricsDocumented(t, m, func(name string) bool { return !strings.HasPrefix(name, "kiss_onion_gateway_") })
 }
 
 // metricsDocumented checks docs/operating.md and docs/grafana-dashboard.json
 // against a scrape: every kiss_onion_ metric is documented, and the
 // dashboard asks only for metrics that exist (those of the onions and tor
-// are not there with --tor off).
-func metricsDocumented(t *testing.T, m metricValues) {
+// are not there with --tor off), among those that ours says the scrape's
+// process exports (serve's or the gateway's).
+func metricsDocumented(t *testing.T, m metricValues, ours func(name string) bool) {
 	t.Helper()
 	name := regexp.MustCompile(`kiss_onion_[a-z_]+`)
 	scraped := map[string]bool{}
@@ -217,8 +218,8 @@ func metricsDocumented(t *testing.T, m metricValues) {
 		t.Fatalf("docs/grafana-dashboard.json: %v", err)
 	}
 	for _, n := range name.FindAllString(string(dash), -1) {
-		if !scraped[n] {
-			t.Errorf("docs/grafana-dashboard.json asks for %s, which serve does not export", n)
+		if ours(n) && !scraped[n] {
+			t.Errorf("docs/grafana-dashboard.json asks for %s, which is not exported", n)
 		}
 	}
 }
@@ -319,4 +320,207 @@ func cacheSize(t *testing.T, dir string) (files, bytes float64) {
 		t.Fatal(fmt.Errorf("count the cache: %w", err))
 	}
 	return files, bytes
+}
+
+// TestGatewayMetrics runs a writer's and a reader's `kiss-onion proxy
+// --metrics-listen` to a real onion server: a nix copy through the one
+// and a substitution through the other show in their metrics (requests,
+// bytes at least the NARs', circuits, the onion reachable); once the
+// server stops, a request through the reader's gateway fails and the
+// gateway reports the onion unreachable. No metric names an onion
+// address, a key or a store path.
+func TestGatewayMetrics(t *testing.T) {
+	stateDir, cacheDir := filepath.Join(t.TempDir(), "state"), filepath.Join(t.TempDir(), "cache")
+	writerBundle, readerBundle := addKey(t, stateDir, "ci", "writer"), addKey(t, stateDir, "laptop", "reader")
+	srv := startOnionServer(t, stateDir, cacheDir)
+	writerMetrics, readerMetrics := freeAddr(t), freeAddr(t)
+	writer := startGateway(t, writerBundle, "--write", "--metrics-listen", writerMetrics)
+	reader := startGateway(t, readerBundle, "--metrics-listen", readerMetrics)
+	// The metrics are there as soon as the gateway listens, whether its
+	// onion answers yet or not.
+	if m := scrapeMetrics(t, "http://"+readerMetrics+"/metrics"); m.get(`kiss_onion_gateway_circuits{role="read"}`) != 4 {
+		t.Errorf("no circuits in the metrics of a gateway that listens:\n%s", m.text)
+	}
+	writer.waitReachable(t)
+	reader.waitReachable(t)
+
+	src := newNix(t)
+	key := newSigningKey(t, "e2e-gw-1")
+	top, closure := src.buildClosure(256)
+	src.must("nix", "copy", "--to", writer.url+"?compression=zstd&secret-key="+key.secretFile, top)
+	var narBytes int64
+	nars := map[string]bool{}
+	for _, p := range closure {
+		info, err := visibleFile(t, cacheDir, hashOf(p)+".narinfo")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if url := narinfoField(t, info, "URL"); !nars[url] {
+			nars[url] = true
+			narBytes += narinfoNumber(t, info, "FileSize")
+		}
+	}
+	dst := newNix(t, "substituters = "+reader.url, "trusted-public-keys = "+key.public)
+	dst.must("nix-store", "--realise", top)
+
+	w := scrapeMetrics(t, "http://"+writerMetrics+"/metrics")
+	var r metricValues
+	// A request is counted once its handler returns, a moment after Nix
+	// has its answer.
+	waitReady(t, reader.proc, "the reader's requests counted", time.Minute, func() bool {
+		r = scrapeMetrics(t, "http://"+readerMetrics+"/metrics")
+		return r.get(`kiss_onion_gateway_requests_in_flight{role="read"}`) == 0
+	})
+	sum := func(m metricValues, prefix string, contains ...string) (n float64) {
+	sample:
+		for name, v := range m.values {
+			if !strings.HasPrefix(name, prefix) {
+				continue
+			}
+			for _, c := range contains {
+				if !strings.Contains(name, c) {
+					continue sample
+				}
+			}
+			n += v
+		}
+		return n
+	}
+	for _, c := range []struct {
+		what         string
+		got, atLeast float64
+	}{
+		// A NAR and a narinfo a path.
+		{"writer: PUTs the onion answered 2xx", sum(w, "kiss_onion_gateway_requests_total{", `method="PUT"`, `role="write"`, `source="onion"`, `status="2`), float64(len(nars) + len(closure))},
+		{"writer: bytes sent to the onion", w.get(`kiss_onion_gateway_onion_sent_bytes_total{role="write"}`), float64(narBytes)},
+		// nix-cache-info, a narinfo and a NAR a path.
+		// nix-cache-info, a narinfo and a NAR a path: forwarded, or
+		// answered from the closure answer and the NARs fetched ahead.
+		{"reader: GETs answered 200", sum(r, "kiss_onion_gateway_requests_total{", `method="GET"`, `role="read"`, `status="200"`), float64(1 + len(closure) + len(nars))},
+		{"reader: NARs from its store", sum(r, "kiss_onion_gateway_cache_nar_requests_total{", `role="read"`), float64(len(nars))},
+		{"reader: NARs in its store", r.get(`kiss_onion_gateway_cache_files{role="read"}`), float64(len(nars))},
+		{"reader: bytes in its store", r.get(`kiss_onion_gateway_cache_bytes{role="read"}`), float64(narBytes)},
+		{"reader: bytes received from the onion", r.get(`kiss_onion_gateway_onion_received_bytes_total{role="read"}`), float64(narBytes)},
+	} {
+		if c.got < c.atLeast {
+			t.Errorf("%s: %v, want at least %v", c.what, c.got, c.atLeast)
+		}
+	}
+	for name, want := range map[string]float64{
+		`kiss_onion_gateway_onion_reachable{role="read"}`:                       1,
+		`kiss_onion_gateway_onion_state{role="read",state="reachable"}`:         1,
+		`kiss_onion_gateway_onion_state{role="read",state="unreachable"}`:       0,
+		`kiss_onion_gateway_forwarding{role="read"}`:                            1,
+		`kiss_onion_gateway_circuits{role="read"}`:                              4,
+		`kiss_onion_gateway_requests_in_flight{role="read"}`:                    0,
+		`kiss_onion_gateway_onion_sent_bytes_total{role="read"}`:                0,
+		`kiss_onion_gateway_dial_failures_total{reason="refused",role="read"}`:  0,
+		`kiss_onion_gateway_onion_reachable{role="write"}`:                      1,
+		`kiss_onion_gateway_circuits{role="write"}`:                             4,
+		`kiss_onion_gateway_requests_in_flight{role="write"}`:                   0,
+		`kiss_onion_gateway_dial_failures_total{reason="refused",role="write"}`: 0,
+	} {
+		if got := map[bool]metricValues{true: r, false: w}[strings.Contains(name, `role="read"`)].get(name); got != want {
+			t.Errorf("%s = %v, want %v", name, got, want)
+		}
+	}
+	if n := sum(r, "kiss_onion_gateway_requests_total{", `source="gateway"`); n != 0 {
+		t.Errorf("the reader's gateway answered %v requests itself while the onion was reachable", n)
+	}
+
+	// Nothing names an onion, a key or a path.
+	secrets := []string{srv.readAddr[:16], srv.writeAddr[:16], "/nix/store/", top[len("/nix/store/"):][:32]}
+	for _, bundle := range []string{writerBundle, readerBundle} {
+		b, err := os.ReadFile(filepath.Join(bundle, "client.key"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		secrets = append(secrets, strings.TrimSpace(string(b)))
+	}
+	for _, s := range secrets {
+		for _, m := range []metricValues{w, r} {
+			if s != "" && strings.Contains(m.text, s) {
+				t.Errorf("the gateway's metrics name %q", s)
+			}
+		}
+	}
+	gatewayMetricsDocumented(t, w, r)
+
+	// The cache goes away: the next request fails, the gateway answers
+	// itself and says the onion is unreachable.
+	srv.stop()
+	// A path the gateway never heard of: it asks the cache.
+	code, body := httpDo(t, "GET", reader.url+"/"+strings.Repeat("1", 32)+".narinfo", nil)
+	if code != 404 || !strings.Contains(body, "is unreachable") {
+		t.Errorf("GET a narinfo once the server stopped: %d %q, want the gateway's 404", code, body)
+	}
+	waitReady(t, reader.proc, "the reader's gateway reports the onion unreachable", 4*time.Minute, func() bool {
+		m := scrapeMetrics(t, "http://"+readerMetrics+"/metrics")
+		return m.get(`kiss_onion_gateway_onion_state{role="read",state="unreachable"}`) == 1
+	})
+	r = scrapeMetrics(t, "http://"+readerMetrics+"/metrics")
+	if got := r.get(`kiss_onion_gateway_onion_reachable{role="read"}`); got != 0 {
+		t.Errorf("reachable = %v once unreachable", got)
+	}
+	if got := r.get(`kiss_onion_gateway_forwarding{role="read"}`); got != 0 {
+		t.Errorf("forwarding = %v once unreachable", got)
+	}
+	if got := sum(r, "kiss_onion_gateway_requests_total{", `method="GET"`, `source="gateway"`, `status="404"`); got < 1 {
+		t.Errorf("the gateway's own 404s: %v, want at least 1", got)
+	}
+	since := r.get(`kiss_onion_gateway_onion_state_since_timestamp_seconds{role="read"}`)
+	if since < float64(time.Now().Add(-5*time.Minute).Unix()) || since > float64(time.Now().Unix()+1) {
+		t.Errorf("unreachable since %v, want within the last minutes", since)
+	}
+}
+
+// gatewayMetricsDocumented checks docs/operating.md and
+// docs/grafana-dashboard.json against the gateways' scrapes: every
+// kiss_onion_gateway_ metric is documented, and the dashboard's gateway
+// panels ask only for metrics that exist.
+func gatewayMetricsDocumented(t *testing.T, scrapes ...metricValues) {
+	t.Helper()
+	var all metricValues
+	for _, m := range scrapes {
+		all.text += m.text
+	}
+	metricsDocumented(t, all, func(name string) bool { return strings.HasPrefix(name, "kiss_onion_gateway_") })
+}
+
+// TestGatewayMetricsThroughTheTLSDoor: a writer's proxy on the TLS door
+// (--via tls) exports the same metrics: a nix copy through it shows.
+func TestGatewayMetricsThroughTheTLSDoor(t *testing.T) {
+	key := newSigningKey(t, "tls-e2e-1")
+	d := startTLSDoor(t, "--trusted-writer-key", key.public)
+	writer := d.addTLSClient(t, "builder", "writer")
+	metricsAddr := freeAddr(t)
+	gw := startTLSGateway(t, writer, "--write", "--metrics-listen", metricsAddr)
+	src := newNix(t)
+	top, closure := src.buildClosure(128)
+	src.must("nix", "copy", "--to", gw.url+"?compression=zstd&secret-key="+key.secretFile, top)
+	var narBytes int64
+	nars := map[string]bool{}
+	for _, p := range closure {
+		info, err := visibleFile(t, d.cacheDir, hashOf(p)+".narinfo")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if url := narinfoField(t, info, "URL"); !nars[url] {
+			nars[url] = true
+			narBytes += narinfoNumber(t, info, "FileSize")
+		}
+	}
+	m := scrapeMetrics(t, "http://"+metricsAddr+"/metrics")
+	for name, atLeast := range map[string]float64{
+		`kiss_onion_gateway_onion_reachable{role="write"}`:                                         1,
+		`kiss_onion_gateway_requests_total{method="PUT",role="write",source="onion",status="201"}`: float64(len(nars) + len(closure)),
+		`kiss_onion_gateway_onion_sent_bytes_total{role="write"}`:                                  float64(narBytes),
+	} {
+		if got := m.get(name); got < atLeast {
+			t.Errorf("%s = %v, want at least %v", name, got, atLeast)
+		}
+	}
+	if got := m.get(`kiss_onion_gateway_dial_failures_total{reason="other",role="write"}`); got != 0 {
+		t.Errorf("%v failed dials to a door that answers", got)
+	}
 }

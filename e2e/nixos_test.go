@@ -739,6 +739,45 @@ var nixosProxyCases = []nixosCase{
 		},
 	},
 	{
+		name:    "proxy serves its metrics on loopback when asked",
+		modules: "proxy",
+		config:  `{ services.kiss-onion.proxy = { enable = true; bundle = "` + nixosReaderBundle + `"; metrics.enable = true; }; }`,
+		check: func(t *testing.T, r *nixosEval) {
+			nixosAssertions(t, r)
+			nixosContains(t, "ExecStart", fmt.Sprint(nixosUnit(t, r, "kiss-onion-proxy").ServiceConfig["ExecStart"]), "--metrics-listen 127.0.0.1:37513")
+		},
+	},
+	{
+		name:    "proxy has no metrics by default",
+		modules: "proxy",
+		config:  `{ services.kiss-onion.proxy = { enable = true; bundle = "` + nixosReaderBundle + `"; metrics.listen = "0.0.0.0:9438"; }; }`,
+		check: func(t *testing.T, r *nixosEval) {
+			nixosAssertions(t, r)
+			if line := fmt.Sprint(nixosUnit(t, r, "kiss-onion-proxy").ServiceConfig["ExecStart"]); strings.Contains(line, "--metrics-listen") {
+				t.Errorf("ExecStart %s has --metrics-listen without metrics.enable", line)
+			}
+		},
+	},
+	{
+		name:    "proxy refuses remote metrics without --allow-remote",
+		modules: "proxy",
+		config: `{ services.kiss-onion.proxy = { enable = true; bundle = "` + nixosReaderBundle + `";
+			metrics = { enable = true; listen = "0.0.0.0:9438"; }; }; }`,
+		check: func(t *testing.T, r *nixosEval) {
+			nixosAssertions(t, r, `proxy.metrics.listen = "0.0.0.0:9438" is not a loopback address`)
+		},
+	},
+	{
+		name:    "proxy serves remote metrics with --allow-remote",
+		modules: "proxy",
+		config: `{ services.kiss-onion.proxy = { enable = true; bundle = "` + nixosReaderBundle + `";
+			metrics = { enable = true; listen = "10.0.0.2:9438"; }; extraArgs = [ "--allow-remote" ]; }; }`,
+		check: func(t *testing.T, r *nixosEval) {
+			nixosAssertions(t, r)
+			nixosContains(t, "ExecStart", fmt.Sprint(nixosUnit(t, r, "kiss-onion-proxy").ServiceConfig["ExecStart"]), "--metrics-listen 10.0.0.2:9438 --allow-remote")
+		},
+	},
+	{
 		name:    "proxy refuses a bundle in the Nix store",
 		modules: "proxy",
 		config:  `{ services.kiss-onion.proxy = { enable = true; bundle = "/nix/store/00000000000000000000000000000000-laptop.bundle"; }; }`,
@@ -909,7 +948,7 @@ const nixosEverything = `{
 			writers = [ "repository=org/infra,ref=refs/heads/main" ]; readers = [ "repository_owner=org" ]; };
 		tls = { enable = true; names = [ "cache1.lan" ]; };
 		tor.extraConfig = "UseBridges 1";
-		proxy = { enable = true; bundle = "` + nixosWriterBundle + `"; write = true; trustedPublicKeys = [ "` + nixosSignerKey + `" ]; };
+		proxy = { enable = true; bundle = "` + nixosWriterBundle + `"; write = true; trustedPublicKeys = [ "` + nixosSignerKey + `" ]; metrics.enable = true; };
 		update = { enable = true; bundle = "` + nixosReaderBundle + `"; publisherKey = "` + nixosSignerKey + `"; };
 		publish = { enable = true; bundle = "` + nixosWriterBundle + `"; signingKeyFile = "/var/lib/kiss-onion-secrets/fleet-1.sec";
 			systems.cache1 = "/etc/fleet#nixosConfigurations.cache1.config.system.build.toplevel"; };

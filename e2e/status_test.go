@@ -3,6 +3,7 @@ package e2e
 import (
 	"bytes"
 	"encoding/json"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -40,7 +41,9 @@ type statusReport struct {
 	} `json:"clients"`
 	Cache struct {
 		NarInfos  int64      `json:"narinfos"`
+		Files     int64      `json:"files"`
 		Bytes     int64      `json:"bytes"`
+		Live      bool       `json:"live"`
 		CountedAt *time.Time `json:"counted_at"`
 		DiskFree  int64      `json:"disk_free"`
 	} `json:"cache"`
@@ -195,5 +198,50 @@ func TestStatusOfOnions(t *testing.T) {
 	t.Logf("forget through the write onion took %v", time.Since(began).Round(time.Millisecond))
 	if _, err := os.Stat(filepath.Join(cacheDir, hashOf(top)+".narinfo")); err == nil {
 		t.Errorf("%s still in the cache", top)
+	}
+}
+
+// TestStatusAgreesWithMetrics: with serve running, status reports the
+// cache's size from serve's own counter, the one its metrics export: after
+// a real nix copy both say the same, and what the directory holds.
+func TestStatusAgreesWithMetrics(t *testing.T) {
+	metricsAddr := freeAddr(t)
+	srv := startServer(t, "", "--metrics-listen", metricsAddr)
+	metricsURL := "http://" + metricsAddr + "/metrics"
+	src := newNix(t)
+	key := newSigningKey(t, "e2e-1")
+	var paths int
+	var top string
+	for range 2 {
+		var closure []string
+		top, closure = src.buildClosure(64)
+		src.must("nix", "copy", "--to", srv.writeURL+"?compression=zstd&secret-key="+key.secretFile, top)
+		paths += len(closure)
+	}
+	if code, body := httpDo(t, "PUT", srv.writeURL+"/gcroots/web1", strings.NewReader(top+"\n")); code != 201 {
+		t.Fatalf("PUT marker: %d %s", code, body)
+	}
+	var rep statusReport
+	var m metricValues
+	for end := time.Now().Add(time.Minute); ; time.Sleep(200 * time.Millisecond) {
+		m = scrapeMetrics(t, metricsURL)
+		rep = status(t, "--state-dir", srv.stateDir)
+		if rep.Cache.NarInfos == int64(paths) && m.get("kiss_onion_durability_queue") == 0 {
+			break
+		}
+		if time.Now().After(end) {
+			t.Fatalf("status says %+v a minute after the uploads of %d paths (durability queue %v)", rep.Cache, paths, m.get("kiss_onion_durability_queue"))
+		}
+	}
+	files, bytes := cacheSize(t, srv.cacheDir)
+	if !rep.Cache.Live || float64(rep.Cache.Files) != m.get("kiss_onion_cache_files") || float64(rep.Cache.Bytes) != m.get("kiss_onion_cache_bytes") {
+		t.Errorf("status: %+v; metrics: %v files, %v bytes: they differ", rep.Cache, m.get("kiss_onion_cache_files"), m.get("kiss_onion_cache_bytes"))
+	}
+	if float64(rep.Cache.Files) != files || float64(rep.Cache.Bytes) != bytes {
+		t.Errorf("status: %d files, %d bytes; the directory holds %v files, %v bytes", rep.Cache.Files, rep.Cache.Bytes, files, bytes)
+	}
+	out, code := runKissOnion(t, "status", "--state-dir", srv.stateDir)
+	if want := fmt.Sprintf("%d narinfos, %d files", paths, rep.Cache.Files); code != 0 || !strings.Contains(out, want) || !strings.Contains(out, "serve's figures") {
+		t.Errorf("status: exit %d, want %q, serve's figures:\n%s", code, want, out)
 	}
 }

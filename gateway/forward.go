@@ -144,6 +144,8 @@ type Forwarder struct {
 	awaySince time.Time     // when the onion last stopped being reachable, or the start
 	cacheInfo []byte        // the cache's nix-cache-info, once seen
 
+	metrics *forwarderMetrics
+
 	downAt  atomic.Int64 // unix nanoseconds of when forwarding last stopped
 	probes  sync.WaitGroup
 	probing atomic.Int32  // probes in flight
@@ -198,6 +200,7 @@ func NewForwarder(cfg ForwarderConfig) (*Forwarder, error) {
 		kick:   make(chan struct{}, 1),
 		done:   make(chan struct{}),
 	}
+	f.metrics = newForwarderMetrics()
 	if f.log == nil {
 		f.log = logrus.NewEntry(logrus.StandardLogger())
 	}
@@ -285,7 +288,10 @@ func (f *Forwarder) dial(ctx context.Context, network, addr, user string) (net.C
 	// The SOCKS handshake may time out on its own deadline a moment
 	// before dctx says so: the clock decides.
 	if err != nil && bounded && ctx.Err() == nil && !time.Now().Before(arrived.Add(DialTimeout)) {
-		return nil, fmt.Errorf("%w (%v: the onion or the Tor network is out of reach, or slow): %v", errSlow, DialTimeout, err)
+		err = fmt.Errorf("%w (%v: the onion or the Tor network is out of reach, or slow): %v", errSlow, DialTimeout, err)
+	}
+	if err != nil && !errors.Is(ctx.Err(), context.Canceled) { // not a client gone
+		f.metrics.dialFailed(err)
 	}
 	return conn, err
 }
@@ -354,6 +360,8 @@ func (f *Forwarder) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		f.serveHealth(w, r)
 		return
 	}
+	w, r, counted := f.metrics.begin(w, r)
+	defer counted()
 	f.mu.Lock()
 	forwarding, reason := f.health.Forwarding, f.health.LastError
 	f.mu.Unlock()
@@ -710,7 +718,7 @@ func (c *circuit) roundTrip(req *http.Request) (*http.Response, error) {
 		return nil, err
 	}
 	c.lastOK.Store(time.Now().UnixNano())
-	resp.Body = &doneBody{ReadCloser: resp.Body, done: func() { c.inflight.Add(-1) }, broke: func(err error) {
+	resp.Body = &doneBody{ReadCloser: resp.Body, received: &c.f.metrics.received, done: func() { c.inflight.Add(-1) }, broke: func(err error) {
 		if req.Context().Err() == nil {
 			// A connection that breaks in the middle of a body is news.
 			c.f.down(err, time.Now())
@@ -726,10 +734,13 @@ type doneBody struct {
 	once  sync.Once
 	done  func()
 	broke func(error)
+
+	received *atomic.Uint64 // counts the bytes read
 }
 
 func (b *doneBody) Read(p []byte) (int, error) {
 	n, err := b.ReadCloser.Read(p)
+	b.received.Add(uint64(n))
 	if err != nil && err != io.EOF {
 		b.broke(err)
 	}

@@ -12,6 +12,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/sirupsen/logrus"
 
 	"github.com/kiss-onion/kiss-onion/clientauth"
@@ -48,6 +49,10 @@ type Config struct {
 	// Prefetch, when set, puts a Prefetcher in front of the read onion's
 	// Forwarder (not the write onion's).
 	Prefetch *PrefetchConfig
+	// Metrics, when not nil, gets the gateway's metrics registered (see
+	// Forwarder.RegisterMetrics) before it listens and tor starts,
+	// labelled with the role of the onion.
+	Metrics prometheus.Registerer
 	// Log receives the gateway's messages, TorLog tor's output (Log when
 	// nil); logrus's standard logger when nil.
 	Log    *logrus.Entry
@@ -176,13 +181,17 @@ func (g *Gateway) listen(cfg Config, log *logrus.Entry) error {
 		}
 		handler = g.prefetch
 	}
+	if err := g.registerMetrics(cfg); err != nil {
+		g.closeForwarding()
+		return err
+	}
 	var err error
 	if g.ln, err = net.Listen("tcp", cfg.Listen); err != nil {
 		g.closeForwarding()
 		return fmt.Errorf("start gateway: %w", err)
 	}
 	g.srv = &http.Server{
-		Handler:           handler,
+		Handler:           g.Forwarder.metrics.handler(handler),
 		ReadHeaderTimeout: 30 * time.Second,
 		IdleTimeout:       5 * time.Minute,
 	}

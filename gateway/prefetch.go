@@ -358,6 +358,7 @@ func (p *Prefetcher) serveNar(w http.ResponseWriter, r *http.Request, rel string
 		return
 	}
 	defer src.Close()
+	p.next.metrics.narLookup(src.file != nil)
 	status, n, err := src.wait(r.Context())
 	switch {
 	case r.Context().Err() != nil:

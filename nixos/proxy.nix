@@ -14,6 +14,8 @@ let
   kolib = import ./lib.nix { inherit lib; };
   url = "http://127.0.0.1:${toString cfg.port}";
   stateDir = "/var/lib/kiss-onion-proxy";
+  isLoopback = addr: builtins.match "(127\\.[0-9.]+|\\[::1]|localhost):[0-9]+" addr != null;
+  allowRemote = builtins.elem "--allow-remote" cfg.extraArgs;
 in
 {
   imports = [ ./common.nix ];
@@ -59,6 +61,23 @@ in
       '';
     };
 
+    metrics = {
+      enable = mkEnableOption "Prometheus metrics of the gateway at http://<metrics.listen>/metrics (see docs/operating.md)";
+
+      listen = mkOption {
+        type = types.str;
+        default = "127.0.0.1:37513";
+        example = "127.0.0.1:9438";
+        description = ''
+          Where the gateway serves its metrics (host:port), for a Prometheus
+          on the same machine: whether the onion is reachable, the circuits,
+          the requests and their bytes (counts, never keys, addresses or
+          store paths). A non-loopback address also needs `"--allow-remote"`
+          in extraArgs and an open firewall port.
+        '';
+      };
+    };
+
     extraArgs = mkOption {
       type = types.listOf types.str;
       default = [ ];
@@ -89,6 +108,10 @@ in
         assertion = !(kolib.underHome cfg.bundle);
         message = "services.kiss-onion.proxy.bundle = \"${cfg.bundle}\": the gateway cannot read /root, /home or /run/user (ProtectHome); keep the bundle elsewhere, like /var/lib/kiss-onion-secrets/";
       }
+      {
+        assertion = !cfg.metrics.enable || isLoopback cfg.metrics.listen || allowRemote;
+        message = "services.kiss-onion.proxy.metrics.listen = \"${cfg.metrics.listen}\" is not a loopback address: the gateway refuses it unless services.kiss-onion.proxy.extraArgs has \"--allow-remote\" (then open the port in networking.firewall)";
+      }
     ];
 
     warnings = lib.optional (cfg.trustedPublicKeys == [ ]) "services.kiss-onion.proxy.trustedPublicKeys is empty: the nix-daemon will refuse every path from the cache that is not signed by a key it already trusts";
@@ -115,6 +138,10 @@ in
             stateDir
           ]
           ++ lib.optional cfg.write "--write"
+          ++ lib.optionals cfg.metrics.enable [
+            "--metrics-listen"
+            cfg.metrics.listen
+          ]
           ++ cfg.extraArgs
         );
         Restart = "on-failure";

@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"net/url"
+	"path"
 	"strings"
 	"sync"
 	"time"
@@ -25,12 +27,44 @@ const forgetRetryAfter = "60"
 // maxListed bounds the referrers a refused DELETE names.
 const maxListed = 1000
 
+// WithReferrersParam is the query parameter of DELETE /<hash>.narinfo
+// that forgets the paths referring to it too, as 'kiss-onion forget
+// --with-referrers' does: "?with-referrers=1" ("true" too; "0" and
+// "false" leave it off). Any other parameter is refused with 400.
+const WithReferrersParam = "with-referrers"
+
+// forgetQuery parses the query of a DELETE of a narinfo: whether to
+// forget the referrers too.
+func forgetQuery(raw string) (withReferrers bool, err error) {
+	q, err := url.ParseQuery(raw)
+	if err != nil {
+		return false, fmt.Errorf("malformed query %q: %v", raw, err)
+	}
+	for name, vs := range q {
+		if name != WithReferrersParam {
+			return false, fmt.Errorf("unknown query parameter %q (the only one is %s=1)", name, WithReferrersParam)
+		}
+		if len(vs) != 1 {
+			return false, fmt.Errorf("%s given %d times", name, len(vs))
+		}
+		switch vs[0] {
+		case "1", "true":
+			withReferrers = true
+		case "0", "false":
+		default:
+			return false, fmt.Errorf("%s=%q: want 1 or 0", name, vs[0])
+		}
+	}
+	return withReferrers, nil
+}
+
 // forget answers DELETE /<hash>.narinfo on the write role: the store path
-// goes from the cache as 'kiss-onion forget' (without --with-referrers)
-// takes it, with prune.Forget: 200 once it is gone, 404 when it is not in
-// the cache, 409 naming the paths that refer to it and the markers that
-// root them when there are any (then nothing changes), 503 while upload
-// locks stay held or a prune runs.
+// goes from the cache as 'kiss-onion forget' takes it, with prune.Forget:
+// 200 once it is gone, 404 when it is not in the cache, 409 naming the
+// paths that refer to it and the markers that root them when there are
+// any (then nothing changes), 503 while upload locks stay held or a prune
+// runs, 400 for a query other than WithReferrersParam. With it the
+// referrers go too, and the 200 names them ("referrer STORE_PATH" lines).
 //
 // While the forget holds the cache no narinfo upload is checked, and those
 // acknowledged become visible first (quiesce): so no upload is acknowledged
@@ -38,16 +72,22 @@ const maxListed = 1000
 // acknowledged before is seen. Once the answer is sent, neither role
 // serves the narinfo, from memory or otherwise.
 func (c *Cache) forget(w http.ResponseWriter, r *http.Request, t target) {
+	withReferrers, err := forgetQuery(r.URL.RawQuery)
+	if err != nil {
+		c.refuse(w, r, http.StatusBadRequest, "%s: %v", t.rel, err)
+		return
+	}
 	var mu sync.Mutex
 	var lastNarInfo time.Time
 	res, err := prune.Forget(r.Context(), prune.ForgetOptions{
-		CacheDir: c.cfg.Dir,
-		StateDir: c.cfg.StateDir,
-		StoreDir: c.cfg.StoreDir,
-		Paths:    []string{t.name},
-		LockWait: forgetLockWait,
-		Quiesce:  c.quiesce,
-		Log:      c.log,
+		CacheDir:      c.cfg.Dir,
+		StateDir:      c.cfg.StateDir,
+		StoreDir:      c.cfg.StoreDir,
+		Paths:         []string{t.name},
+		WithReferrers: withReferrers,
+		LockWait:      forgetLockWait,
+		Quiesce:       c.quiesce,
+		Log:           c.log,
 		Deleted: func(rel string, size int64) {
 			c.Removed(rel, size)
 			if strings.HasSuffix(rel, ".narinfo") && !strings.Contains(rel, "/") {
@@ -79,8 +119,25 @@ func (c *Cache) forget(w http.ResponseWriter, r *http.Request, t target) {
 	case len(res.Paths) == 0:
 		c.refuse(w, r, http.StatusNotFound, "%s: not in the cache", t.rel)
 	default:
-		c.log.WithFields(logrus.Fields{"path": res.Paths[0], "files": res.Files, "bytes": res.Bytes}).Info("forgot")
-		fmt.Fprintf(&body, "forgot %s: %d files, %s deleted\n", res.Paths[0], res.Files, prune.FormatBytes(res.Bytes))
+		asked := res.Paths[len(res.Paths)-1] // referrers come first
+		for _, p := range res.Paths {
+			if strings.HasPrefix(path.Base(p), t.name) {
+				asked = p
+			}
+		}
+		c.log.WithFields(logrus.Fields{"path": asked, "referrers": len(res.Referrers), "files": res.Files, "bytes": res.Bytes}).Info("forgot")
+		if len(res.Referrers) > 0 {
+			fmt.Fprintf(&body, "forgot %s and %d referrers: %d files, %s deleted\n", asked, len(res.Referrers), res.Files, prune.FormatBytes(res.Bytes))
+		} else {
+			fmt.Fprintf(&body, "forgot %s: %d files, %s deleted\n", asked, res.Files, prune.FormatBytes(res.Bytes))
+		}
+		for i, p := range res.Referrers {
+			if i == maxListed {
+				fmt.Fprintf(&body, "... and %d more referrers\n", len(res.Referrers)-maxListed)
+				break
+			}
+			fmt.Fprintf(&body, "referrer %s\n", p)
+		}
 		for _, m := range res.Markers {
 			fmt.Fprintf(&body, "marker %s names %s, which is gone\n", m.Marker, m.Root)
 		}

@@ -152,6 +152,9 @@ type limitListener struct {
 	// Since the last log of the cap: connections closed and refused.
 	evicted, refused int
 	lastLog          time.Time
+
+	// refusedTotal counts every refusal, for the metrics (nil: not counted).
+	refusedTotal *atomic.Uint64
 }
 
 func newLimitListener(ln net.Listener, role Role, maxConns int, budget *connBudget, log *logrus.Entry) *limitListener {
@@ -237,6 +240,9 @@ func (l *limitListener) refuse(c net.Conn) {
 	l.refused++
 	l.noteCap()
 	l.mu.Unlock()
+	if l.refusedTotal != nil {
+		l.refusedTotal.Add(1)
+	}
 	select {
 	case l.lingering <- struct{}{}:
 		go func() {

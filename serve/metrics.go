@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -93,15 +94,19 @@ type metrics struct {
 	sent     [2]atomic.Uint64                          // body bytes answered, by Role
 	received atomic.Uint64                             // upload body bytes, as sent (before decoding)
 	busy     atomic.Uint64                             // lock PUTs refused while a prune held the cache
+	// refusedConns counts connections refused past a listener's cap, by Role.
+	refusedConns [2]atomic.Uint64
 
 	visibleVec *prometheus.HistogramVec
 	visible    [numUploadKinds]prometheus.Observer
 
 	// The cache's size: counted once (countSize), then kept up to date
 	// from what the cache makes visible and deletes, and what Removed is
-	// told. counted is set once the count is done.
-	files, bytes atomic.Int64
-	counted      atomic.Bool
+	// told. counted is set once the count is done, at countedAt.
+	files, bytes, narinfos atomic.Int64
+	counted                atomic.Bool
+	countedAt              atomic.Int64 // unix nanoseconds
+	countOnce              sync.Once
 }
 
 func newMetrics() *metrics {
@@ -129,6 +134,9 @@ func (m *metrics) count(role Role, method, status int) {
 func (m *metrics) stored(kind int, start time.Time, old, size int64) {
 	m.visible[kind].Observe(time.Since(start).Seconds())
 	m.resized(old, size)
+	if kind == uploadNarInfo && old < 0 {
+		m.narinfos.Add(1)
+	}
 }
 
 // resized records that a file of old bytes (old < 0: none) is now one of
@@ -165,6 +173,15 @@ func (c *Cache) Removed(rel string, size int64) {
 		return
 	}
 	c.metrics.resized(size, -1)
+	if topNarInfo(rel) {
+		c.metrics.narinfos.Add(-1)
+	}
+}
+
+// topNarInfo reports whether rel, slash-separated and relative to the
+// cache directory, is a store path's narinfo.
+func topNarInfo(rel string) bool {
+	return !strings.Contains(rel, "/") && strings.HasSuffix(rel, ".narinfo")
 }
 
 // countedFile reports whether a file, by its slash-separated path
@@ -179,7 +196,7 @@ func countedFile(rel string) bool {
 // chunk at a time: nar/ of a large cache holds millions of names.
 func (c *Cache) countSize() {
 	start := time.Now()
-	var files, bytes int64
+	var files, bytes, narinfos int64
 	var walk func(dir, rel string)
 	walk = func(dir, rel string) {
 		d, err := os.Open(dir)
@@ -203,6 +220,9 @@ func (c *Cache) countSize() {
 					if fi, err := e.Info(); err == nil {
 						files++
 						bytes += fi.Size()
+						if topNarInfo(r) {
+							narinfos++
+						}
 					}
 				}
 			}
@@ -214,9 +234,39 @@ func (c *Cache) countSize() {
 	walk(c.cfg.Dir, "")
 	c.metrics.files.Add(files)
 	c.metrics.bytes.Add(bytes)
+	c.metrics.narinfos.Add(narinfos)
+	c.metrics.countedAt.Store(time.Now().UnixNano())
 	c.metrics.counted.Store(true)
-	c.log.WithFields(logrus.Fields{"files": files, "bytes": bytes, "elapsed": time.Since(start).Round(time.Millisecond)}).
+	c.log.WithFields(logrus.Fields{"files": files, "bytes": bytes, "narinfos": narinfos, "elapsed": time.Since(start).Round(time.Millisecond)}).
 		Debug("cache size counted")
+}
+
+// CountSize starts counting the cache's files and bytes in the
+// background, once per Cache (RegisterMetrics starts it too); from then
+// on they are kept up to date as the metrics describe, and Size reports
+// them.
+func (c *Cache) CountSize() {
+	c.metrics.countOnce.Do(func() { go c.countSize() })
+}
+
+// Size is the cache's size as a Cache keeps it: its narinfos (store
+// paths), and its files and their bytes, partial uploads and lock files
+// aside.
+type Size struct {
+	NarInfos, Files, Bytes int64
+	// Counted is when the count at the start ended; the figures are kept
+	// up to date since.
+	Counted time.Time
+}
+
+// Size returns the cache's size, and false while the count that
+// CountSize started is not done.
+func (c *Cache) Size() (Size, bool) {
+	m := c.metrics
+	if !m.counted.Load() {
+		return Size{}, false
+	}
+	return Size{NarInfos: m.narinfos.Load(), Files: m.files.Load(), Bytes: m.bytes.Load(), Counted: time.Unix(0, m.countedAt.Load())}, true
 }
 
 // RegisterMetrics registers the cache's metrics with reg and starts
@@ -232,7 +282,7 @@ func (c *Cache) RegisterMetrics(reg prometheus.Registerer) error {
 	if err := reg.Register(&cacheCollector{c: c}); err != nil {
 		return err
 	}
-	go c.countSize()
+	c.CountSize()
 	return nil
 }
 
@@ -247,6 +297,8 @@ var (
 		"Bytes of response bodies sent, by role.", []string{"role"}, nil)
 	receivedDesc = prometheus.NewDesc("kiss_onion_http_received_bytes_total",
 		"Bytes of request bodies received (uploads, as sent: before decoding), by role.", []string{"role"}, nil)
+	refusedConnsDesc = prometheus.NewDesc("kiss_onion_connections_refused_total",
+		"Connections refused because the listener (of this role) held its cap of connections, none idle to close: they never became requests.", []string{"role"}, nil)
 	busyDesc = prometheus.NewDesc("kiss_onion_upload_lock_refusals_total",
 		"Upload locks refused (503) because a prune held the cache.", nil, nil)
 	queueDesc = prometheus.NewDesc("kiss_onion_durability_queue",
@@ -260,7 +312,7 @@ var (
 )
 
 func (cc *cacheCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{requestsDesc, sentDesc, receivedDesc, busyDesc, queueDesc, filesDesc, bytesDesc, locksDesc} {
+	for _, d := range []*prometheus.Desc{requestsDesc, sentDesc, receivedDesc, refusedConnsDesc, busyDesc, queueDesc, filesDesc, bytesDesc, locksDesc} {
 		ch <- d
 	}
 	cc.c.metrics.visibleVec.Describe(ch)
@@ -278,6 +330,7 @@ func (cc *cacheCollector) Collect(ch chan<- prometheus.Metric) {
 			}
 		}
 		ch <- prometheus.MustNewConstMetric(sentDesc, prometheus.CounterValue, float64(m.sent[role].Load()), rn)
+		ch <- prometheus.MustNewConstMetric(refusedConnsDesc, prometheus.CounterValue, float64(m.refusedConns[role].Load()), rn)
 	}
 	ch <- prometheus.MustNewConstMetric(receivedDesc, prometheus.CounterValue, float64(m.received.Load()), Write.String())
 	ch <- prometheus.MustNewConstMetric(busyDesc, prometheus.CounterValue, float64(m.busy.Load()))

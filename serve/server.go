@@ -75,6 +75,7 @@ func (s *Server) Serve(ln net.Listener) error {
 		maxConns = s.MaxConns
 	}
 	ll := newLimitListener(ln, s.role, maxConns, budget, s.log)
+	ll.refusedTotal = &s.cache.metrics.refusedConns[s.role]
 	s.log.WithFields(logrus.Fields{"role": s.role.String(), "listener": ln.Addr().String(), "cap": maxConns, "budget": budget.max}).Info("connection limits")
 	if s.read != nil {
 		return s.read.Serve(ll)

@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"path"
 	"strings"
 	"sync"
 	"syscall"
@@ -28,8 +29,8 @@ func init() {
 const forgetUsage = `
 Usage:
 	kiss-onion forget [--cache-dir DIR] [--with-referrers] [--dry-run] [--lock-wait DUR] STORE_PATH...
-	kiss-onion forget --cache URL STORE_PATH...
-	kiss-onion forget --bundle DIR [--tor-config FILE] STORE_PATH...
+	kiss-onion forget --cache URL [--with-referrers] STORE_PATH...
+	kiss-onion forget --bundle DIR [--tor-config FILE] [--with-referrers] STORE_PATH...
 
 Removes store paths from the cache: each one's narinfo and listing, and
 its NAR unless another narinfo names it, with the realisations and build
@@ -49,10 +50,11 @@ lock protocol, beside a running serve: new upload locks are refused while
 it runs, and it waits up to --lock-wait for those held. Elsewhere a
 writer goes through the write role, which does the same for a DELETE of
 a narinfo: --cache URL (serve's --listen-write, or a 'proxy --write'), or
---bundle DIR (a gateway to the write onion, started for the run). Through
-the write role there is no --with-referrers and no --dry-run; paths given
-together are forgotten in an order that lets each go when the others
-were all that referred to it.
+--bundle DIR (a gateway to the write onion, started for the run), and
+--with-referrers asks it to forget the referrers too (DELETE
+/HASH.narinfo?with-referrers=1). Through the write role there is no
+--dry-run; paths given together are forgotten in an order that lets each
+go when the others were all that referred to it.
 
 Arguments:
 	STORE_PATH...  store paths (/nix/store/HASH-NAME), their base names
@@ -99,8 +101,6 @@ func runForget(args []string) error {
 		switch {
 		case set["cache-dir"]:
 			return usagef("give --cache-dir, or --cache or --bundle, not both")
-		case *withReferrers:
-			return usagef("--with-referrers works on the cache directory only: forget the referrers first, or run forget on the cache machine")
 		case *dryRun:
 			return usagef("--dry-run works on the cache directory only")
 		}
@@ -134,7 +134,7 @@ func runForget(args []string) error {
 		return err
 	}
 	defer done()
-	return forgetRemote(ctx, strings.TrimSuffix(cache, "/"), paths, hashes)
+	return forgetRemote(ctx, strings.TrimSuffix(cache, "/"), paths, hashes, *withReferrers)
 }
 
 // forgetOut is where forget prints what it forgets and lists; a test
@@ -211,20 +211,29 @@ func printForgetListing(res prune.ForgetResult) {
 }
 
 // forgetRemote forgets through the write role at cache: a DELETE of each
-// narinfo. A path refused for referrers is tried again once others went,
-// so that paths given together go whatever their order.
-func forgetRemote(ctx context.Context, cache string, paths, hashes []string) error {
+// narinfo, asking for its referrers to go too with withReferrers. A path
+// refused for referrers is tried again once others went, so that paths
+// given together go whatever their order.
+func forgetRemote(ctx context.Context, cache string, paths, hashes []string, withReferrers bool) error {
 	type pending struct{ path, hash string }
 	var todo []pending
 	for i := range paths {
 		todo = append(todo, pending{paths[i], hashes[i]})
 	}
+	query := ""
+	if withReferrers {
+		query = "?" + serve.WithReferrersParam + "=1"
+	}
 	forgot := 0
+	gone := map[string]bool{} // hashes forgotten as another's referrers
 	for len(todo) > 0 {
 		var again []pending
 		var refusals []string
 		for _, p := range todo {
-			code, body, err := forgetDelete(ctx, cache+"/"+p.hash+".narinfo")
+			if gone[p.hash] {
+				continue
+			}
+			code, body, err := forgetDelete(ctx, cache+"/"+p.hash+".narinfo"+query)
 			if err != nil {
 				return fmt.Errorf("forget %s: %w", p.path, err)
 			}
@@ -234,7 +243,12 @@ func forgetRemote(ctx context.Context, cache string, paths, hashes []string) err
 				forgot++
 				fmt.Fprintf(forgetOut, "kiss-onion: %s\n", first)
 				for _, l := range strings.Split(rest, "\n") {
-					if l != "" {
+					if ref, ok := strings.CutPrefix(l, "referrer "); ok {
+						fmt.Fprintf(forgetOut, "forgot referrer %s\n", ref)
+						if h, err := prune.PathHash(nixcache.DefaultStoreDir, path.Base(ref)); err == nil {
+							gone[h] = true
+						}
+					} else if l != "" {
 						warningf("%s", l)
 					}
 				}
@@ -258,7 +272,7 @@ func forgetRemote(ctx context.Context, cache string, paths, hashes []string) err
 					fmt.Fprintln(forgetOut, rest)
 				}
 			}
-			return withHint(fmt.Errorf("forget: %s", strings.Join(firsts, "; ")), "forget the referrers first (or with --with-referrers on the cache machine)")
+			return withHint(fmt.Errorf("forget: %s", strings.Join(firsts, "; ")), "add --with-referrers to forget them too, or forget the referrers first")
 		}
 		todo = again
 	}

@@ -81,7 +81,7 @@ func TestForgetCommand(t *testing.T) {
 			gone:   []string{"other"}},
 		{name: "no path", code: 2, stderr: []string{"forget needs at least one STORE_PATH"}},
 		{name: "not a store path", args: []string{"/etc/passwd"}, code: 2, stderr: []string{"is not a store path under /nix/store"}},
-		{name: "--with-referrers through the write role", args: []string{"--cache", "http://127.0.0.1:1", "--with-referrers", sp("lib")}, code: 2},
+		{name: "--dry-run through the write role", args: []string{"--cache", "http://127.0.0.1:1", "--dry-run", sp("lib")}, code: 2},
 		{name: "--cache and --cache-dir", args: []string{"--cache", "http://127.0.0.1:1", sp("lib")}, code: 2},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

@@ -50,7 +50,7 @@ type onionState struct {
 
 func newServeMetrics(registries []string) *serveMetrics {
 	m := &serveMetrics{
-		reg: prometheus.NewRegistry(),
+		reg: newProcessRegistry(),
 		pruneRuns: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "kiss_onion_prune_runs_total",
 			Help: "Scheduled prunes (serve --prune-interval) run, by result: ok or failed.",
@@ -93,8 +93,7 @@ func newServeMetrics(registries []string) *serveMetrics {
 	}
 	m.reg.MustRegister(m.pruneRuns, m.pruneDuration, m.pruneWaited, m.pruneKept, m.pruneDeletedFiles,
 		m.pruneDeletedNarInfos, m.pruneFreed, m.pruneRunning, m.pruneLastSuccess,
-		&onionCollector{m}, &clientsCollector{registries},
-		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+		&onionCollector{m}, &clientsCollector{registries})
 	// Both results from the start, so that a rate of failures is 0, not absent.
 	m.pruneRuns.WithLabelValues("ok")
 	m.pruneRuns.WithLabelValues("failed")
@@ -231,12 +230,26 @@ func serveMetricsOn(ctx context.Context, addr string, m *serveMetrics, cache *se
 	if err := cache.RegisterMetrics(m.reg); err != nil {
 		return err
 	}
+	return serveRegistry(ctx, addr, m.reg, log, errc)
+}
+
+// newProcessRegistry returns a registry with the Go runtime's and the
+// process's metrics.
+func newProcessRegistry() *prometheus.Registry {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return reg
+}
+
+// serveRegistry serves reg at http://addr/metrics until ctx ends; errors
+// go to errc.
+func serveRegistry(ctx context.Context, addr string, reg *prometheus.Registry, log *logrus.Entry, errc chan<- error) error {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return err
 	}
 	mux := http.NewServeMux()
-	mux.Handle("GET /metrics", promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{Registry: m.reg}))
+	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 2 * time.Minute}
 	log.WithField("url", "http://"+ln.Addr().String()+"/metrics").Info("serving metrics")
 	go func() {

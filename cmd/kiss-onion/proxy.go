@@ -11,6 +11,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/sirupsen/logrus"
 
 	"github.com/kiss-onion/kiss-onion/clientauth"
@@ -24,7 +25,7 @@ func init() {
 const proxyUsage = `
 Usage:
 	kiss-onion proxy --bundle DIR [--listen 127.0.0.1:37510] [--write] [--via tls|onion] [--state-dir DIR] [--tor-config FILE]
-	                 [--cache-dir DIR --cache-size SIZE] [--allow-remote]
+	                 [--cache-dir DIR --cache-size SIZE] [--metrics-listen 127.0.0.1:37513] [--allow-remote]
 
 Runs a Tor client holding the key of the bundle DIR and serves the cache's
 read onion (the write onion with --write) as plain HTTP on a loopback
@@ -60,6 +61,13 @@ behind it, and serves the paths it holds whole while the onion is away.
 Serving other machines needs --listen on a LAN address and --allow-remote:
 whoever reaches that address reads the cache, as this bundle's key would.
 
+--metrics-listen serves the gateway's Prometheus metrics at
+http://ADDRESS/metrics: whether the onion (or the TLS door) is reachable
+and since when, the circuits, the requests (forwarded, answered from what
+it holds, or its own answers for an onion away), its NAR store's hits and
+size, the bytes to and from the cache, failed dials. Off by default; a
+loopback address unless --allow-remote.
+
 Arguments:
 	none
 
@@ -82,6 +90,8 @@ type gatewayFlags struct {
 	noPrefetch bool
 	cacheDir   string
 	cacheSize  byteSize
+	// metrics, when not nil, gets the gateway's metrics (proxy only).
+	metrics prometheus.Registerer
 }
 
 // add adds the flags; stateDir is --state-dir's default and stateUse what
@@ -124,7 +134,7 @@ func (g *gatewayFlags) start(ctx context.Context, write bool, listen string, log
 				return nil, withHint(fmt.Errorf("create state directory: %w", err), "choose a writable one with --state-dir")
 			}
 		}
-		return gateway.Start(ctx, gateway.Config{Bundle: b, Door: door, Write: write, Listen: listen, StateDir: g.stateDir, Circuits: g.circuits, Prefetch: prefetch, Log: log})
+		return gateway.Start(ctx, gateway.Config{Bundle: b, Door: door, Write: write, Listen: listen, StateDir: g.stateDir, Circuits: g.circuits, Prefetch: prefetch, Metrics: g.metrics, Log: log})
 	}
 	if b.Key == nil {
 		return nil, withHint(fmt.Errorf("bundle %s has no client.key", g.bundle), "export it with the key: 'kiss-onion keys export %s --key FILE'", b.Name)
@@ -155,6 +165,7 @@ func (g *gatewayFlags) start(ctx context.Context, write bool, listen string, log
 		StateDir:   g.stateDir,
 		Circuits:   g.circuits,
 		Prefetch:   prefetch,
+		Metrics:    g.metrics,
 		Log:        log,
 		TorLog:     torLog,
 	})
@@ -230,7 +241,8 @@ func runProxy(args []string) error {
 	fs.StringVar(&g.cacheDir, "cache-dir", "", "keep fetched NARs and narinfos in this `directory` across restarts (a LAN cache)")
 	g.cacheSize = 10 << 30
 	fs.Var(&g.cacheSize, "cache-size", "bound --cache-dir to this `size` (like 512M or 50G), least recently used first")
-	allowRemote := fs.Bool("allow-remote", false, "let --listen bind a non-loopback address, to serve other machines")
+	allowRemote := fs.Bool("allow-remote", false, "let --listen (to serve other machines) and --metrics-listen bind non-loopback addresses")
+	metricsListen := fs.String("metrics-listen", "", "serve Prometheus metrics at http://`address`/metrics (host:port; off when empty)")
 	var lf logFlags
 	lf.add(fs)
 	rest, err := parseArgs(fs, args)
@@ -254,12 +266,27 @@ func runProxy(args []string) error {
 	} else if g.cacheDir, err = filepath.Abs(g.cacheDir); err != nil {
 		return err
 	}
+	if *metricsListen != "" {
+		if err := checkListenAddr("metrics-listen", *metricsListen, *allowRemote); err != nil {
+			return err
+		}
+	}
 	log, err := lf.daemon(os.Stderr)
 	if err != nil {
 		return err
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
+	// The metrics come first: they say the onion is not reachable yet
+	// while tor bootstraps.
+	errc := make(chan error, 1)
+	if *metricsListen != "" {
+		reg := newProcessRegistry()
+		if err := serveRegistry(ctx, *metricsListen, reg, log, errc); err != nil {
+			return fmt.Errorf("--metrics-listen: %w", err)
+		}
+		g.metrics = reg
+	}
 	gw, err := g.start(ctx, *write, *listen, log, nil)
 	if err != nil {
 		if ctx.Err() != nil {
@@ -273,6 +300,8 @@ func runProxy(args []string) error {
 	case <-ctx.Done():
 		log.Info("stopping")
 		return nil
+	case err := <-errc:
+		return fmt.Errorf("serve metrics on %s: %w", *metricsListen, err)
 	case err := <-gw.Err():
 		if errors.Is(err, context.Canceled) {
 			return nil

@@ -263,7 +263,7 @@ func serveMain(f serveFlags, log *logrus.Entry) error {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	errc := make(chan error, 4)
-	status := newStatusServer(f, log)
+	status := newStatusServer(f, cache)
 	metrics := newServeMetrics(registryPaths(f))
 	if f.metricsListen != "" {
 		if err := serveMetricsOn(ctx, f.metricsListen, metrics, cache, log, errc); err != nil {
@@ -329,7 +329,7 @@ func serveMain(f serveFlags, log *logrus.Entry) error {
 	defer status.stop()
 	go f.upstream.keepLoop(ctx)
 	if f.pruneEvery > 0 {
-		go pruneEvery(ctx, f, log, cache, metrics, status.size.recount)
+		go pruneEvery(ctx, f, log, cache, metrics)
 	}
 	log.WithField("cache", f.cacheDir).Info("serving")
 	select {
@@ -359,9 +359,8 @@ func checkApart(cacheDir, stateDir string) error {
 // pruneEvery runs the pruner on the cache every f.pruneEvery until ctx
 // ends, with the same lock protocol as 'kiss-onion prune', so uploads in
 // flight and those under a lock are safe. What it deletes is taken off
-// the cache's size, each run goes to the metrics, and after runs after
-// each prune.
-func pruneEvery(ctx context.Context, f serveFlags, log *logrus.Entry, cache *serve.Cache, metrics *serveMetrics, after func()) {
+// the cache's size, and each run goes to the metrics.
+func pruneEvery(ctx context.Context, f serveFlags, log *logrus.Entry, cache *serve.Cache, metrics *serveMetrics) {
 	log = log.WithField("component", "prune")
 	tick := time.NewTicker(f.pruneEvery)
 	defer tick.Stop()
@@ -384,7 +383,6 @@ func pruneEvery(ctx context.Context, f serveFlags, log *logrus.Entry, cache *ser
 		})
 		metrics.pruneRunning.Set(0)
 		metrics.prune(stats, err)
-		after()
 		if err != nil {
 			log.WithError(err).Error("scheduled prune failed")
 			continue

@@ -120,8 +120,12 @@ type cacheStatus struct {
 	Bytes     int64      `json:"bytes"`
 	CountedAt *time.Time `json:"counted_at,omitempty"` // zero: not counted yet
 	Counting  bool       `json:"counting,omitempty"`
-	DiskFree  int64      `json:"disk_free"`
-	DiskSize  int64      `json:"disk_size"`
+	// Live: the figures are serve's, counted at its start (CountedAt) and
+	// kept up to date since, those of its metrics; not: status walked
+	// the cache directory itself.
+	Live     bool  `json:"live,omitempty"`
+	DiskFree int64 `json:"disk_free"`
+	DiskSize int64 `json:"disk_size"`
 }
 
 type lockStatus struct {
@@ -316,82 +320,6 @@ func countCache(dir string) (cacheCount, error) {
 	return c, err
 }
 
-// When a status request starts a count of the cache in the background:
-// when the last is older than sizeRecount, or when the cache changed since
-// it began (entries came or went in the cache directory, nar/ or log/) and
-// it is older than sizeMinAge and three times what it took. Requests never
-// wait for a count, and walks take at most a quarter of the time however
-// often status is asked.
-const (
-	sizeRecount = 10 * time.Minute
-	sizeMinAge  = 10 * time.Second
-)
-
-// cacheSize is serve's count of the cache's size: made in the background
-// at start, after each scheduled prune, and when a status request finds it
-// out of date (see sizeRecount).
-type cacheSize struct {
-	dir      string
-	log      *logrus.Entry
-	mu       sync.Mutex
-	counting bool
-	last     cacheCount
-	stamp    [3]time.Time  // dirStamp when the last count began
-	took     time.Duration // what the last count took
-}
-
-// dirStamp returns the modification times of the directories whose
-// entries make most of the cache: a file added or removed changes them.
-func (s *cacheSize) dirStamp() [3]time.Time {
-	var st [3]time.Time
-	for i, d := range []string{s.dir, filepath.Join(s.dir, "nar"), filepath.Join(s.dir, "log")} {
-		if fi, err := os.Stat(d); err == nil {
-			st[i] = fi.ModTime()
-		}
-	}
-	return st
-}
-
-// recount starts a count unless one runs.
-func (s *cacheSize) recount() {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.counting {
-		return
-	}
-	s.counting = true
-	go func() {
-		stamp, began := s.dirStamp(), time.Now()
-		c, err := countCache(s.dir)
-		if err != nil {
-			s.log.WithError(err).Warn("cache size not counted")
-		}
-		s.mu.Lock()
-		defer s.mu.Unlock()
-		s.counting = false
-		if err == nil {
-			s.last, s.stamp, s.took = c, stamp, time.Since(began)
-		}
-	}()
-}
-
-// get returns the last count, starting a new one when it is out of date.
-func (s *cacheSize) get(now time.Time) cacheStatus {
-	s.mu.Lock()
-	last, counting, stamp, took := s.last, s.counting, s.stamp, s.took
-	s.mu.Unlock()
-	age := now.Sub(last.at)
-	if !counting && (age > sizeRecount || age > max(sizeMinAge, 3*took) && s.dirStamp() != stamp) {
-		s.recount()
-		counting = true
-	}
-	cs := cacheStatus{NarInfos: last.narinfos, Files: last.files, Bytes: last.bytes, Counting: counting}
-	if !last.at.IsZero() {
-		cs.CountedAt = &last.at
-	}
-	return cs
-}
-
 // publishLog is the Publisher serve publishes its onions through: it
 // remembers which onion is published, since when and with how many keys,
 // for the status socket.
@@ -452,7 +380,7 @@ func (l *publishLog) get(address string) (publishedOnion, bool) {
 type statusServer struct {
 	f         serveFlags
 	started   time.Time
-	size      *cacheSize
+	cache     *serve.Cache // its size
 	mu        sync.Mutex
 	listeners []listenerStatus
 	onions    *onions // nil with --tor off
@@ -460,8 +388,8 @@ type statusServer struct {
 	sock      string
 }
 
-func newStatusServer(f serveFlags, log *logrus.Entry) *statusServer {
-	return &statusServer{f: f, started: time.Now().UTC(), size: &cacheSize{dir: f.cacheDir, log: log}, listeners: []listenerStatus{}}
+func newStatusServer(f serveFlags, cache *serve.Cache) *statusServer {
+	return &statusServer{f: f, started: time.Now().UTC(), cache: cache, listeners: []listenerStatus{}}
 }
 
 // listening records a local listener of role at url.
@@ -485,11 +413,12 @@ func (s *statusServer) setOnions(o *onions) {
 	s.onions = o
 }
 
-// start counts the cache in the background and listens on the socket:
-// only serve's user can connect (the socket is 0600, in a directory of
-// the 0700 state directory).
+// start has the cache counted in the background (once: from then on the
+// cache keeps its size up to date, as for the metrics) and listens on
+// the socket: only serve's user can connect (the socket is 0600, in a
+// directory of the 0700 state directory).
 func (s *statusServer) start(log *logrus.Entry) error {
-	s.size.recount()
+	s.cache.CountSize()
 	s.sock = statusSocket(s.f.stateDir)
 	if err := os.MkdirAll(filepath.Dir(s.sock), 0o700); err != nil {
 		return fmt.Errorf("create socket directory: %w", err)
@@ -558,14 +487,14 @@ func (s *statusServer) report(now time.Time) statusReport {
 	if s.f.torMode == "off" {
 		rep.Onions = []onionStatus{} // addresses of another run's onions
 	}
-	rep.Cache = mergeSize(rep.Cache, s.size.get(now))
+	rep.Cache.Live = true
+	if size, ok := s.cache.Size(); ok {
+		counted := size.Counted.UTC()
+		rep.Cache.NarInfos, rep.Cache.Files, rep.Cache.Bytes, rep.Cache.CountedAt = size.NarInfos, size.Files, size.Bytes, &counted
+	} else {
+		rep.Cache.Counting = true
+	}
 	return rep
-}
-
-// mergeSize puts a count into a cacheStatus that has the disk's room.
-func mergeSize(disk, count cacheStatus) cacheStatus {
-	count.DiskFree, count.DiskSize = disk.DiskFree, disk.DiskSize
-	return count
 }
 
 // printStatus prints rep as one screen of text.
@@ -630,7 +559,10 @@ func printStatus(w io.Writer, rep statusReport, now time.Time) {
 	// cache
 	c := rep.Cache
 	size := "not counted yet"
-	if c.CountedAt != nil {
+	switch {
+	case c.CountedAt != nil && c.Live:
+		size = fmt.Sprintf("%d narinfos, %d files, %s (serve's figures, as in its metrics: counted at its start, kept up to date since)", c.NarInfos, c.Files, prune.FormatBytes(c.Bytes))
+	case c.CountedAt != nil:
 		size = fmt.Sprintf("%d narinfos, %d files, %s (counted %s ago)", c.NarInfos, c.Files, prune.FormatBytes(c.Bytes), now.Sub(*c.CountedAt).Round(time.Second))
 	}
 	if c.Counting {
