@@ -778,6 +778,59 @@ var nixosProxyCases = []nixosCase{
 		},
 	},
 	{
+		name:    "proxy prefetches by default",
+		modules: "proxy",
+		config:  `{ services.kiss-onion.proxy = { enable = true; bundle = "` + nixosReaderBundle + `"; }; }`,
+		check: func(t *testing.T, r *nixosEval) {
+			s := nixosUnit(t, r, "kiss-onion-proxy")
+			for _, no := range []string{"--prefetch", "--cache-dir", "--allow-remote"} {
+				if line := fmt.Sprint(s.ServiceConfig["ExecStart"]); strings.Contains(line, no) {
+					t.Errorf("ExecStart %s has %s by default", line, no)
+				}
+			}
+			if _, ok := s.ServiceConfig["CacheDirectory"]; ok {
+				t.Errorf("a CacheDirectory without lanCache: %v", s.ServiceConfig["CacheDirectory"])
+			}
+		},
+	},
+	{
+		name:    "proxy without prefetch",
+		modules: "proxy",
+		config:  `{ services.kiss-onion.proxy = { enable = true; bundle = "` + nixosReaderBundle + `"; prefetch = false; }; }`,
+		check: func(t *testing.T, r *nixosEval) {
+			nixosContains(t, "ExecStart", fmt.Sprint(nixosUnit(t, r, "kiss-onion-proxy").ServiceConfig["ExecStart"]), "--prefetch=false")
+		},
+	},
+	{
+		name:    "proxy as a LAN cache",
+		modules: "proxy",
+		config: `{ services.kiss-onion.proxy = { enable = true; bundle = "` + nixosReaderBundle + `"; trustedPublicKeys = [ "` + nixosSignerKey + `" ];
+			lanCache = { enable = true; size = "50G"; listenAddress = "192.168.1.2"; }; metrics.enable = true; }; }`,
+		check: func(t *testing.T, r *nixosEval) {
+			nixosAssertions(t, r)
+			s := nixosUnit(t, r, "kiss-onion-proxy")
+			nixosEq(t, "ExecStart", s.ServiceConfig["ExecStart"], nixosPkgOut+"/bin/kiss-onion proxy --bundle "+nixosReaderBundle+
+				" --listen 192.168.1.2:37510 --state-dir /var/lib/kiss-onion-proxy --cache-dir /var/cache/kiss-onion-proxy --cache-size 50G --allow-remote --metrics-listen 127.0.0.1:37513")
+			nixosEq(t, "CacheDirectory", s.ServiceConfig["CacheDirectory"], "kiss-onion-proxy")
+			nixosEq(t, "CacheDirectoryMode", s.ServiceConfig["CacheDirectoryMode"], "0700")
+			nixosEq(t, "substituters", r.Nix.Substituters, []string{"http://192.168.1.2:37510"})
+		},
+	},
+	{
+		name:    "proxy refuses a LAN cache size that is not one",
+		modules: "proxy",
+		config:  `{ services.kiss-onion.proxy = { enable = true; bundle = "` + nixosReaderBundle + `"; lanCache = { enable = true; size = "lots"; }; }; }`,
+		wantErr: "lanCache.size' is not of type",
+	},
+	{
+		name:    "proxy refuses a LAN cache on the write onion",
+		modules: "proxy",
+		config:  `{ services.kiss-onion.proxy = { enable = true; bundle = "` + nixosWriterBundle + `"; write = true; lanCache.enable = true; }; }`,
+		check: func(t *testing.T, r *nixosEval) {
+			nixosAssertions(t, r, "lanCache is for reading")
+		},
+	},
+	{
 		name:    "proxy refuses a bundle in the Nix store",
 		modules: "proxy",
 		config:  `{ services.kiss-onion.proxy = { enable = true; bundle = "/nix/store/00000000000000000000000000000000-laptop.bundle"; }; }`,

@@ -1,5 +1,6 @@
 # The client gateway: `kiss-onion proxy` holds this machine's key bundle and
-# serves the cache on loopback, and the nix-daemon substitutes from it.
+# serves the cache on loopback (or to the LAN, lanCache), and the
+# nix-daemon substitutes from it.
 {
   config,
   lib,
@@ -12,7 +13,11 @@ let
   cfg = config.services.kiss-onion.proxy;
   package = config.services.kiss-onion.package;
   kolib = import ./lib.nix { inherit lib; };
-  url = "http://127.0.0.1:${toString cfg.port}";
+  listenHost = if cfg.lanCache.listenAddress != null then cfg.lanCache.listenAddress else "127.0.0.1";
+  # The nix-daemon of this machine reaches the gateway where it listens
+  # (on loopback for an address that means every interface).
+  url = "http://${if listenHost == "0.0.0.0" then "127.0.0.1" else listenHost}:${toString cfg.port}";
+  cacheDir = "/var/cache/kiss-onion-proxy";
   stateDir = "/var/lib/kiss-onion-proxy";
   isLoopback = addr: builtins.match "(127\\.[0-9.]+|\\[::1]|localhost):[0-9]+" addr != null;
   allowRemote = builtins.elem "--allow-remote" cfg.extraArgs;
@@ -59,6 +64,40 @@ in
         nix.settings.trusted-public-keys. Nix refuses unsigned paths or paths
         signed by keys it does not trust.
       '';
+    };
+
+    prefetch = mkOption {
+      type = types.bool;
+      default = true;
+      description = ''
+        Ask the cache for a closure's narinfos in one round trip and fetch
+        its NARs ahead of Nix (docs/gateway.md). False forwards every request
+        as it is.
+      '';
+    };
+
+    lanCache = {
+      enable = mkEnableOption "a LAN cache: the gateway keeps what it fetched in /var/cache/kiss-onion-proxy across restarts, within lanCache.size, and answers the paths it holds while the onion is away (docs/gateway.md)";
+
+      size = mkOption {
+        type = types.strMatching "[0-9]+[KMGT]?(i?B)?";
+        default = "10G";
+        example = "50G";
+        description = "What the LAN cache may hold; the least recently used NARs go first.";
+      };
+
+      listenAddress = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "192.168.1.2";
+        description = ''
+          An address of this machine to serve the other machines of the LAN
+          on (at `port`), instead of loopback; they use
+          `substituters = http://<listenAddress>:<port>`. Whoever reaches it
+          reads the cache with this machine's key, over plain HTTP: a trusted
+          LAN only, and open the port in networking.firewall for it.
+        '';
+      };
     };
 
     metrics = {
@@ -109,7 +148,11 @@ in
         message = "services.kiss-onion.proxy.bundle = \"${cfg.bundle}\": the gateway cannot read /root, /home or /run/user (ProtectHome); keep the bundle elsewhere, like /var/lib/kiss-onion-secrets/";
       }
       {
-        assertion = !cfg.metrics.enable || isLoopback cfg.metrics.listen || allowRemote;
+        assertion = !(cfg.write && (cfg.lanCache.enable || cfg.lanCache.listenAddress != null));
+        message = "services.kiss-onion.proxy.lanCache is for reading: not with write = true";
+      }
+      {
+        assertion = !cfg.metrics.enable || isLoopback cfg.metrics.listen || allowRemote || cfg.lanCache.listenAddress != null;
         message = "services.kiss-onion.proxy.metrics.listen = \"${cfg.metrics.listen}\" is not a loopback address: the gateway refuses it unless services.kiss-onion.proxy.extraArgs has \"--allow-remote\" (then open the port in networking.firewall)";
       }
     ];
@@ -133,11 +176,19 @@ in
             "--bundle"
             cfg.bundle
             "--listen"
-            "127.0.0.1:${toString cfg.port}"
+            "${listenHost}:${toString cfg.port}"
             "--state-dir"
             stateDir
           ]
           ++ lib.optional cfg.write "--write"
+          ++ lib.optional (!cfg.prefetch) "--prefetch=false"
+          ++ lib.optionals cfg.lanCache.enable [
+            "--cache-dir"
+            cacheDir
+            "--cache-size"
+            cfg.lanCache.size
+          ]
+          ++ lib.optional (cfg.lanCache.listenAddress != null && !allowRemote) "--allow-remote"
           ++ lib.optionals cfg.metrics.enable [
             "--metrics-listen"
             cfg.metrics.listen
@@ -150,6 +201,8 @@ in
         # can write only its own state directory and /tmp.
         StateDirectory = "kiss-onion-proxy";
         StateDirectoryMode = "0700";
+        CacheDirectory = mkIf cfg.lanCache.enable "kiss-onion-proxy";
+        CacheDirectoryMode = mkIf cfg.lanCache.enable "0700";
         WorkingDirectory = stateDir;
       }
       // kolib.sandbox;
