@@ -1,15 +1,12 @@
 package serve
 
 import (
-	"context"
 	"errors"
-	"net"
 	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
 )
 
 // startDoor serves c through a door whose clients name themselves in a
@@ -29,26 +26,7 @@ func startDoor(t *testing.T, c *Cache) *testServer {
 		}
 		return Identity{}, errors.New("unknown client")
 	})
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := c.NewDoorServer(auth, nil, nil)
-	done := make(chan error, 1)
-	go func() { done <- srv.Serve(ln) }()
-	tr := &http.Transport{}
-	t.Cleanup(func() {
-		tr.CloseIdleConnections()
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		if err := srv.Shutdown(ctx); err != nil {
-			t.Errorf("door shutdown: %v", err)
-		}
-		if err := <-done; err != nil {
-			t.Errorf("door: %v", err)
-		}
-	})
-	return &testServer{URL: "http://" + ln.Addr().String(), Listener: ln, client: &http.Client{Transport: tr}}
+	return serveOnLoopback(t, c.NewDoorServer(auth, nil, nil), "door")
 }
 
 func TestDoorServesEachRequestInItsClientsRole(t *testing.T) {

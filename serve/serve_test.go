@@ -75,11 +75,16 @@ func (s *testServer) Client() *http.Client { return s.client }
 
 func startServer(t testing.TB, c *Cache, role Role) *testServer {
 	t.Helper()
+	return serveOnLoopback(t, c.NewServer(role, nil), role.String())
+}
+
+// serveOnLoopback serves srv on a free loopback port until the test ends.
+func serveOnLoopback(t testing.TB, srv *Server, what string) *testServer {
+	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := c.NewServer(role, nil)
 	done := make(chan error, 1)
 	go func() { done <- srv.Serve(ln) }()
 	tr := &http.Transport{}
@@ -88,10 +93,10 @@ func startServer(t testing.TB, c *Cache, role Role) *testServer {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		if err := srv.Shutdown(ctx); err != nil {
-			t.Errorf("shutdown of the %s server: %v", role, err)
+			t.Errorf("shutdown of the %s server: %v", what, err)
 		}
 		if err := <-done; err != nil {
-			t.Errorf("the %s server: %v", role, err)
+			t.Errorf("the %s server: %v", what, err)
 		}
 	})
 	return &testServer{URL: "http://" + ln.Addr().String(), Listener: ln, client: &http.Client{Transport: tr}}
