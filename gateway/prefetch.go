@@ -134,9 +134,16 @@ func (p *Prefetcher) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			p.serveNarInfo(w, r, h)
 			return
 		}
-		if nixcache.NarURLHash(path) != "" && r.Method == http.MethodGet && r.Header.Get("Range") == "" && r.URL.RawQuery == "" {
-			p.serveNar(w, r, path)
-			return
+		if nixcache.NarURLHash(path) != "" && r.Method == http.MethodGet && r.URL.RawQuery == "" {
+			if r.Header.Get("Range") == "" {
+				p.serveNar(w, r, path)
+				return
+			}
+			// Nix resumes a broken download with a Range: from the
+			// store when it has the file whole, else from the cache.
+			if p.serveNarRange(w, r, path) {
+				return
+			}
 		}
 	}
 	p.next.ServeHTTP(w, r)
@@ -391,6 +398,9 @@ func (p *Prefetcher) serveNar(w http.ResponseWriter, r *http.Request, rel string
 	defer body.Close()
 	h := w.Header()
 	h.Set("Content-Type", "application/x-nix-nar")
+	// Without it, Nix 2.8 does not resume a download that broke (the
+	// onion went away): it fails the path instead of carrying on.
+	h.Set("Accept-Ranges", "bytes")
 	if n >= 0 {
 		h.Set("Content-Length", strconv.FormatInt(n, 10))
 	}
@@ -403,4 +413,23 @@ func (p *Prefetcher) serveNar(w http.ResponseWriter, r *http.Request, rel string
 		// Cut the connection: Nix must not take a short body for a whole.
 		panic(http.ErrAbortHandler)
 	}
+}
+
+// serveNarRange answers a range of a NAR the store holds whole, and
+// reports whether it did.
+func (p *Prefetcher) serveNarRange(w http.ResponseWriter, r *http.Request, rel string) bool {
+	if !p.store.has(rel) {
+		return false
+	}
+	src, err := p.store.open(rel, -1)
+	if err != nil || src.file == nil {
+		if src != nil {
+			src.Close()
+		}
+		return false
+	}
+	defer src.Close()
+	w.Header().Set("Content-Type", "application/x-nix-nar")
+	http.ServeContent(w, r, "", time.Time{}, src.file)
+	return true
 }

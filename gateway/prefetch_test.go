@@ -357,3 +357,38 @@ func dirSize(t *testing.T, dir string) int64 {
 	})
 	return n
 }
+
+func TestPrefetcherResumesWithARange(t *testing.T) {
+	o, relay := newOrigin(t)
+	paths := o.push(t, 'j', 2, 64<<10)
+	_, gw := newTestPrefetcher(t, relay, PrefetchConfig{})
+	resp, err := http.Get(gw + "/" + paths[0].nar)
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	if resp.Header.Get("Accept-Ranges") != "bytes" {
+		t.Errorf("a NAR without Accept-Ranges: Nix 2.8 would not resume it")
+	}
+	// paths[0] is in the store, whole; paths[1] was never asked for.
+	for _, p := range paths {
+		req, _ := http.NewRequest("GET", gw+"/"+p.nar, nil)
+		req.Header.Set("Range", "bytes=100-199")
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusPartialContent || string(b) != string(p.content[100:200]) {
+			t.Errorf("%s: Range bytes=100-199: %d, %d bytes", p.name, resp.StatusCode, len(b))
+		}
+	}
+	if n := o.count("/" + paths[0].nar); n != 1 {
+		t.Errorf("a range of a NAR in the store went to the cache: %d requests in all", n)
+	}
+	if n := o.count("/" + paths[1].nar); n != 1 {
+		t.Errorf("a range of a NAR not in the store: %d requests to the cache, want 1", n)
+	}
+}
