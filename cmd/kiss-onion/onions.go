@@ -140,8 +140,13 @@ func startOnions(ctx context.Context, f serveFlags, log *logrus.Entry, serveOn f
 	if err := o.access.Apply(ctx, keys); err != nil {
 		return nil, err
 	}
-	for role, id := range map[string]*onion.Identity{"read": read, "write": write} {
-		if err := atomicfile.WriteFile(filepath.Join(f.stateDir, role+".onion"), []byte(id.Address()+"\n"), 0o644); err != nil {
+	// The write onion's file last: whoever waits for the files waits for
+	// that one (not a map: its order is random).
+	for _, o := range []struct {
+		role string
+		id   *onion.Identity
+	}{{"read", read}, {"write", write}} {
+		if err := atomicfile.WriteFile(filepath.Join(f.stateDir, o.role+".onion"), []byte(o.id.Address()+"\n"), 0o644); err != nil {
 			return nil, err
 		}
 	}
