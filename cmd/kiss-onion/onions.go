@@ -142,11 +142,11 @@ func startOnions(ctx context.Context, f serveFlags, log *logrus.Entry, serveOn f
 	}
 	// The write onion's file last: whoever waits for the files waits for
 	// that one (not a map: its order is random).
-	for _, o := range []struct {
+	for _, file := range []struct {
 		role string
 		id   *onion.Identity
 	}{{"read", read}, {"write", write}} {
-		if err := atomicfile.WriteFile(filepath.Join(f.stateDir, o.role+".onion"), []byte(o.id.Address()+"\n"), 0o644); err != nil {
+		if err := atomicfile.WriteFile(filepath.Join(f.stateDir, file.role+".onion"), []byte(file.id.Address()+"\n"), 0o644); err != nil {
 			return nil, err
 		}
 	}
