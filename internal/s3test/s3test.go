@@ -4,7 +4,7 @@
 //
 // The weed binary comes from scripts/seaweedfs, which builds it once per
 // machine into ~/.cache/kiss-onion (or KISS_ONION_WEED names it); that
-// first build takes over ten minutes on two cores, past go test's default
+// first build takes ten minutes or more on two cores, about go test's default
 // timeout, so scripts/test runs the script before the tests. The
 // package does not talk S3 itself beyond waiting for the gateway and
 // creating the bucket; tests use package s3store or any client.
