@@ -23,7 +23,7 @@
           src = lib.cleanSource ./.;
           # The NAR hash of `go mod vendor`'s output. e2e/nixos_test.go
           # recomputes it and prints the new one when go.mod or go.sum change.
-          vendorHash = "sha256-1/X8kC7iN8QWDw8EYmJb51EoOaVkDNX/HeXjlFlCBNE=";
+          vendorHash = "sha256-SRH9ucygW86HJTY+uExlA0F7pG9PR5XOBCtwF7nSgtY=";
           subPackages = [ "cmd/kiss-onion" ];
           ldflags = [
             "-s"

@@ -1,0 +1,287 @@
+// Package s3test starts a real SeaweedFS for tests: `weed server` with
+// its S3 gateway on 127.0.0.1, on free ports, in a temporary directory,
+// with one identity whose keys sign every request and one bucket.
+//
+// The weed binary comes from scripts/seaweedfs, which builds it once per
+// machine into ~/.cache/kiss-onion (or KISS_ONION_WEED names it); that
+// first build takes ten minutes or more on two cores, about go test's default
+// timeout, so scripts/test runs the script before the tests. The
+// package does not talk S3 itself beyond waiting for the gateway and
+// creating the bucket; tests use package s3store or any client.
+package s3test
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/minio/minio-go/v7"
+	"github.com/minio/minio-go/v7/pkg/credentials"
+)
+
+// Server is a running SeaweedFS with an S3 gateway and a bucket.
+type Server struct {
+	// Endpoint is host:port of the S3 API (plain HTTP).
+	Endpoint string
+	// Region is what the gateway answers for; any region signs.
+	Region string
+	// AccessKey and SecretKey are the one identity's, allowed everything.
+	AccessKey, SecretKey string
+	// Bucket exists and is empty when Start returns.
+	Bucket string
+	// Dir holds the server's data and its log (weed.log).
+	Dir string
+
+	cmd       *exec.Cmd
+	done      chan struct{}
+	grpcPorts map[string]int // by service, for the sockets weed leaves
+}
+
+// Volume bounds, so that a server fits beside the other tests: volumes
+// of volumeSizeMB (files are sparse, nothing is preallocated), at most
+// maxVolumes of them.
+const (
+	volumeSizeMB = 64
+	maxVolumes   = 32
+	memLimit     = "192MiB"
+)
+
+var (
+	weedOnce sync.Once
+	weedPath string
+	weedErr  error
+)
+
+// Weed returns the path of the weed binary: $KISS_ONION_WEED, or what
+// scripts/seaweedfs prints (building it the first time on a machine).
+func Weed() (string, error) {
+	weedOnce.Do(func() {
+		if p := os.Getenv("KISS_ONION_WEED"); p != "" {
+			weedPath = p
+			return
+		}
+		_, file, _, _ := runtime.Caller(0)
+		script := filepath.Join(filepath.Dir(file), "..", "..", "scripts", "seaweedfs")
+		var stderr bytes.Buffer
+		cmd := exec.Command(script)
+		cmd.Stderr = &stderr
+		out, err := cmd.Output()
+		if err != nil {
+			weedErr = fmt.Errorf("%s: %w\n%s", script, err, stderr.Bytes())
+			return
+		}
+		weedPath = strings.TrimSpace(string(out))
+	})
+	return weedPath, weedErr
+}
+
+// Start starts a SeaweedFS for t and stops it when t ends. It fails t when
+// weed cannot be had or does not come up.
+func Start(t testing.TB) *Server {
+	t.Helper()
+	weed, err := Weed()
+	if err != nil {
+		t.Fatalf("seaweedfs: %v", err)
+	}
+	dir := t.TempDir()
+	s := &Server{Region: "us-east-1", AccessKey: "KO" + randHex(9), SecretKey: randHex(20), Bucket: "kiss-onion", Dir: dir}
+	config := filepath.Join(dir, "s3.json")
+	if err := os.WriteFile(config, s.identityJSON(), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ports := freePorts(t, 8)
+	s.grpcPorts = map[string]int{"master": ports[1], "volume": ports[3], "filer": ports[5], "s3": ports[7]}
+	s.Endpoint = net.JoinHostPort("127.0.0.1", strconv.Itoa(ports[6]))
+	data := filepath.Join(dir, "data")
+	if err := os.Mkdir(data, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	logf, err := os.Create(filepath.Join(dir, "weed.log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer logf.Close()
+	s.cmd = exec.Command(weed, "server",
+		"-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-dir="+data,
+		"-master.port="+strconv.Itoa(ports[0]), "-master.port.grpc="+strconv.Itoa(ports[1]),
+		"-volume.port="+strconv.Itoa(ports[2]), "-volume.port.grpc="+strconv.Itoa(ports[3]),
+		"-filer", "-filer.port="+strconv.Itoa(ports[4]), "-filer.port.grpc="+strconv.Itoa(ports[5]),
+		"-filer.localSocket="+filepath.Join(dir, "filer.sock"),
+		"-s3", "-s3.port="+strconv.Itoa(ports[6]), "-s3.port.grpc="+strconv.Itoa(ports[7]),
+		"-s3.port.iceberg=0", "-s3.port.lance=0", "-s3.config="+config,
+		"-s3.localSocket="+filepath.Join(dir, "s3.sock"),
+		"-master.volumeSizeLimitMB="+strconv.Itoa(volumeSizeMB), "-volume.max="+strconv.Itoa(maxVolumes),
+		"-master.telemetry=false", "-volume.preStopSeconds=0",
+	)
+	s.cmd.Stdout, s.cmd.Stderr = logf, logf
+	// A soft heap limit: the Go runtime then collects before the heap
+	// doubles, which keeps weed near its live memory.
+	s.cmd.Env = append(os.Environ(), "GOMEMLIMIT="+memLimit)
+	s.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	if err := s.cmd.Start(); err != nil {
+		t.Fatalf("start weed: %v", err)
+	}
+	s.done = make(chan struct{})
+	go func() { s.cmd.Wait(); close(s.done) }()
+	t.Cleanup(s.stop)
+	if err := s.waitBucket(90 * time.Second); err != nil {
+		t.Fatalf("seaweedfs did not come up: %v\n%s", err, s.LogTail())
+	}
+	return s
+}
+
+// identityJSON is the gateway's -s3.config: one identity allowed all.
+func (s *Server) identityJSON() []byte {
+	type cred struct {
+		AccessKey string `json:"accessKey"`
+		SecretKey string `json:"secretKey"`
+	}
+	type identity struct {
+		Name        string   `json:"name"`
+		Credentials []cred   `json:"credentials"`
+		Actions     []string `json:"actions"`
+	}
+	b, _ := json.Marshal(map[string][]identity{"identities": {{
+		Name:        "kiss-onion",
+		Credentials: []cred{{s.AccessKey, s.SecretKey}},
+		Actions:     []string{"Admin", "Read", "Write", "List", "Tagging"},
+	}}})
+	return b
+}
+
+// Client returns a minio client signed with the server's identity.
+func (s *Server) Client() (*minio.Client, error) {
+	return minio.New(s.Endpoint, &minio.Options{
+		Creds:        credentials.NewStaticV4(s.AccessKey, s.SecretKey, ""),
+		Region:       s.Region,
+		BucketLookup: minio.BucketLookupPath,
+	})
+}
+
+// waitBucket waits until the gateway answers a signed request, then
+// creates the bucket (which may fail while the volumes are still
+// registering, so it is retried too).
+func (s *Server) waitBucket(limit time.Duration) error {
+	c, err := s.Client()
+	if err != nil {
+		return err
+	}
+	deadline := time.Now().Add(limit)
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		err = c.MakeBucket(ctx, s.Bucket, minio.MakeBucketOptions{Region: s.Region})
+		if minio.ToErrorResponse(err).Code == "BucketAlreadyOwnedByYou" {
+			err = nil // made by an earlier try whose answer was lost
+		}
+		if err == nil {
+			// A write proves the volumes are there, not just the filer.
+			_, err = c.PutObject(ctx, s.Bucket, ".ready", strings.NewReader("ok"), 2, minio.PutObjectOptions{})
+			if err == nil {
+				err = c.RemoveObject(ctx, s.Bucket, ".ready", minio.RemoveObjectOptions{})
+			}
+		}
+		cancel()
+		if err == nil {
+			return nil
+		}
+		select {
+		case <-s.done:
+			return fmt.Errorf("weed exited: %v", s.cmd.ProcessState)
+		case <-time.After(200 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("after %s: %w", limit, err)
+		}
+	}
+}
+
+// Memory returns the weed process's resident memory now and at its
+// peak, in bytes.
+func (s *Server) Memory() (rss, peak int64, err error) {
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", s.cmd.Process.Pid))
+	if err != nil {
+		return 0, 0, err
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		field, v, _ := strings.Cut(line, ":")
+		kb, _ := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
+		switch field {
+		case "VmRSS":
+			rss = kb << 10
+		case "VmHWM":
+			peak = kb << 10
+		}
+	}
+	if rss == 0 || peak == 0 {
+		return 0, 0, fmt.Errorf("no VmRSS or VmHWM in /proc/%d/status", s.cmd.Process.Pid)
+	}
+	return rss, peak, nil
+}
+
+// LogTail returns the end of the server's log, for a failure message.
+func (s *Server) LogTail() string {
+	data, _ := os.ReadFile(filepath.Join(s.Dir, "weed.log"))
+	if len(data) > 4000 {
+		data = data[len(data)-4000:]
+	}
+	return string(data)
+}
+
+// stop ends the server: SIGTERM, then SIGKILL to its process group.
+func (s *Server) stop() {
+	pid := s.cmd.Process.Pid
+	syscall.Kill(-pid, syscall.SIGTERM)
+	select {
+	case <-s.done:
+	case <-time.After(10 * time.Second):
+		syscall.Kill(-pid, syscall.SIGKILL)
+		<-s.done
+	}
+	// weed puts its gRPC sockets in /tmp whatever its flags say, and does
+	// not always remove them.
+	for name, port := range s.grpcPorts {
+		p := fmt.Sprintf("/tmp/seaweedfs-%s-grpc-%d.sock", name, port)
+		if fi, err := os.Lstat(p); err == nil && fi.Mode()&os.ModeSocket != 0 {
+			os.Remove(p)
+		}
+	}
+}
+
+// freePorts returns n ports that were free a moment ago on 127.0.0.1.
+func freePorts(t testing.TB, n int) []int {
+	t.Helper()
+	ports := make([]int, n)
+	var ls []net.Listener
+	for i := range ports {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		ls = append(ls, l)
+		ports[i] = l.Addr().(*net.TCPAddr).Port
+	}
+	for _, l := range ls {
+		l.Close()
+	}
+	return ports
+}
+
+func randHex(n int) string {
+	b := make([]byte, n)
+	rand.Read(b)
+	return hex.EncodeToString(b)
+}
