@@ -14,6 +14,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	kogateway "github.com/kiss-onion/kiss-onion/gateway"
 )
 
 // TestMetrics runs serve with --metrics-listen and a scheduled prune, and
@@ -338,7 +340,7 @@ func TestGatewayMetrics(t *testing.T) {
 	reader := startGateway(t, readerBundle, "--metrics-listen", readerMetrics)
 	// The metrics are there as soon as the gateway listens, whether its
 	// onion answers yet or not.
-	if m := scrapeMetrics(t, "http://"+readerMetrics+"/metrics"); m.get(`kiss_onion_gateway_circuits{role="read"}`) != 4 {
+	if m := scrapeMetrics(t, "http://"+readerMetrics+"/metrics"); m.get(`kiss_onion_gateway_circuits{role="read"}`) != kogateway.DefaultCircuits {
 		t.Errorf("no circuits in the metrics of a gateway that listens:\n%s", m.text)
 	}
 	writer.waitReachable(t)
@@ -411,12 +413,12 @@ func TestGatewayMetrics(t *testing.T) {
 		`kiss_onion_gateway_onion_state{role="read",state="reachable"}`:         1,
 		`kiss_onion_gateway_onion_state{role="read",state="unreachable"}`:       0,
 		`kiss_onion_gateway_forwarding{role="read"}`:                            1,
-		`kiss_onion_gateway_circuits{role="read"}`:                              4,
+		`kiss_onion_gateway_circuits{role="read"}`:                              kogateway.DefaultCircuits,
 		`kiss_onion_gateway_requests_in_flight{role="read"}`:                    0,
 		`kiss_onion_gateway_onion_sent_bytes_total{role="read"}`:                0,
 		`kiss_onion_gateway_dial_failures_total{reason="refused",role="read"}`:  0,
 		`kiss_onion_gateway_onion_reachable{role="write"}`:                      1,
-		`kiss_onion_gateway_circuits{role="write"}`:                             4,
+		`kiss_onion_gateway_circuits{role="write"}`:                             kogateway.DefaultCircuits,
 		`kiss_onion_gateway_requests_in_flight{role="write"}`:                   0,
 		`kiss_onion_gateway_dial_failures_total{reason="refused",role="write"}`: 0,
 	} {

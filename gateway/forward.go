@@ -46,7 +46,7 @@ const (
 
 // Defaults of ForwarderConfig.
 const (
-	DefaultCircuits = 4
+	DefaultCircuits = 6 // measured against 4 and 8: docs/benchmarks.md
 	DefaultKeepWarm = time.Minute
 )
 

@@ -66,7 +66,7 @@ func TestForwarderAnswersWhileUnreachable(t *testing.T) {
 	t.Cleanup(shorten(&probeEvery, time.Hour))
 	f, socks, gw := newTestForwarder(t, cacheOrigin(), ForwarderConfig{KeepWarm: -1, CacheInfoFile: filepath.Join(t.TempDir(), "cache-info")})
 	warmedUp(t, f)
-	waitFor(t, "the circuits warmed up", func() bool { h := f.Health(); return h.CacheInfo && h.InFlight == 0 && socks.userCount() == 4 })
+	waitFor(t, "the circuits warmed up", func() bool { h := f.Health(); return h.CacheInfo && h.InFlight == 0 && socks.userCount() == DefaultCircuits })
 	time.Sleep(50 * time.Millisecond) // the last probe records its outcome
 
 	socks.refuse.Store(0xF2) // introduction failed: the appliance is off
@@ -113,7 +113,7 @@ func TestForwarderAnswersWhileUnreachable(t *testing.T) {
 			}
 		})
 	}
-	if n := socks.userCount(); n > 4 {
+	if n := socks.userCount(); n > DefaultCircuits {
 		t.Errorf("%d circuits used: requests went into tor while unreachable", n)
 	}
 }
