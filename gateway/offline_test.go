@@ -66,7 +66,10 @@ func TestForwarderAnswersWhileUnreachable(t *testing.T) {
 	t.Cleanup(shorten(&probeEvery, time.Hour))
 	f, socks, gw := newTestForwarder(t, cacheOrigin(), ForwarderConfig{KeepWarm: -1, CacheInfoFile: filepath.Join(t.TempDir(), "cache-info")})
 	warmedUp(t, f)
-	waitFor(t, "the circuits warmed up", func() bool { h := f.Health(); return h.CacheInfo && h.InFlight == 0 && socks.userCount() == DefaultCircuits })
+	waitFor(t, "the circuits warmed up", func() bool {
+		h := f.Health()
+		return h.CacheInfo && h.InFlight == 0 && socks.userCount() == DefaultCircuits
+	})
 	time.Sleep(50 * time.Millisecond) // the last probe records its outcome
 
 	socks.refuse.Store(0xF2) // introduction failed: the appliance is off

@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -287,6 +288,9 @@ func (p *Prefetcher) remember(a closure.Answer) {
 	}
 	p.mu.Unlock()
 	if p.cfg.Ahead {
+		// The answer goes breadth first from the roots; Nix substitutes
+		// references before what refers to them: the deepest first.
+		slices.Reverse(ahead)
 		p.store.ahead(ahead)
 	}
 }

@@ -209,7 +209,7 @@ func run() error {
 			// Through a prefetching gateway the NARs now come from its
 			// store: what its circuits carry is measured without it.
 			rate := 0.0
-			if !strings.Contains(v.name, "prefetch (") {
+			if !strings.Contains(v.name, "closure + prefetch") {
 				if rate, err = download(v, narSets[r]); err != nil {
 					return fmt.Errorf("%s: %w", v.name, err)
 				}
