@@ -185,7 +185,12 @@ func (s *narStore) open(rel string, size int64) (*source, error) {
 		fh, err := os.Open(filepath.Join(s.dir, filepath.FromSlash(rel)))
 		if err == nil {
 			f.readers++
+			wasAhead := f.ahead
 			f.used, f.ahead = time.Now(), false
+			if wasAhead {
+				// It may now make room for the next ones.
+				s.pump()
+			}
 			return &source{s: s, rel: rel, file: fh, size: f.size}, nil
 		}
 		delete(s.files, rel)
@@ -207,6 +212,9 @@ func (src *source) Close() error {
 	if src.file != nil {
 		if f := s.files[src.rel]; f != nil {
 			f.readers--
+			if f.readers == 0 && len(s.queue) > 0 {
+				s.pump() // it may go now, for the next prefetch
+			}
 		}
 		return src.file.Close()
 	}
@@ -499,10 +507,14 @@ func (s *narStore) pump() {
 		if s.files[p.rel] != nil || s.downloads[p.rel] != nil {
 			continue
 		}
-		if p.size > s.limit || !s.evict(p.size, true) {
-			// No room beside what waits to be read: the client's own
-			// request fetches it when it comes.
-			continue
+		if p.size > s.limit {
+			continue // never kept: the client's own request streams it
+		}
+		if !s.evict(p.size, true) {
+			// No room beside what was fetched ahead and waits to be
+			// read: wait until a client reads some of it (open).
+			s.queue = append([]prefetch{p}, s.queue...)
+			return
 		}
 		s.fetching++
 		d := s.start(p.rel, p.size, true)
