@@ -14,6 +14,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	kogateway "github.com/kiss-onion/kiss-onion/gateway"
 )
 
 // The client side on the private Tor network: `kiss-onion proxy` as the
@@ -227,7 +229,7 @@ func deployGateways(t *testing.T) *deployment {
 		for _, p := range closure {
 			sameTree(t, d.src, dst, p)
 		}
-		if code, h := d.reader.health(t); code != 200 || !h.Reachable || h.Circuits != 4 || h.InFlight != 0 {
+		if code, h := d.reader.health(t); code != 200 || !h.Reachable || h.Circuits != kogateway.DefaultCircuits || h.InFlight != 0 {
 			t.Errorf("health after the download: %d %+v", code, h)
 		}
 	})
