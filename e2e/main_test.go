@@ -49,6 +49,13 @@ func runMain(m *testing.M) int {
 		fmt.Fprintf(os.Stderr, "e2e tests build with %s (apt-get install busybox-static): %v\n", busybox, err)
 		return 1
 	}
+	// What kiss-onion keeps in the user's cache directory when not told
+	// otherwise (prune's metadata) goes into this run's directory, not the
+	// real one; the go command keeps its own build cache.
+	if goCache, err := exec.Command("go", "env", "GOCACHE").Output(); err == nil {
+		os.Setenv("GOCACHE", strings.TrimSpace(string(goCache)))
+	}
+	os.Setenv("XDG_CACHE_HOME", filepath.Join(dir, "xdg-cache"))
 	stop, err := startTorNetwork(dir)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
