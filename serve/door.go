@@ -43,10 +43,10 @@ var ErrNoCredentials = errors.New("no credentials: this door takes a client cert
 
 // NewDoorServer returns the server of a door: every request goes through
 // auth, and is then answered as the read or the write role would answer
-// it. A request auth refuses gets a 401 (with a Basic challenge, which is
-// what makes curl and Nix send netrc credentials to a server that asked),
-// a write by a reader a 405, as on the read listener. With tlsConfig the door speaks TLS, and auth
-// sees the client's certificates in r.TLS.
+// it. A request auth refuses gets a 401, with a Basic challenge for the
+// clients that send credentials only when asked; a write by a reader gets
+// a 405, as on the read listener. With tlsConfig the door speaks TLS, and
+// auth sees the client's certificates in r.TLS.
 func (c *Cache) NewDoorServer(auth Authenticator, tlsConfig *tls.Config, l *logrus.Entry) *Server {
 	if l == nil {
 		l = c.log
