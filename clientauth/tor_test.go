@@ -104,9 +104,6 @@ func TestMalformedTorLinesAreRefusedWithoutEcho(t *testing.T) {
 // checks that it loads the .auth_private files this package writes and
 // takes its public keys in ADD_ONION's ClientAuthV3.
 func TestTorAcceptsTheKeyForms(t *testing.T) {
-	if testing.Short() {
-		t.Skip("starts tor")
-	}
 	torPath, err := exec.LookPath("tor")
 	if err != nil {
 		t.Fatalf("this test needs tor (apt-get install tor): %v", err)

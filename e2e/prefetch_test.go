@@ -16,9 +16,6 @@ import (
 // second, fresh store with the onion gone; and --cache-size holds under a
 // closure larger than it.
 func TestGatewayPrefetch(t *testing.T) {
-	if testing.Short() {
-		t.Skip("needs tor and nix")
-	}
 	state, cache := t.TempDir(), filepath.Join(t.TempDir(), "cache")
 	reader := addKey(t, state, "lan", "reader")
 	pushAddr := freeAddr(t)

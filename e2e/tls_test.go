@@ -105,9 +105,6 @@ func bundleCert(bundle string) []string {
 // refused with nothing served or stored; keys revoke shuts a reader out
 // of the running serve while another reader carries on.
 func TestTLSDoor(t *testing.T) {
-	if testing.Short() {
-		t.Skip("runs nix and serve")
-	}
 	key := newSigningKey(t, "tls-e2e-1")
 	d := startTLSDoor(t, "--trusted-writer-key", key.public)
 	writer := d.addTLSClient(t, "builder", "writer")
@@ -255,9 +252,6 @@ func registerCert(t *testing.T, stateDir, name, fp string) {
 // certificate the user supplies, bundles then pin no server certificate,
 // and a client trusting the user's CA is served.
 func TestTLSDoorWithTheUsersCertificate(t *testing.T) {
-	if testing.Short() {
-		t.Skip("runs serve")
-	}
 	userCA, err := tlsca.LoadOrCreate(filepath.Join(t.TempDir(), "user-ca"))
 	if err != nil {
 		t.Fatal(err)

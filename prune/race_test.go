@@ -332,9 +332,6 @@ func TestHelperPruneProcess(t *testing.T) {
 }
 
 func TestKilledPrune(t *testing.T) {
-	if testing.Short() {
-		t.Skip("kills processes")
-	}
 	dir := t.TempDir()
 	state := t.TempDir()
 	must(t, pt.Init(dir))

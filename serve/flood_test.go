@@ -324,9 +324,6 @@ func TestFloodWithLowDescriptorLimit(t *testing.T) {
 		floodServe(t)
 		return
 	}
-	if testing.Short() {
-		t.Skip("floods a server with hundreds of connections")
-	}
 	const (
 		partialHead = "GET /nix-cache-info HTTP/1.1\r\n"
 	)

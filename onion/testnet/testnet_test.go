@@ -26,9 +26,6 @@ func testLogger(t *testing.T) *logrus.Entry {
 // directory (the second time reusing its keys), bootstraps a client on it,
 // and checks that Close leaves no tor behind.
 func TestNetworkStartsClientsAndStopsClean(t *testing.T) {
-	if testing.Short() {
-		t.Skip("starts a private tor network")
-	}
 	dir := t.TempDir()
 	var pids []int
 	var idents []string
