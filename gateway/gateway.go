@@ -76,6 +76,12 @@ type Gateway struct {
 // bootstrapped. The onion may not be reachable yet: see WaitReachable.
 // ctx bounds only the start.
 func Start(ctx context.Context, cfg Config) (*Gateway, error) {
+	if cfg.Listen == "" {
+		cfg.Listen = "127.0.0.1:0"
+	}
+	if cfg.Log == nil {
+		cfg.Log = logrus.NewEntry(logrus.StandardLogger())
+	}
 	if cfg.Door == DoorTLS {
 		return startTLS(cfg)
 	}
@@ -93,13 +99,7 @@ func Start(ctx context.Context, cfg Config) (*Gateway, error) {
 	if cfg.TorDataDir == "" {
 		return nil, errors.New("start gateway: no tor data directory")
 	}
-	if cfg.Listen == "" {
-		cfg.Listen = "127.0.0.1:0"
-	}
 	log := cfg.Log
-	if log == nil {
-		log = logrus.NewEntry(logrus.StandardLogger())
-	}
 	torLog := cfg.TorLog
 	if torLog == nil {
 		torLog = log
@@ -109,11 +109,6 @@ func Start(ctx context.Context, cfg Config) (*Gateway, error) {
 		return nil, fmt.Errorf("start gateway: %w", err)
 	}
 
-	var cacheInfoFile string
-	if cfg.StateDir != "" {
-		// Named after the read onion: both onions serve the same cache.
-		cacheInfoFile = filepath.Join(cfg.StateDir, strings.TrimSuffix(b.ReadOnion, ".onion")+".nix-cache-info")
-	}
 	g := &Gateway{errc: make(chan error, 1)}
 	g.Forwarder, err = NewForwarder(ForwarderConfig{
 		Target: target,
@@ -125,7 +120,7 @@ func Start(ctx context.Context, cfg Config) (*Gateway, error) {
 		},
 		Circuits:      cfg.Circuits,
 		KeepWarm:      cfg.KeepWarm,
-		CacheInfoFile: cacheInfoFile,
+		CacheInfoFile: cfg.cacheInfoFile(),
 		Log:           log,
 	})
 	if err != nil {
@@ -201,6 +196,16 @@ func (g *Gateway) listen(cfg Config, log *logrus.Entry) error {
 		}
 	}()
 	return nil
+}
+
+// cacheInfoFile is where the gateway remembers the cache's nix-cache-info:
+// named after the read onion, as both onions and the TLS door serve the
+// same cache; "" without a state directory.
+func (cfg Config) cacheInfoFile() string {
+	if cfg.StateDir == "" {
+		return ""
+	}
+	return filepath.Join(cfg.StateDir, strings.TrimSuffix(cfg.Bundle.ReadOnion, ".onion")+".nix-cache-info")
 }
 
 // URL returns the gateway's address: "http://127.0.0.1:PORT".

@@ -5,8 +5,6 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
-	"path/filepath"
-	"strings"
 
 	"github.com/sirupsen/logrus"
 
@@ -36,25 +34,14 @@ func startTLS(cfg Config) (*Gateway, error) {
 	if err != nil {
 		return nil, fmt.Errorf("start gateway: %w", err)
 	}
-	if cfg.Listen == "" {
-		cfg.Listen = "127.0.0.1:0"
-	}
 	log := cfg.Log
-	if log == nil {
-		log = logrus.NewEntry(logrus.StandardLogger())
-	}
-	var cacheInfoFile string
-	if cfg.StateDir != "" {
-		// Named after the read onion, as through the onions: the same cache.
-		cacheInfoFile = filepath.Join(cfg.StateDir, strings.TrimSuffix(b.ReadOnion, ".onion")+".nix-cache-info")
-	}
 	g := &Gateway{errc: make(chan error, 1)}
 	g.Forwarder, err = NewForwarder(ForwarderConfig{
 		Target:        b.TLS.URL,
 		TLS:           conf,
 		Circuits:      cfg.Circuits,
 		KeepWarm:      cfg.KeepWarm,
-		CacheInfoFile: cacheInfoFile,
+		CacheInfoFile: cfg.cacheInfoFile(),
 		Log:           log,
 	})
 	if err != nil {

@@ -118,6 +118,9 @@ func (g *gatewayFlags) start(ctx context.Context, write bool, listen string, log
 	if err != nil {
 		return nil, err
 	}
+	if err := os.MkdirAll(g.stateDir, 0o700); err != nil {
+		return nil, withHint(fmt.Errorf("create state directory: %w", err), "choose a writable one with --state-dir")
+	}
 	var prefetch *gateway.PrefetchConfig
 	if !write && (!g.noPrefetch || g.cacheDir != "") {
 		prefetch = &gateway.PrefetchConfig{Dir: filepath.Join(g.stateDir, "prefetch"), Ahead: !g.noPrefetch, Size: int64(g.cacheSize)}
@@ -128,11 +131,6 @@ func (g *gatewayFlags) start(ctx context.Context, write bool, listen string, log
 	if door == gateway.DoorTLS {
 		if write && b.Role != clientauth.RoleWriter {
 			return nil, withHint(fmt.Errorf("bundle %s is a %s's (%s): it cannot write", g.bundle, b.Role, b.Name), "use a writer's bundle")
-		}
-		if prefetch != nil {
-			if err := os.MkdirAll(g.stateDir, 0o700); err != nil {
-				return nil, withHint(fmt.Errorf("create state directory: %w", err), "choose a writable one with --state-dir")
-			}
 		}
 		return gateway.Start(ctx, gateway.Config{Bundle: b, Door: door, Write: write, Listen: listen, StateDir: g.stateDir, Circuits: g.circuits, Prefetch: prefetch, Metrics: g.metrics, Log: log})
 	}
@@ -147,9 +145,6 @@ func (g *gatewayFlags) start(ctx context.Context, write bool, listen string, log
 		if lines, err = readTorrcLines(g.torConfig); err != nil {
 			return nil, err
 		}
-	}
-	if err := os.MkdirAll(g.stateDir, 0o700); err != nil {
-		return nil, withHint(fmt.Errorf("create state directory: %w", err), "choose a writable one with --state-dir")
 	}
 	role := "read"
 	if write {
