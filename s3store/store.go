@@ -38,8 +38,14 @@ type Config struct {
 	Region string
 	// AccessKey and SecretKey sign the requests; when AccessKey is empty
 	// they come from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and
-	// AWS_SESSION_TOKEN).
+	// AWS_SESSION_TOKEN), else from the shared credentials file.
 	AccessKey, SecretKey string
+	// CredentialsFile is the AWS shared credentials file to read keys
+	// from when neither AccessKey nor the environment gives them; empty:
+	// AWS_SHARED_CREDENTIALS_FILE or ~/.aws/credentials (and ~/.aws/config).
+	CredentialsFile string
+	// Profile is the file's profile; empty: AWS_PROFILE or "default".
+	Profile string
 	// Bucket must exist.
 	Bucket string
 	// Prefix is the folder of the bucket that holds the cache ("" for
@@ -93,7 +99,11 @@ func New(cfg Config) (*Store, error) {
 	}
 	creds := credentials.NewStaticV4(cfg.AccessKey, cfg.SecretKey, "")
 	if cfg.AccessKey == "" {
-		creds = credentials.NewEnvAWS()
+		// The order the AWS tools use: the environment, then the file.
+		creds = credentials.NewChainCredentials([]credentials.Provider{
+			&credentials.EnvAWS{},
+			&credentials.FileAWSCredentials{Filename: cfg.CredentialsFile, Profile: cfg.Profile},
+		})
 	}
 	client, err := minio.New(cfg.Endpoint, &minio.Options{
 		Creds:        creds,
