@@ -34,6 +34,9 @@ func (f *s3Flags) config(raw string, log *logrus.Entry) (s3store.Config, error) 
 	}
 	if f.region != "" {
 		cfg.Region = f.region
+		if f.endpoint == "" && strings.HasSuffix(cfg.Endpoint, ".amazonaws.com") {
+			cfg.SetEndpoint("") // AWS's endpoint for that region
+		}
 	}
 	if f.endpoint != "" {
 		if err := cfg.SetEndpoint(f.endpoint); err != nil {
