@@ -67,6 +67,10 @@ func New(cacheDir string) *Locks {
 // Dir returns the lock directory, gcroots/.lock under the cache.
 func (l *Locks) Dir() string { return l.dir }
 
+// CheckName is the floor every backend of the lock protocol applies to a
+// shared lock's name: one plain file name, not starting with '.'.
+func CheckName(name string) error { return checkLockName(name) }
+
 // checkLockName refuses names that are not a single plain file name in the
 // lock directory. serve validates names more strictly; this is the floor.
 func checkLockName(name string) error {
