@@ -16,6 +16,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/kiss-onion/kiss-onion/internal/s3test"
 )
 
 // binary is the kiss-onion binary built for this test run.
@@ -54,6 +56,12 @@ func runMain(m *testing.M) int {
 	// real one; the go command keeps its own build cache.
 	if goCache, err := exec.Command("go", "env", "GOCACHE").Output(); err == nil {
 		os.Setenv("GOCACHE", strings.TrimSpace(string(goCache)))
+	}
+	// SeaweedFS's weed is found (built once per machine) before the
+	// user's cache directory moves.
+	if _, err := s3test.Weed(); err != nil {
+		fmt.Fprintln(os.Stderr, "e2e tests run SeaweedFS:", err)
+		return 1
 	}
 	os.Setenv("XDG_CACHE_HOME", filepath.Join(dir, "xdg-cache"))
 	stop, err := startTorNetwork(dir)

@@ -1,6 +1,7 @@
 package serve
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"net/http"
@@ -15,6 +16,7 @@ import (
 	"github.com/kiss-onion/kiss-onion/cachelock"
 	"github.com/kiss-onion/kiss-onion/internal/atomicfile"
 	"github.com/kiss-onion/kiss-onion/internal/nixcache"
+	"github.com/kiss-onion/kiss-onion/s3store"
 )
 
 // Role is what a listener lets its clients do.
@@ -60,6 +62,11 @@ type Config struct {
 	// Upstream, when set, is asked for every narinfo the cache lacks, on
 	// either role, and stores what it finds (fallback.go).
 	Upstream Upstream
+	// Bucket, when set, is where the cache lives instead of Dir: the same
+	// layout under the store's prefix (bucket.go).
+	Bucket *s3store.Store
+	// BucketLocks is the lock protocol on Bucket; required with it.
+	BucketLocks BucketLocks
 	// Log receives refusals and errors; default the standard logger.
 	Log *logrus.Entry
 }
@@ -70,8 +77,10 @@ type Cache struct {
 	tmpDir   string
 	info     []byte // nix-cache-info
 	infoTime time.Time
-	locks    *cachelock.Locks
-	root     *cacheRoot // reads open files through it
+	locks    locker
+	root     *cacheRoot // reads open files through it; nil on a bucket
+	bucket   *bucket    // the cache's storage when it is a bucket
+	stop     context.CancelFunc
 	narinfos *memCache
 	durable  *durability
 	metrics  *metrics
@@ -98,7 +107,7 @@ const (
 // New opens (creating when missing) the cache directory and writes its
 // nix-cache-info, so that the directory is a valid file:// cache.
 func New(cfg Config) (*Cache, error) {
-	if cfg.Dir == "" {
+	if cfg.Dir == "" && cfg.Bucket == nil {
 		return nil, fmt.Errorf("cache directory not set")
 	}
 	if cfg.StoreDir == "" {
@@ -118,14 +127,31 @@ func New(cfg Config) (*Cache, error) {
 	}
 	c := &Cache{
 		cfg:     cfg,
-		tmpDir:  filepath.Join(cfg.Dir, ".tmp"),
-		locks:   cachelock.New(cfg.Dir),
 		metrics: newMetrics(),
 		log:     cfg.Log,
 
 		closureWalks: make(chan struct{}, closureWalks),
 	}
 	c.durable = newDurability()
+	wmq := 0
+	if cfg.WantMassQuery {
+		wmq = 1
+	}
+	c.info = []byte(fmt.Sprintf("StoreDir: %s\nWantMassQuery: %d\nPriority: %d\n", cfg.StoreDir, wmq, cfg.Priority))
+	if cfg.Bucket != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+		defer cancel()
+		if err := c.openBucket(ctx); err != nil {
+			return nil, err
+		}
+		c.setInfoValidators()
+		bg, stop := context.WithCancel(context.Background())
+		c.stop = stop
+		go c.bucket.index.relist(bg)
+		return c, nil
+	}
+	c.tmpDir = filepath.Join(cfg.Dir, ".tmp")
+	c.locks = dirLocks{cachelock.New(cfg.Dir)}
 	if cfg.NarInfoMemory > 0 {
 		c.narinfos = newMemCache(cfg.NarInfoMemory)
 	}
@@ -142,11 +168,6 @@ func New(cfg Config) (*Cache, error) {
 		return nil, err
 	}
 	c.removeDeadUploads()
-	wmq := 0
-	if cfg.WantMassQuery {
-		wmq = 1
-	}
-	c.info = []byte(fmt.Sprintf("StoreDir: %s\nWantMassQuery: %d\nPriority: %d\n", cfg.StoreDir, wmq, cfg.Priority))
 	infoPath := filepath.Join(cfg.Dir, "nix-cache-info")
 	if old, err := os.ReadFile(infoPath); err != nil || string(old) != string(c.info) {
 		if err := atomicfile.WriteFile(infoPath, c.info, 0o644); err != nil {
@@ -157,9 +178,21 @@ func New(cfg Config) (*Cache, error) {
 	if fi, err := os.Stat(infoPath); err == nil {
 		c.infoTime = fi.ModTime()
 	}
+	c.setInfoValidators()
+	return c, nil
+}
+
+func (c *Cache) setInfoValidators() {
 	c.infoETag = etagOf(int64(len(c.info)), c.infoTime)
 	c.infoModified = c.infoTime.UTC().Format(http.TimeFormat)
-	return c, nil
+}
+
+// Close stops what the cache runs in the background (on a bucket, the
+// listing of its narinfos). Servers of the cache must be shut down first.
+func (c *Cache) Close() {
+	if c.stop != nil {
+		c.stop()
+	}
 }
 
 // handler returns the net/http handler for role: the write role's server.

@@ -96,6 +96,9 @@ func (c *Cache) closure(roots []string) []byte {
 // narInfoBytes returns the narinfo of hash as a GET would: from memory
 // when the cache keeps narinfos there.
 func (c *Cache) narInfoBytes(hash string) ([]byte, error) {
+	if c.bucket != nil {
+		return c.narInfoBytesBucket(hash)
+	}
 	rel := hash + ".narinfo"
 	if c.narinfos != nil {
 		e, err := c.narinfos.get(c.root, rel)

@@ -246,7 +246,13 @@ func (c *Cache) countSize() {
 // on they are kept up to date as the metrics describe, and Size reports
 // them.
 func (c *Cache) CountSize() {
-	c.metrics.countOnce.Do(func() { go c.countSize() })
+	c.metrics.countOnce.Do(func() {
+		if c.bucket != nil {
+			go c.countSizeBucket()
+			return
+		}
+		go c.countSize()
+	})
 }
 
 // Size is the cache's size as a Cache keeps it: its narinfos (store

@@ -50,8 +50,12 @@ type answer struct {
 	msg          string // the error's text, for a status of 400 and over
 	err          error  // the cause of a 500, for the log
 	// stream is a body of length bytes (-1: unknown) from upstream, as
-	// it downloads, which whoever writes the answer must close.
+	// it downloads, or from a bucket, which whoever writes the answer
+	// must close.
 	stream io.ReadCloser
+	// ranges says that the stream is a file that takes ranges (from a
+	// bucket), not a download in progress.
+	ranges bool
 }
 
 var notFound = answer{status: http.StatusNotFound, msg: "not found"}
@@ -86,6 +90,11 @@ func (c *Cache) readNow(t target, q *query) answer {
 		return c.readClosure(t, q)
 	case kindCacheInfo:
 		return respond(q, contentType[kindCacheInfo], c.infoETag, c.infoModified, c.infoTime, c.info, nil)
+	}
+	if c.bucket != nil {
+		return c.readBucket(t, q)
+	}
+	switch t.kind {
 	case kindNarInfo:
 		if c.narinfos != nil {
 			e, err := c.narinfos.get(c.root, t.rel)
@@ -131,7 +140,7 @@ func (c *Cache) readNow(t target, q *query) answer {
 		}
 		return respond(q, contentType[t.kind], etagOf(fi.Size(), mod), mod.UTC().Format(http.TimeFormat), mod, data, nil)
 	}
-	a := respond(q, contentType[t.kind], etagOf(fi.Size(), mod), mod.UTC().Format(http.TimeFormat), mod, nil, &sized{f, fi.Size()})
+	a := respond(q, contentType[t.kind], etagOf(fi.Size(), mod), mod.UTC().Format(http.TimeFormat), mod, nil, &sized{f: f, size: fi.Size()})
 	if a.file == nil {
 		f.Close()
 	}
@@ -166,10 +175,12 @@ func (c *Cache) symlinkRefused(t target, err error) answer {
 	return notFound
 }
 
-// sized is a file and its size, the body of an answer not held in memory.
+// sized is a file and its size, the body of an answer not held in memory:
+// an open file, or (on a bucket) open, which opens n bytes from off.
 type sized struct {
 	f    *os.File
 	size int64
+	open func(off, n int64) (io.ReadCloser, error)
 }
 
 // respond answers q for a representation held in data or in file: the
@@ -225,6 +236,18 @@ func respond(q *query, ctype, etag, modified string, mod time.Time, data []byte,
 	}
 	if file == nil {
 		a.data = data[start : start+n]
+		return a
+	}
+	if file.open != nil {
+		if n == 0 {
+			a.data = []byte{}
+			return a
+		}
+		rc, err := file.open(start, n)
+		if err != nil {
+			return bucketErr(err)
+		}
+		a.stream, a.ranges = rc, true
 		return a
 	}
 	if start > 0 {
@@ -350,7 +373,7 @@ func (c *Cache) serveFile(w http.ResponseWriter, r *http.Request, t target) {
 		wh.Set("Last-Modified", a.modified)
 	}
 	if a.status != http.StatusNotModified && a.length >= 0 {
-		if a.stream == nil {
+		if a.stream == nil || a.ranges {
 			wh.Set("Accept-Ranges", "bytes")
 		}
 		wh.Set("Content-Length", strconv.FormatInt(a.length, 10))

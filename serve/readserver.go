@@ -159,6 +159,9 @@ func (c *Cache) writeFast(ctx *fasthttp.RequestCtx, a answer) {
 		if a.file != nil {
 			a.file.Close()
 		}
+		if a.stream != nil {
+			a.stream.Close()
+		}
 		c.refuseFast(ctx, a)
 		return
 	}
@@ -181,7 +184,11 @@ func (c *Cache) writeFast(ctx *fasthttp.RequestCtx, a answer) {
 	}
 	if a.stream != nil {
 		// As it downloads from upstream (fallback.go): a length only
-		// when the narinfo gave one (else chunked).
+		// when the narinfo gave one (else chunked). From a bucket: a
+		// file, which takes ranges.
+		if a.ranges {
+			h.Set("Accept-Ranges", "bytes")
+		}
 		ctx.SetBodyStream(a.stream, int(a.length))
 		return
 	}

@@ -1,6 +1,7 @@
 package serve
 
 import (
+	"context"
 	"crypto/sha256"
 	"errors"
 	"fmt"
@@ -90,6 +91,13 @@ func (c *Cache) putErr(w http.ResponseWriter, r *http.Request, t target) error {
 	}
 	defer body.Close()
 
+	if c.bucket != nil && t.kind != kindCacheInfo && t.kind != kindLock {
+		size := int64(-1)
+		if lb, ok := body.(*limitedBody); ok && lb.decoded == nil && r.ContentLength >= 0 {
+			size = r.ContentLength
+		}
+		return c.putBucket(r.Context(), body, t, size, start)
+	}
 	switch t.kind {
 	case kindCacheInfo:
 		// The cache's own settings win; a client PUTs one only when it
@@ -316,6 +324,16 @@ func (c *Cache) stageNarInfo(tf *tempFile, t target, data []byte, check func() (
 // lacks a trusted signature, or names a NAR or references that are not in
 // the cache. It returns what the narinfo must wait for.
 func (c *Cache) checkNarInfo(data []byte, t target) ([]dependency, error) {
+	ni, err := c.parseNarInfoUpload(data, t)
+	if err != nil {
+		return nil, err
+	}
+	return c.narInfoDeps(ni, t)
+}
+
+// parseNarInfoUpload refuses a narinfo that is malformed, names another
+// path or lacks a trusted signature.
+func (c *Cache) parseNarInfoUpload(data []byte, t target) (*nixcache.NarInfo, error) {
 	ni, err := nixcache.ParseNarInfo(data)
 	if err != nil {
 		return nil, refusef(http.StatusBadRequest, "%s: %v", t.rel, err)
@@ -326,7 +344,7 @@ func (c *Cache) checkNarInfo(data []byte, t target) ([]dependency, error) {
 	if len(c.cfg.TrustedKeys) > 0 && !ni.VerifiedBy(c.cfg.StoreDir, c.cfg.TrustedKeys) {
 		return nil, refusef(http.StatusUnprocessableEntity, "%s: no valid signature by a trusted writer key", t.rel)
 	}
-	return c.narInfoDeps(ni, t)
+	return ni, nil
 }
 
 // narInfoDeps returns what a well-formed narinfo must wait for: its NAR
@@ -366,7 +384,7 @@ func (c *Cache) commitNarInfo(f *atomicfile.File, t target, data []byte, deps []
 	// Under the guard no prune deletes anything, so what we check here is
 	// still there when the narinfo appears.
 	old := int64(-1)
-	err = c.locks.Guard(func() error {
+	err = c.locks.Guard(context.Background(), func(context.Context) error {
 		for _, dep := range deps {
 			if err := c.durable.ready(c.cfg.Dir, dep); err != nil {
 				return fmt.Errorf("%s needs %s: %w", t.rel, dep.rel, err)
@@ -409,7 +427,7 @@ func (c *Cache) putMarker(body io.Reader, t target, start time.Time) error {
 	if _, err := f.Write(data); err != nil {
 		return err
 	}
-	return c.locks.Guard(func() error {
+	return c.locks.Guard(context.Background(), func(context.Context) error {
 		for _, root := range roots {
 			if err := c.durable.wait(c.cfg.Dir, root[:nixcache.HashLen]+".narinfo"); err != nil {
 				return refusef(http.StatusConflict, "%s: %s is not in the cache", t.rel, root)
@@ -428,11 +446,24 @@ func (c *Cache) delete(w http.ResponseWriter, r *http.Request, t target) {
 	var err error
 	switch t.kind {
 	case kindNarInfo:
+		if c.bucket != nil {
+			w.Header().Set("Allow", "GET, HEAD, PUT")
+			c.refuse(w, r, http.StatusNotImplemented, "%s: forgetting a path is not done on a bucket yet; delete its marker and run kiss-onion prune", t.rel)
+			return
+		}
 		c.forget(w, r, t)
 		return
 	case kindLock:
 		err = c.locks.Release(t.name)
 	case kindRoot:
+		if c.bucket != nil {
+			err = c.deleteMarkerBucket(t)
+			if errors.Is(err, fs.ErrNotExist) {
+				c.refuse(w, r, http.StatusNotFound, "%s: no such marker", t.rel)
+				return
+			}
+			break
+		}
 		old := sizeOf(c.path(t))
 		err = os.Remove(c.path(t))
 		if errors.Is(err, fs.ErrNotExist) {
@@ -462,7 +493,7 @@ const spaceHeadroom = 1 << 20
 // retry. (A compressed body may still fill the disk as it is decoded;
 // that is caught as it is written.)
 func (c *Cache) checkRoom(w http.ResponseWriter, length int64) error {
-	if length <= 0 {
+	if length <= 0 || c.bucket != nil {
 		return nil
 	}
 	free, ok := freeSpace(c.tmpDir)

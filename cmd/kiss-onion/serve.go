@@ -14,6 +14,7 @@ import (
 
 	"github.com/sirupsen/logrus"
 
+	"github.com/kiss-onion/kiss-onion/bucketlock"
 	"github.com/kiss-onion/kiss-onion/internal/nixcache"
 	"github.com/kiss-onion/kiss-onion/prune"
 	"github.com/kiss-onion/kiss-onion/serve"
@@ -105,6 +106,8 @@ type serveFlags struct {
 	pruneGrace    time.Duration
 	maxRootAge    time.Duration
 	metricsListen string
+	store         string
+	s3            s3Flags
 	upstream      upstreamFlags
 	oidc          oidcFlags
 	tls           tlsFlags
@@ -116,6 +119,8 @@ func runServe(args []string) error {
 	fs := newFlagSet("serve", serveUsage)
 	config := fs.String("config", "", "read settings from this TOML `file`")
 	fs.StringVar(&f.cacheDir, "cache-dir", "/var/cache/kiss-onion", "the cache `directory` (created 0755)")
+	fs.StringVar(&f.store, "store", "", "keep the cache in a bucket instead of --cache-dir: `s3://BUCKET/PREFIX`[?endpoint=HOST:PORT&region=R&scheme=http] (docs/s3.md)")
+	f.s3.register(fs)
 	fs.StringVar(&f.stateDir, "state-dir", "/var/lib/kiss-onion", "keys and tor data `directory` (created 0700), never under the cache")
 	fs.StringVar(&f.listen, "listen", "", "also serve reads on this local `address` (host:port)")
 	fs.StringVar(&f.listenWrite, "listen-write", "", "also take uploads on this local `address` (host:port)")
@@ -224,7 +229,11 @@ func serveMain(f serveFlags, log *logrus.Entry) error {
 	if f.torMode == "off" && len(listeners) == 0 && !f.oidc.listening() && f.tls.listen == "" {
 		return usagef("with --tor off, give --listen, --listen-write, --listen-oidc or --listen-tls")
 	}
-	if err := checkApart(f.cacheDir, f.stateDir); err != nil {
+	if f.store == "" {
+		if err := checkApart(f.cacheDir, f.stateDir); err != nil {
+			return err
+		}
+	} else if err := checkStoreFlags(f); err != nil {
 		return err
 	}
 	var keys []nixcache.PublicKey
@@ -245,25 +254,17 @@ func serveMain(f serveFlags, log *logrus.Entry) error {
 	if err != nil {
 		return err
 	}
-	cache, err := serve.New(serve.Config{
-		Dir:           f.cacheDir,
-		StoreDir:      f.storeDir,
-		Priority:      f.priority,
-		WantMassQuery: f.wantMassQuery,
-		TrustedKeys:   keys,
-		MaxUploadSize: int64(f.maxUpload),
-		StateDir:      f.stateDir,
-		Upstream:      up,
-		Log:           log,
-	})
+	cache, where, bucketLocks, err := openCache(f, keys, up, log)
 	if err != nil {
 		return err
 	}
+	defer cache.Close()
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	errc := make(chan error, 4)
 	status := newStatusServer(f, cache)
+	status.bucketLocks = bucketLocks
 	metrics := newServeMetrics(registryPaths(f))
 	if f.metricsListen != "" {
 		if err := serveMetricsOn(ctx, f.metricsListen, metrics, cache, log, errc); err != nil {
@@ -331,7 +332,7 @@ func serveMain(f serveFlags, log *logrus.Entry) error {
 	if f.pruneEvery > 0 {
 		go pruneEvery(ctx, f, log, cache, metrics)
 	}
-	log.WithField("cache", f.cacheDir).Info("serving")
+	log.WithField("cache", where).Info("serving")
 	select {
 	case <-ctx.Done():
 		log.Info("shutting down")
@@ -339,6 +340,47 @@ func serveMain(f serveFlags, log *logrus.Entry) error {
 	case err := <-errc:
 		return err
 	}
+}
+
+// openCache opens the cache serve serves: the directory, or the bucket
+// of --store with its lock protocol. where names it for the log.
+func openCache(f serveFlags, keys []nixcache.PublicKey, up serve.Upstream, log *logrus.Entry) (cache *serve.Cache, where string, locks cacheLocks, err error) {
+	cfg := serve.Config{
+		Dir:           f.cacheDir,
+		StoreDir:      f.storeDir,
+		Priority:      f.priority,
+		WantMassQuery: f.wantMassQuery,
+		TrustedKeys:   keys,
+		MaxUploadSize: int64(f.maxUpload),
+		StateDir:      f.stateDir,
+		Upstream:      up,
+		Log:           log,
+	}
+	where = f.cacheDir
+	if f.store != "" {
+		st, sc, err := f.s3.open(f.store, log)
+		if err != nil {
+			return nil, "", nil, err
+		}
+		bl := bucketlock.New(st, log)
+		cfg.Dir, cfg.Bucket, cfg.BucketLocks, where, locks = "", st, bl, sc.String(), bl
+	}
+	cache, err = serve.New(cfg)
+	return cache, where, locks, err
+}
+
+// checkStoreFlags refuses what does not run on a bucket yet.
+func checkStoreFlags(f serveFlags) error {
+	if !isStoreURL(f.store) {
+		return usagef("--store %q: want s3://BUCKET/PREFIX", f.store)
+	}
+	if len(f.upstream.urls) > 0 {
+		return usagef("--upstream does not run with --store yet: fill the bucket through a serve on a directory, or without upstream")
+	}
+	if f.pruneEvery > 0 {
+		return usagef("--prune-interval does not run with --store yet: run 'kiss-onion prune s3://...' on a schedule")
+	}
+	return nil
 }
 
 // checkApart refuses a state directory inside the cache directory, where

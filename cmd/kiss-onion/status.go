@@ -248,6 +248,9 @@ func filesStatus(stateDir, cacheDir string, registries []string) statusReport {
 			}
 		}
 	}
+	if isStoreURL(cacheDir) {
+		return rep // a bucket: serve adds its locks (statusServer.report)
+	}
 	var st unix.Statfs_t
 	if err := unix.Statfs(cacheDir, &st); err != nil {
 		problem("disk of the cache: %v", err)
@@ -259,7 +262,20 @@ func filesStatus(stateDir, cacheDir string, registries []string) statusReport {
 	} else if ok {
 		rep.LastPrune = &r
 	}
-	locks := cachelock.New(cacheDir)
+	addLocks(&rep, cachelock.New(cacheDir))
+	return rep
+}
+
+// cacheLocks is what status reads of a lock protocol, on a directory or a
+// bucket.
+type cacheLocks interface {
+	List() ([]cachelock.LockInfo, error)
+	Holder() (who string, held bool, err error)
+}
+
+// addLocks adds the upload locks and the prune's hold to rep.
+func addLocks(rep *statusReport, locks cacheLocks) {
+	problem := func(format string, args ...any) { rep.Problems = append(rep.Problems, fmt.Sprintf(format, args...)) }
 	ls, err := locks.List()
 	if err != nil {
 		problem("%v", err)
@@ -275,7 +291,6 @@ func filesStatus(stateDir, cacheDir string, registries []string) statusReport {
 			rep.HeldBy = "a prune or forget"
 		}
 	}
-	return rep
 }
 
 // cacheCount is a count of the cache's files.
@@ -378,14 +393,16 @@ func (l *publishLog) get(address string) (publishedOnion, bool) {
 // statusServer answers 'kiss-onion status' for a running serve, on
 // statusSocket(STATE): GET /status, the report as JSON.
 type statusServer struct {
-	f         serveFlags
-	started   time.Time
-	cache     *serve.Cache // its size
-	mu        sync.Mutex
-	listeners []listenerStatus
-	onions    *onions // nil with --tor off
-	srv       *http.Server
-	sock      string
+	f       serveFlags
+	started time.Time
+	cache   *serve.Cache // its size
+	// bucketLocks are the locks of a cache on a bucket (--store).
+	bucketLocks cacheLocks
+	mu          sync.Mutex
+	listeners   []listenerStatus
+	onions      *onions // nil with --tor off
+	srv         *http.Server
+	sock        string
 }
 
 func newStatusServer(f serveFlags, cache *serve.Cache) *statusServer {
@@ -460,7 +477,14 @@ func (s *statusServer) report(now time.Time) statusReport {
 	if s.f.clientsFile != "" {
 		registries = append(registries, s.f.clientsFile)
 	}
-	rep := filesStatus(s.f.stateDir, s.f.cacheDir, registries)
+	where := s.f.cacheDir
+	if s.f.store != "" {
+		where = s.f.store
+	}
+	rep := filesStatus(s.f.stateDir, where, registries)
+	if s.bucketLocks != nil {
+		addLocks(&rep, s.bucketLocks)
+	}
 	rep.Serve = serveStatus{Running: true, PID: os.Getpid(), Since: &s.started, Tor: s.f.torMode}
 	if s.f.pruneEvery > 0 {
 		rep.Serve.PruneInterval = s.f.pruneEvery.String()

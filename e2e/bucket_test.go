@@ -1,0 +1,188 @@
+package e2e
+
+import (
+	"context"
+	"crypto/sha256"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/kiss-onion/kiss-onion/internal/nixcache"
+	"github.com/kiss-onion/kiss-onion/internal/s3test"
+	"github.com/kiss-onion/kiss-onion/s3store"
+)
+
+// bucketStore is a prefix of a real SeaweedFS bucket, as serve's --store
+// URL and a credentials file, and a client to look at its objects.
+type bucketStore struct {
+	url, credentials string
+	st               *s3store.Store
+}
+
+func newBucketStore(t *testing.T, srv *s3test.Server, prefix string) *bucketStore {
+	t.Helper()
+	creds := filepath.Join(t.TempDir(), "credentials")
+	data := "[default]\naws_access_key_id = " + srv.AccessKey + "\naws_secret_access_key = " + srv.SecretKey + "\n"
+	if err := os.WriteFile(creds, []byte(data), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	st, err := s3store.New(s3store.Config{Endpoint: srv.Endpoint, Region: srv.Region, AccessKey: srv.AccessKey, SecretKey: srv.SecretKey,
+		Bucket: srv.Bucket, Prefix: prefix})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &bucketStore{url: "s3://" + srv.Bucket + "/" + prefix + "?endpoint=http://" + srv.Endpoint + "&region=" + srv.Region,
+		credentials: creds, st: st}
+}
+
+// args are serve's flags for the bucket.
+func (b *bucketStore) args() []string {
+	return []string{"--store", b.url, "--s3-credentials", b.credentials}
+}
+
+// objects lists the bucket's objects under dir ("" for all).
+func (b *bucketStore) objects(t *testing.T, dir string) []s3store.Info {
+	t.Helper()
+	var out []s3store.Info
+	if err := b.st.List(context.Background(), dir, func(page []s3store.Info) error { out = append(out, page...); return nil }); err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+// checkWhole fails unless every NAR in the bucket holds what its name
+// promises and every narinfo's NAR is there: no object is partial, no
+// narinfo dangles.
+func (b *bucketStore) checkWhole(t *testing.T) {
+	t.Helper()
+	have := map[string]bool{}
+	for _, in := range b.objects(t, "nar/") {
+		have[in.Name] = true
+		rc, _, err := b.st.Get(context.Background(), in.Name, 0, -1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		sum := sha256.New()
+		io.Copy(sum, rc)
+		rc.Close()
+		if want := nixcache.NarURLHash(in.Name); want != "" && nixcache.Base32(sum.Sum(nil)) != want {
+			t.Errorf("%s (%d bytes) does not hold what its name promises", in.Name, in.Size)
+		}
+	}
+	for _, in := range b.objects(t, "") {
+		if !strings.HasSuffix(in.Name, ".narinfo") || strings.Contains(in.Name, "/") {
+			continue
+		}
+		rc, _, err := b.st.Get(context.Background(), in.Name, 0, -1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		data, _ := io.ReadAll(rc)
+		rc.Close()
+		ni, err := nixcache.ParseNarInfo(data)
+		if err != nil {
+			t.Fatalf("%s: %v", in.Name, err)
+		}
+		if !have[ni.URL] {
+			t.Errorf("%s names %s, which is not in the bucket", in.Name, ni.URL)
+		}
+	}
+}
+
+// TestBucketStore runs serve on a bucket of a real SeaweedFS, with the
+// real nix and the real onions: a closure pushed through one front end is
+// substituted through the other's read onion, and a serve killed in the
+// middle of an upload leaves no object behind.
+func TestBucketStore(t *testing.T) {
+	srv := s3test.Start(t)
+	key := newSigningKey(t, "e2e-bucket-1")
+
+	t.Run("pushed through one front end, substituted through the other", func(t *testing.T) {
+		b := newBucketStore(t, srv, "two")
+		pushAddr, readAddr := freeAddr(t), freeAddr(t)
+		a := start(t, append([]string{"serve", "--tor", "off", "--state-dir", t.TempDir(), "--listen-write", pushAddr, "--listen", readAddr}, b.args()...)...)
+		waitHTTP(t, a, "http://"+readAddr+"/nix-cache-info")
+		stateB := t.TempDir()
+		reader := addKey(t, stateB, "laptop", "reader")
+		startOnionServer(t, stateB, filepath.Join(t.TempDir(), "unused"), b.args()...)
+
+		src := newNix(t)
+		wide, closure := src.buildWideClosure(12)
+		top, small := src.buildClosure(256)
+		src.must("nix", "copy", "--to", "http://"+pushAddr+"?compression=zstd&write-nar-listing=true&secret-key="+key.secretFile, wide, top)
+		b.checkWhole(t)
+		if infos := b.objects(t, "nar/"); len(infos) < len(closure)+len(small) {
+			t.Fatalf("%d NARs in the bucket after pushing %d paths", len(infos), len(closure)+len(small))
+		}
+
+		g := startGateway(t, reader)
+		g.waitReachable(t)
+		dst := newNix(t, "substituters = "+g.url, "trusted-public-keys = "+key.public, "require-sigs = true")
+		dst.must("nix-store", "--realise", wide, top)
+		for _, p := range append(closure, small...) {
+			sameTree(t, src, dst, p)
+		}
+		// And straight from the first front end, as nix copy --from.
+		direct := newNix(t, "trusted-public-keys = "+key.public)
+		direct.must("nix", "copy", "--from", "http://"+readAddr, top)
+		for _, p := range small {
+			sameTree(t, src, direct, p)
+		}
+	})
+
+	t.Run("a serve killed mid-upload leaves no object", func(t *testing.T) {
+		b := newBucketStore(t, srv, "killed")
+		addr := freeAddr(t)
+		s := start(t, append([]string{"serve", "--tor", "off", "--state-dir", t.TempDir(), "--listen-write", addr}, b.args()...)...)
+		waitHTTP(t, s, "http://"+addr+"/nix-cache-info")
+		name := "nar/" + strings.Repeat("0", 52) + ".nar"
+		pr, pw := io.Pipe()
+		sent := make(chan struct{})
+		go func() {
+			chunk := make([]byte, 1<<20)
+			for i := 0; i < 256; i++ {
+				if _, err := pw.Write(chunk); err != nil {
+					return
+				}
+				if i == 40 { // past two parts of 16 MiB
+					close(sent)
+				}
+			}
+			pw.Close()
+		}()
+		req, _ := http.NewRequest("PUT", "http://"+addr+"/"+name, pr)
+		req.ContentLength = 256 << 20
+		errc := make(chan error, 1)
+		go func() {
+			resp, err := http.DefaultClient.Do(req)
+			if err == nil {
+				resp.Body.Close()
+			}
+			errc <- err
+		}()
+		select {
+		case <-sent:
+		case <-time.After(time.Minute):
+			t.Fatal("the upload did not get going")
+		}
+		s.kill()
+		pr.CloseWithError(io.ErrClosedPipe)
+		<-errc
+		if _, err := b.st.Stat(context.Background(), name); err == nil {
+			t.Fatal("the killed upload is an object in the bucket")
+		}
+		if objs := b.objects(t, "nar/"); len(objs) != 0 {
+			t.Fatalf("objects under nar/ after a killed upload: %v", objs)
+		}
+		// The parts it left are invisible; a day later, prune aborts them.
+		again := start(t, append([]string{"serve", "--tor", "off", "--state-dir", t.TempDir(), "--listen", addr}, b.args()...)...)
+		waitHTTP(t, again, "http://"+addr+"/nix-cache-info")
+		if code, _ := httpDo(t, "GET", "http://"+addr+"/"+name, nil); code != 404 {
+			t.Fatalf("GET of the killed upload: %d, want 404", code)
+		}
+	})
+}
