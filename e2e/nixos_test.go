@@ -629,6 +629,35 @@ var nixosServerCases = []nixosCase{
 		},
 	},
 	{
+		name:    "server keeps the cache in a bucket, its keys read at run time as credentials",
+		modules: "server",
+		config: `{ services.kiss-onion = { enable = true; writers.ci.publicKey = "` + nixosWriterKey + `";
+			store = { url = "s3://nix-cache/main?endpoint=http://10.0.0.5:8333&region=us-east-1"; credentialsFile = "/run/secrets/s3"; }; }; }`,
+		check: func(t *testing.T, r *nixosEval) {
+			nixosAssertions(t, r)
+			conf := r.Etc["kiss-onion/kiss-onion.toml"].(map[string]any)
+			nixosEq(t, "store", conf["store"], "s3://nix-cache/main?endpoint=http://10.0.0.5:8333&region=us-east-1")
+			nixosEq(t, "s3-credentials", conf["s3-credentials"], "/run/credentials/kiss-onion.service/s3-credentials")
+			nixosEq(t, "LoadCredential", nixosUnit(t, r, "kiss-onion").ServiceConfig["LoadCredential"], []string{"s3-credentials:/run/secrets/s3"})
+		},
+	},
+	{
+		name:    "server refuses what does not run on a bucket yet, and a store that is not s3://",
+		modules: "server",
+		config: `{ services.kiss-onion = { enable = true; writers.ci.publicKey = "` + nixosWriterKey + `";
+			store.url = "s3://nix-cache"; prune.enable = true; }; }`,
+		check: func(t *testing.T, r *nixosEval) {
+			nixosAssertions(t, r, "upstream and prune.enable do not run on a bucket yet")
+		},
+	},
+	{
+		name:    "server refuses a store URL that is not s3://",
+		modules: "server",
+		config: `{ services.kiss-onion = { enable = true; writers.ci.publicKey = "` + nixosWriterKey + `";
+			store.url = "/srv/cache"; }; }`,
+		wantErr: "services.kiss-onion.store.url",
+	},
+	{
 		name:    "server refuses a remote TLS door without allow-remote, and half a certificate",
 		modules: "server",
 		config: `{ services.kiss-onion = { enable = true; writers.ci.publicKey = "` + nixosWriterKey + `";

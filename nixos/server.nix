@@ -58,6 +58,13 @@ let
     + lib.concatStrings (lib.mapAttrsToList (clientEntry "reader") cfg.readers)
     + lib.concatStrings (lib.mapAttrsToList (clientEntry "writer") cfg.writers);
   configFile = toml.generate "kiss-onion.toml" cfg.settings;
+  # Secrets the unit reads at run time (LoadCredential), never from the store.
+  credentials =
+    lib.optionals (cfg.tls.enable && cfg.tls.certFile != null && cfg.tls.keyFile != null) [
+      "tls-cert:${cfg.tls.certFile}"
+      "tls-key:${cfg.tls.keyFile}"
+    ]
+    ++ lib.optional (cfg.store.credentialsFile != null) "s3-credentials:${cfg.store.credentialsFile}";
 
   stateUnder = kolib.managedUnder "/var/lib" cfg.stateDir;
   cacheUnder = kolib.managedUnder "/var/cache" cfg.cacheDir;
@@ -96,6 +103,33 @@ in
         cache at every instant. Under /var/cache it is the service's
         CacheDirectory; elsewhere it is created by systemd-tmpfiles.
       '';
+    };
+
+    store = {
+      url = mkOption {
+        type = types.nullOr (types.strMatching "s3://.+");
+        default = null;
+        example = "s3://nix-cache/main?endpoint=http://10.0.0.5:8333&region=us-east-1";
+        description = ''
+          Keep the cache in an S3-compatible bucket instead of cacheDir:
+          `s3://BUCKET/PREFIX` with `endpoint=`, `region=` and `scheme=` as
+          Nix's own S3 stores take them (AWS's endpoint when none is given).
+          Several servers may share one bucket, each with its own onions.
+          See docs/s3.md.
+        '';
+      };
+
+      credentialsFile = mkOption {
+        type = types.nullOr kolib.secretPath;
+        default = null;
+        example = "/run/secrets/kiss-onion-s3";
+        description = ''
+          An AWS credentials file (`[default]`, `aws_access_key_id`,
+          `aws_secret_access_key`) with the bucket's keys, read at run time
+          as a systemd credential: it never enters the Nix store. Without
+          it the keys come from the service's environment.
+        '';
+      };
     };
 
     stateDir = mkOption {
@@ -442,6 +476,8 @@ in
   config = mkIf cfg.enable {
     services.kiss-onion.settings = {
       cache-dir = cfg.cacheDir;
+      store = mkIf (cfg.store.url != null) cfg.store.url;
+      s3-credentials = mkIf (cfg.store.credentialsFile != null) "${credentialsDir}/s3-credentials";
       state-dir = cfg.stateDir;
       clients-file = clientsPath;
       public-read = cfg.publicRead;
@@ -473,6 +509,10 @@ in
     };
 
     assertions = [
+      {
+        assertion = cfg.store.url == null || (cfg.upstream.urls == [ ] && !cfg.prune.enable);
+        message = "services.kiss-onion.store.url: upstream and prune.enable do not run on a bucket yet; prune the bucket with `kiss-onion prune s3://...` on a timer";
+      }
       {
         assertion = cfg.upstream.urls == [ ] || cfg.upstream.keys != [ ];
         message = "services.kiss-onion.upstream.urls is set but upstream.keys is empty: what comes from upstream must be signed (for cache.nixos.org: cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=)";
@@ -597,10 +637,7 @@ in
         RemoveIPC = true;
         # The user's server certificate and key, readable by root alone,
         # reach the service here.
-        LoadCredential = mkIf (cfg.tls.enable && cfg.tls.certFile != null && cfg.tls.keyFile != null) [
-          "tls-cert:${cfg.tls.certFile}"
-          "tls-key:${cfg.tls.keyFile}"
-        ];
+        LoadCredential = mkIf (credentials != [ ]) credentials;
       }
       // kolib.sandbox;
     };
