@@ -134,6 +134,26 @@ func TestBucketStore(t *testing.T) {
 		}
 	})
 
+	t.Run("Nix 2.18 uploads in parallel", func(t *testing.T) {
+		b := newBucketStore(t, srv, "modern")
+		pushAddr, readAddr := freeAddr(t), freeAddr(t)
+		s := start(t, append([]string{"serve", "--tor", "off", "--state-dir", t.TempDir(), "--listen-write", pushAddr, "--listen", readAddr}, b.args()...)...)
+		waitHTTP(t, s, "http://"+readAddr+"/nix-cache-info")
+		src := newModernNix(t)
+		top, closure := src.buildWideClosure(22)
+		src.must("nix", "copy", "--to", "http://"+pushAddr+"?compression=zstd&write-nar-listing=true&secret-key="+key.secretFile, top)
+		b.checkWhole(t)
+		dst := newModernNix(t, "substituters = http://"+readAddr, "trusted-public-keys = "+key.public, "require-sigs = true")
+		dst.must("nix-store", "--realise", top)
+		dst.must("nix", "store", "verify", "--recursive", top)
+		for _, p := range closure {
+			sameTree(t, src, dst, p)
+		}
+		if out := dst.must("nix", "store", "ls", "--store", "http://"+readAddr, closure[len(closure)-1]); out == "" {
+			t.Error("nix store ls through the bucket's listing: nothing")
+		}
+	})
+
 	t.Run("a serve killed mid-upload leaves no object", func(t *testing.T) {
 		b := newBucketStore(t, srv, "killed")
 		addr := freeAddr(t)
