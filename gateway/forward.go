@@ -619,9 +619,12 @@ func (f *Forwarder) down(err error, began time.Time) {
 		}
 		f.health.State, f.health.Reachable, f.health.Since = next, false, now
 		log := f.log.WithField("target", f.target.String()).WithError(err)
-		if next == StateProbing {
+		switch {
+		case f.cfg.metrics != nil: // one front end of several
+			log.WithField("state", string(next)).Warn("front end unreachable or slow: requests go to the other front ends while it probes")
+		case next == StateProbing:
 			log.Warn("onion slow to answer: the gateway answers requests itself while it probes")
-		} else {
+		default:
 			log.Warn("onion unreachable: the gateway answers requests itself while it probes")
 		}
 	}
