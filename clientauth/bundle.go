@@ -36,8 +36,10 @@ const (
 //	<onion>.auth_private   one per onion the key may reach, for tor's
 //	                       ClientOnionAuthDir, 0600
 //	kiss-onion.toml        name, role, public key, read_url and write_url,
-//	                       and for the TLS door tls_url, tls_ca and the
-//	                       fingerprints of the certificates
+//	                       one [[frontend]] table (read_url, write_url) per
+//	                       further front end of the cache, and for the TLS
+//	                       door tls_url, tls_ca and the fingerprints of the
+//	                       certificates
 //	tls-client.crt, .key   the TLS client certificate and its key, 0600
 //	tls-ca.crt             the cache's CA (for Nix's ssl-cert-file)
 //
@@ -51,7 +53,18 @@ type Bundle struct {
 	Created    time.Time   // when the key was made, noted in client.key; not read back
 	ReadOnion  string      // the read onion's address, with or without ".onion"
 	WriteOnion string      // the write onion's address: writers only
-	TLS        *BundleTLS  // the TLS door; nil for a bundle of the onions alone
+	// Frontends are the cache's further front ends (serves over the same
+	// store, each with its own onions), besides ReadOnion and WriteOnion;
+	// nil for a cache with one.
+	Frontends []Frontend
+	TLS       *BundleTLS // the TLS door; nil for a bundle of the onions alone
+}
+
+// Frontend is one front end of a cache: a serve's read onion and, in a
+// writer's bundle, its write onion.
+type Frontend struct {
+	ReadOnion  string
+	WriteOnion string // writers only
 }
 
 // BundleTLS is what a bundle holds to reach the cache's TLS door.
@@ -85,6 +98,14 @@ type bundleConfig struct {
 	TLSCertFP   string `toml:"tls_cert_fingerprint,omitempty"`
 	TLSServerFP string `toml:"tls_server_fingerprint,omitempty"`
 	TLSCA       string `toml:"tls_ca,multiline,omitempty"`
+	// The further front ends, each a [[frontend]] table.
+	Frontends []frontendConfig `toml:"frontend,omitempty"`
+}
+
+// frontendConfig is a [[frontend]] table of kiss-onion.toml.
+type frontendConfig struct {
+	ReadURL  string `toml:"read_url"`
+	WriteURL string `toml:"write_url,omitempty"`
 }
 
 const bundleConfigHeader = `# kiss-onion client bundle, written by 'kiss-onion keys'.
@@ -97,6 +118,84 @@ func (b Bundle) ReadURL() string { return onionURL(b.ReadOnion) }
 
 // WriteURL returns the URL of the write onion, or "" for a reader.
 func (b Bundle) WriteURL() string { return onionURL(b.WriteOnion) }
+
+// AllFrontends returns every front end of the cache: the first (ReadOnion
+// and WriteOnion), then Frontends.
+func (b Bundle) AllFrontends() []Frontend {
+	return append([]Frontend{{b.ReadOnion, b.WriteOnion}}, b.Frontends...)
+}
+
+// ReadURLs returns the URLs of every front end's read onion, the first
+// front end's first.
+func (b Bundle) ReadURLs() []string {
+	var urls []string
+	for _, f := range b.AllFrontends() {
+		urls = append(urls, onionURL(f.ReadOnion))
+	}
+	return urls
+}
+
+// WriteURLs returns the URLs of every front end's write onion, or nil
+// for a reader.
+func (b Bundle) WriteURLs() []string {
+	if b.WriteOnion == "" {
+		return nil
+	}
+	var urls []string
+	for _, f := range b.AllFrontends() {
+		urls = append(urls, onionURL(f.WriteOnion))
+	}
+	return urls
+}
+
+// Onions returns the addresses of every onion the bundle's key reaches,
+// each once, in the order of the front ends (read before write).
+func (b Bundle) Onions() []string {
+	var out []string
+	for _, f := range b.AllFrontends() {
+		for _, o := range []string{f.ReadOnion, f.WriteOnion} {
+			if o != "" {
+				out = append(out, o)
+			}
+		}
+	}
+	return out
+}
+
+// checkOnions checks the addresses of every front end against the role:
+// a read onion each, a write onion each for a writer and none for a
+// reader, and no onion twice.
+func (b Bundle) checkOnions() error {
+	seen := map[string]bool{}
+	for i, f := range b.AllFrontends() {
+		what := "bundle"
+		if i > 0 {
+			what = fmt.Sprintf("front end %d", i+1)
+		}
+		switch {
+		case f.ReadOnion == "":
+			return fmt.Errorf("%s has no read onion address", what)
+		case b.Role == RoleWriter && f.WriteOnion == "":
+			return fmt.Errorf("writer %s has no write onion address", what)
+		case b.Role == RoleReader && f.WriteOnion != "":
+			return fmt.Errorf("reader %s has a write onion address", what)
+		}
+		for _, o := range []string{f.ReadOnion, f.WriteOnion} {
+			if o == "" {
+				continue
+			}
+			addr, err := ParseOnionAddress(o)
+			if err != nil {
+				return fmt.Errorf("%s: %w", what, err)
+			}
+			if seen[addr] {
+				return fmt.Errorf("%s: onion %s.onion is listed twice", what, addr)
+			}
+			seen[addr] = true
+		}
+	}
+	return nil
+}
 
 func onionURL(addr string) string {
 	if addr == "" {
@@ -143,23 +242,11 @@ func (b Bundle) files() ([]bundleFile, PublicKey, error) {
 	if pub.IsZero() {
 		return nil, PublicKey{}, errors.New("bundle has no key")
 	}
-	onions := []string{b.ReadOnion}
-	switch {
-	case b.ReadOnion == "":
-		return nil, PublicKey{}, errors.New("bundle has no read onion address")
-	case b.Role == RoleWriter && b.WriteOnion == "":
-		return nil, PublicKey{}, errors.New("writer bundle has no write onion address")
-	case b.Role == RoleReader && b.WriteOnion != "":
-		return nil, PublicKey{}, errors.New("reader bundle has a write onion address")
-	case b.WriteOnion != "":
-		onions = append(onions, b.WriteOnion)
+	if err := b.checkOnions(); err != nil {
+		return nil, PublicKey{}, err
 	}
+	onions := b.Onions()
 	var files []bundleFile
-	for _, o := range onions {
-		if _, err := ParseOnionAddress(o); err != nil {
-			return nil, PublicKey{}, err
-		}
-	}
 	if b.Key != nil {
 		files = append(files, bundleFile{BundleKeyFile, keyFileData(b.Key, b.Created)})
 		for _, o := range onions {
@@ -177,6 +264,9 @@ func (b Bundle) files() ([]bundleFile, PublicKey, error) {
 		PublicKey: pub.String(),
 		ReadURL:   b.ReadURL(),
 		WriteURL:  b.WriteURL(),
+	}
+	for _, f := range b.Frontends {
+		conf.Frontends = append(conf.Frontends, frontendConfig{ReadURL: onionURL(f.ReadOnion), WriteURL: onionURL(f.WriteOnion)})
 	}
 	if t := b.TLS; t != nil {
 		if err := t.check(); err != nil {
@@ -319,6 +409,9 @@ func LoadBundle(dir string) (Bundle, error) {
 			return Bundle{}, fail("write_url", "write_url: %v", err)
 		}
 	}
+	if err := b.loadFrontends(cfg.Frontends, lines); err != nil {
+		return Bundle{}, &FileError{Path: path, Line: err.line, Err: err.err}
+	}
 	keyPath := filepath.Join(dir, BundleKeyFile)
 	k, err := ReadKeyFile(keyPath)
 	switch {
@@ -347,6 +440,43 @@ func LoadBundle(dir string) (Bundle, error) {
 	}
 	b.TLS = t
 	return b, nil
+}
+
+// lineError is an error at a line of kiss-onion.toml.
+type lineError struct {
+	line int
+	err  error
+}
+
+// loadFrontends sets b.Frontends from kiss-onion.toml's [[frontend]]
+// tables, checking each against the role and all onions against each
+// other.
+func (b *Bundle) loadFrontends(tables []frontendConfig, lines map[string]int) *lineError {
+	for i, t := range tables {
+		at := func(key string) int {
+			return lineOf(lines, fmt.Sprintf("frontend[%d].%s", i, key), fmt.Sprintf("frontend[%d]", i))
+		}
+		var f Frontend
+		var err error
+		if f.ReadOnion, err = parseOnionURL(t.ReadURL); err != nil {
+			return &lineError{at("read_url"), fmt.Errorf("[[frontend]] %d: read_url: %w", i+1, err)}
+		}
+		switch {
+		case b.Role == RoleWriter && t.WriteURL == "":
+			return &lineError{at("read_url"), fmt.Errorf("[[frontend]] %d: a writer needs write_url", i+1)}
+		case b.Role == RoleReader && t.WriteURL != "":
+			return &lineError{at("write_url"), fmt.Errorf("[[frontend]] %d: a reader has no write_url", i+1)}
+		case t.WriteURL != "":
+			if f.WriteOnion, err = parseOnionURL(t.WriteURL); err != nil {
+				return &lineError{at("write_url"), fmt.Errorf("[[frontend]] %d: write_url: %w", i+1, err)}
+			}
+		}
+		b.Frontends = append(b.Frontends, f)
+	}
+	if err := b.checkOnions(); err != nil {
+		return &lineError{lineOf(lines, "frontend[0]"), err}
+	}
+	return nil
 }
 
 // check checks what kiss-onion.toml says of the TLS door.

@@ -28,6 +28,12 @@
 // a 404 would misreport as missing. Each carries ErrorHeader and
 // Cache-Control: no-store. Its health is served as JSON at HealthPath.
 //
+// A cache may have several front ends (serves over one store, each with
+// its own onions): a Forwarder given them keeps each one's state apart,
+// sends requests to those that answer, fails a request over to another
+// before any answer, and resumes a broken NAR download on another with a
+// Range request (frontends.go).
+//
 // It does not parse bundles or key files (package clientauth), does not
 // ask tor's control port about the network (tor says "up" long after its
 // relays are gone), and knows nothing of the cache's protocol beyond the

@@ -99,8 +99,17 @@ type ForwarderConfig struct {
 	// so that it is answered while the onion is unreachable, across
 	// restarts too; "" remembers it in memory only.
 	CacheInfoFile string
+	// Frontends are the URLs of the cache's further front ends, besides
+	// Target: other serves over the same store, each with its own onions.
+	// Requests are spread over them all (see frontends.go).
+	Frontends []string
 	// Log receives state changes and errors; logrus's standard logger when nil.
 	Log *logrus.Entry
+
+	// For a front end's Forwarder: the metrics it shares with the others,
+	// and its index among them.
+	metrics *forwarderMetrics
+	front   int
 }
 
 // Health is what a Forwarder knows of its onion.
@@ -121,6 +130,9 @@ type Health struct {
 	CacheInfo bool `json:"remembers_cache_info"`
 	Circuits  int  `json:"circuits"`
 	InFlight  int  `json:"in_flight"`
+	// Frontends is each front end's own Health, when there are several;
+	// the fields above then sum them up.
+	Frontends []Health `json:"frontends,omitempty"`
 }
 
 // Forwarder is an http.Handler that forwards every request to one onion
@@ -145,6 +157,7 @@ type Forwarder struct {
 	cacheInfo []byte        // the cache's nix-cache-info, once seen
 
 	metrics *forwarderMetrics
+	fronts  []*Forwarder // one per front end, when there are several
 
 	downAt  atomic.Int64 // unix nanoseconds of when forwarding last stopped
 	probes  sync.WaitGroup
@@ -174,6 +187,9 @@ type circuit struct {
 // NewForwarder returns a Forwarder and starts its prober, which warms the
 // circuits up at once. Close stops it.
 func NewForwarder(cfg ForwarderConfig) (*Forwarder, error) {
+	if len(cfg.Frontends) > 0 {
+		return newFrontends(cfg)
+	}
 	target, err := url.Parse(cfg.Target)
 	if err != nil {
 		return nil, fmt.Errorf("forward to %q: %w", cfg.Target, err)
@@ -200,7 +216,10 @@ func NewForwarder(cfg ForwarderConfig) (*Forwarder, error) {
 		kick:   make(chan struct{}, 1),
 		done:   make(chan struct{}),
 	}
-	f.metrics = newForwarderMetrics()
+	f.metrics = cfg.metrics
+	if f.metrics == nil {
+		f.metrics = newForwarderMetrics()
+	}
 	if f.log == nil {
 		f.log = logrus.NewEntry(logrus.StandardLogger())
 	}
@@ -317,6 +336,9 @@ func (f *Forwarder) dialTor(ctx context.Context, network, addr, user string) (ne
 
 // Close stops the prober and closes the idle connections.
 func (f *Forwarder) Close() {
+	for _, c := range f.fronts {
+		c.Close()
+	}
 	f.cancel()
 	<-f.done
 	for _, c := range f.circuits {
@@ -326,6 +348,9 @@ func (f *Forwarder) Close() {
 
 // Health returns what the Forwarder knows of its onion now.
 func (f *Forwarder) Health() Health {
+	if f.fronts != nil {
+		return f.frontsHealth()
+	}
 	f.mu.Lock()
 	h := f.health
 	f.mu.Unlock()
@@ -338,6 +363,9 @@ func (f *Forwarder) Health() Health {
 // WaitReachable returns once the onion has answered, or ctx's error
 // wrapped with the last reason it could not be reached.
 func (f *Forwarder) WaitReachable(ctx context.Context) error {
+	if f.fronts != nil {
+		return f.waitAny(ctx)
+	}
 	for {
 		f.mu.Lock()
 		upc, h := f.upc, f.health
@@ -362,10 +390,7 @@ func (f *Forwarder) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	w, r, counted := f.metrics.begin(w, r)
 	defer counted()
-	f.mu.Lock()
-	forwarding, reason := f.health.Forwarding, f.health.LastError
-	f.mu.Unlock()
-	if !forwarding {
+	if forwarding, reason := f.forwarding(); !forwarding {
 		f.answer(w, r, errors.New(reason))
 		return
 	}
@@ -382,11 +407,12 @@ var errAway = errors.New("the onion is unreachable")
 // while the Forwarder answers requests itself; and a failure to reach the
 // onion counts as a forwarded request's would.
 func (f *Forwarder) RoundTrip(req *http.Request) (*http.Response, error) {
-	f.mu.Lock()
-	forwarding, reason := f.health.Forwarding, f.health.LastError
-	f.mu.Unlock()
+	forwarding, reason := f.forwarding()
 	if !forwarding {
 		return nil, fmt.Errorf("%w: %s", errAway, reason)
+	}
+	if f.fronts != nil {
+		return f.sendAny(req)
 	}
 	began := time.Now()
 	out := req.Clone(context.WithValue(req.Context(), arrivalKey{}, began))
@@ -465,9 +491,7 @@ func (f *Forwarder) fail(w http.ResponseWriter, r *http.Request, err error) {
 //
 // Every such answer has ErrorHeader and Cache-Control: no-store.
 func (f *Forwarder) answer(w http.ResponseWriter, r *http.Request, err error) {
-	f.mu.Lock()
-	h, info := f.health, f.cacheInfo
-	f.mu.Unlock()
+	h, info := f.Health(), f.knownCacheInfo()
 	w.Header().Set("Cache-Control", "no-store")
 	w.Header().Set(ErrorHeader, "unreachable")
 	read := r.Method == http.MethodGet || r.Method == http.MethodHead
@@ -487,7 +511,7 @@ func (f *Forwarder) answer(w http.ResponseWriter, r *http.Request, err error) {
 	case nixFile(r.URL.Path):
 		status = http.StatusNotFound
 	}
-	msg := fmt.Sprintf("%s%s is unreachable: %v", errorPrefix, f.target, err)
+	msg := fmt.Sprintf("%s%s is unreachable: %v", errorPrefix, f.describe(), err)
 	if h.State != StateReachable {
 		msg += fmt.Sprintf(" (%s since %s)", h.State, h.Since.UTC().Format(time.RFC3339))
 	}
@@ -595,9 +619,12 @@ func (f *Forwarder) down(err error, began time.Time) {
 		}
 		f.health.State, f.health.Reachable, f.health.Since = next, false, now
 		log := f.log.WithField("target", f.target.String()).WithError(err)
-		if next == StateProbing {
+		switch {
+		case f.cfg.metrics != nil: // one front end of several
+			log.WithField("state", string(next)).Warn("front end unreachable or slow: requests go to the other front ends while it probes")
+		case next == StateProbing:
 			log.Warn("onion slow to answer: the gateway answers requests itself while it probes")
-		} else {
+		default:
 			log.Warn("onion unreachable: the gateway answers requests itself while it probes")
 		}
 	}

@@ -28,8 +28,19 @@ type fakeSocks struct {
 	refuse atomic.Int32
 	hang   atomic.Bool // never answer the connect request, as tor with no network
 
-	mu    sync.Mutex
-	users map[string]int // connections per username
+	mu     sync.Mutex
+	users  map[string]int    // connections per username
+	routes map[string]string // origins by host name, when not origin
+}
+
+// routeTo connects host to addr rather than to origin.
+func (s *fakeSocks) routeTo(host, addr string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.routes == nil {
+		s.routes = map[string]string{}
+	}
+	s.routes[host] = addr
 }
 
 func newFakeSocks(t *testing.T, origin string) *fakeSocks {
@@ -81,10 +92,17 @@ func (s *fakeSocks) handle(c net.Conn) {
 	if _, err := io.ReadFull(r, req); err != nil {
 		return
 	}
+	origin := s.origin
 	switch req[3] {
 	case 3:
 		n, _ := r.ReadByte()
-		io.ReadFull(r, make([]byte, int(n)+2))
+		host := make([]byte, int(n)+2)
+		io.ReadFull(r, host)
+		s.mu.Lock()
+		if o, ok := s.routes[string(host[:n])]; ok {
+			origin = o
+		}
+		s.mu.Unlock()
 	case 1:
 		io.ReadFull(r, make([]byte, 6))
 	}
@@ -95,7 +113,7 @@ func (s *fakeSocks) handle(c net.Conn) {
 		c.Write([]byte{5, byte(code), 0, 1, 0, 0, 0, 0, 0, 0})
 		return
 	}
-	up, err := net.Dial("tcp", s.origin)
+	up, err := net.Dial("tcp", origin)
 	if err != nil {
 		c.Write([]byte{5, 5, 0, 1, 0, 0, 0, 0, 0, 0})
 		return

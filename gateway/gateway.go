@@ -89,13 +89,14 @@ func Start(ctx context.Context, cfg Config) (*Gateway, error) {
 	if b.Key == nil {
 		return nil, errors.New("start gateway: the bundle has no private key (client.key)")
 	}
-	target := b.ReadURL()
+	targets := b.ReadURLs()
 	if cfg.Write {
 		if b.WriteOnion == "" {
 			return nil, fmt.Errorf("start gateway: %q is a %s's bundle: it cannot reach the write onion", b.Name, b.Role)
 		}
-		target = b.WriteURL()
+		targets = b.WriteURLs()
 	}
+	target := targets[0]
 	if cfg.TorDataDir == "" {
 		return nil, errors.New("start gateway: no tor data directory")
 	}
@@ -111,7 +112,8 @@ func Start(ctx context.Context, cfg Config) (*Gateway, error) {
 
 	g := &Gateway{errc: make(chan error, 1)}
 	g.Forwarder, err = NewForwarder(ForwarderConfig{
-		Target: target,
+		Target:    target,
+		Frontends: targets[1:],
 		SocksAddr: func() string {
 			if t := g.tor.Load(); t != nil {
 				return t.SocksAddr()
@@ -129,7 +131,7 @@ func Start(ctx context.Context, cfg Config) (*Gateway, error) {
 	if err := g.listen(cfg, log); err != nil {
 		return nil, err
 	}
-	log.WithFields(logrus.Fields{"client": b.Name, "listen": g.URL(), "target": target}).Info("gateway starting tor")
+	log.WithFields(logrus.Fields{"client": b.Name, "listen": g.URL(), "target": target, "frontends": len(targets)}).Info("gateway starting tor")
 
 	t, err := onion.Start(ctx, onion.Config{
 		Binary:     cfg.TorBinary,
@@ -142,10 +144,7 @@ func Start(ctx context.Context, cfg Config) (*Gateway, error) {
 		g.closeServer()
 		return nil, fmt.Errorf("start gateway: %w", err)
 	}
-	for _, addr := range []string{b.ReadOnion, b.WriteOnion} {
-		if addr == "" {
-			continue
-		}
+	for _, addr := range b.Onions() {
 		if err := t.AddClientAuth(ctx, addr, key); err != nil {
 			t.Close()
 			g.closeServer()
@@ -153,10 +152,7 @@ func Start(ctx context.Context, cfg Config) (*Gateway, error) {
 		}
 	}
 	g.tor.Store(t)
-	select {
-	case g.kick <- struct{}{}:
-	default:
-	}
+	g.wake()
 	return g, nil
 }
 

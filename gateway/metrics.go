@@ -56,6 +56,7 @@ type forwarderMetrics struct {
 	dials    [numDialReasons]atomic.Uint64
 
 	narHits, narMisses atomic.Uint64 // NARs the Prefetcher served, by whether stored already
+	resumes            atomic.Uint64 // NAR downloads taken up on another front end
 }
 
 func newForwarderMetrics() *forwarderMetrics {
@@ -242,6 +243,10 @@ var (
 	gwCacheNarsDesc = prometheus.NewDesc("kiss_onion_gateway_cache_nar_requests_total",
 		"NAR requests the gateway answered from its store, by result: hit (complete there already: fetched ahead, or for an earlier request) or miss (fetched, or still arriving, when asked).",
 		[]string{"role", "result"}, nil)
+	gwFrontendReachableDesc = prometheus.NewDesc("kiss_onion_gateway_frontend_reachable",
+		"1 while the front end answers the gateway, 0 while it is probing or unreachable; front ends by their index in the bundle (0 for its read_url and write_url, then each [[frontend]] in order).", []string{"role", "frontend"}, nil)
+	gwResumesDesc = prometheus.NewDesc("kiss_onion_gateway_frontend_resumes_total",
+		"NAR downloads that broke on one front end and were taken up on another with a Range request.", []string{"role"}, nil)
 	gwDialFailuresDesc = prometheus.NewDesc("kiss_onion_gateway_dial_failures_total",
 		"Connections to the onion through Tor that failed, by reason: timeout (none within the dial timeout), refused (Tor refused the stream), no_tor (Tor not running), other.",
 		[]string{"role", "reason"}, nil)
@@ -281,7 +286,8 @@ func (g *Gateway) registerMetrics(cfg Config) error {
 
 func (fc *forwarderCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{gwReachableDesc, gwStateDesc, gwSinceDesc, gwForwardingDesc, gwCircuitsDesc, gwCircuitsInUseDesc,
-		gwRequestsDesc, gwInFlightDesc, gwSentDesc, gwReceivedDesc, gwDialFailuresDesc, gwCacheBytesDesc, gwCacheFilesDesc, gwCacheNarsDesc} {
+		gwRequestsDesc, gwInFlightDesc, gwSentDesc, gwReceivedDesc, gwDialFailuresDesc, gwCacheBytesDesc, gwCacheFilesDesc, gwCacheNarsDesc,
+		gwFrontendReachableDesc, gwResumesDesc} {
 		ch <- d
 	}
 }
@@ -301,6 +307,13 @@ func (fc *forwarderCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 	gauge(gwSinceDesc, float64(h.Since.UnixNano())/float64(time.Second))
 	gauge(gwForwardingDesc, b2f(h.Forwarding))
+	if len(h.Frontends) == 0 {
+		gauge(gwFrontendReachableDesc, b2f(h.Reachable), "0")
+	}
+	for i, fh := range h.Frontends {
+		gauge(gwFrontendReachableDesc, b2f(fh.Reachable), strconv.Itoa(i))
+	}
+	counter(gwResumesDesc, m.resumes.Load())
 	inUse := 0
 	for _, c := range f.circuits {
 		if c.inflight.Load() > 0 {

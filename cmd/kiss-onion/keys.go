@@ -23,9 +23,9 @@ func init() {
 
 const keysUsage = `
 Usage:
-	kiss-onion keys add NAME --role reader|writer [--tls [--tls-url URL]] [--out DIR] [--state-dir DIR]
-	kiss-onion keys add NAME --role reader|writer --public-key KEY [--out DIR] [--state-dir DIR]
-	kiss-onion keys export NAME [--key FILE] [--out DIR] [--state-dir DIR]
+	kiss-onion keys add NAME --role reader|writer [--tls [--tls-url URL]] [--frontend FRONT]... [--out DIR] [--state-dir DIR]
+	kiss-onion keys add NAME --role reader|writer --public-key KEY [--frontend FRONT]... [--out DIR] [--state-dir DIR]
+	kiss-onion keys export NAME [--key FILE] [--frontend FRONT]... [--out DIR] [--state-dir DIR]
 	kiss-onion keys list [--state-dir DIR]
 	kiss-onion keys revoke NAME [--state-dir DIR]
 
@@ -56,12 +56,19 @@ Arguments:
 	FILE    a private key file, like a bundle's client.key
 	URL     the TLS door's https://HOST:PORT; by default the one that
 	        'kiss-onion serve --listen-tls' recorded in the state directory
+	FRONT   another front end of the cache (a serve over the same store
+	        whose --clients-file is this state directory's clients.toml):
+	        its state directory, or a directory holding copies of its
+	        read.onion and write.onion files, which serve writes there; the
+	        bundle then lists its onions too, and the gateway spreads its
+	        requests over every front end (docs/gateway.md); repeatable
 
 Examples:
 	kiss-onion keys add laptop --role reader
 	kiss-onion keys add ci --role writer --out /tmp/ci.bundle
 	kiss-onion keys add builder --role writer --tls --tls-url https://cache.lan:8443
 	kiss-onion keys export laptop --key laptop.bundle/client.key --out laptop.bundle
+	kiss-onion keys add ci --role writer --frontend /var/lib/kiss-onion-b
 	kiss-onion keys revoke laptop
 `
 
@@ -162,6 +169,51 @@ func keysOnions(stateDir string, role clientauth.Role) (read, write string, err 
 	return read, write, nil
 }
 
+// frontendList is --frontend: the state directories of the cache's other
+// front ends.
+type frontendList []string
+
+func (l *frontendList) String() string     { return strings.Join(*l, ",") }
+func (l *frontendList) Set(s string) error { *l = append(*l, s); return nil }
+
+// addFrontendFlag adds --frontend to a keys subcommand.
+func addFrontendFlag(flags *flag.FlagSet) *frontendList {
+	var l frontendList
+	flags.Var(&l, "frontend", "also list the onions of the front end whose state `directory` (or a copy of its read.onion and write.onion) this is (repeatable)")
+	return &l
+}
+
+// keysFrontends returns the front ends --frontend names, as a bundle of
+// role lists them: the read onion of each, and the write onion of each
+// for a writer. It reads the addresses serve wrote into each directory.
+func keysFrontends(dirs []string, role clientauth.Role) ([]clientauth.Frontend, error) {
+	var out []clientauth.Frontend
+	for _, dir := range dirs {
+		var f clientauth.Frontend
+		names, addrs := []string{"read.onion"}, []*string{&f.ReadOnion}
+		if role == clientauth.RoleWriter {
+			names, addrs = append(names, "write.onion"), append(addrs, &f.WriteOnion)
+		}
+		for i, name := range names {
+			path := filepath.Join(dir, name)
+			data, err := os.ReadFile(path)
+			if errors.Is(err, fs.ErrNotExist) {
+				return nil, withHint(fmt.Errorf("--frontend %s: no %s", dir, name), "give the state directory of a front end's serve once it has published its onions, or a directory with copies of its read.onion and write.onion")
+			}
+			if err != nil {
+				return nil, fmt.Errorf("--frontend: %w", err)
+			}
+			addr, err := clientauth.ParseOnionAddress(strings.TrimSpace(string(data)))
+			if err != nil {
+				return nil, fmt.Errorf("--frontend: %s: %w", path, err)
+			}
+			*addrs[i] = addr + ".onion"
+		}
+		out = append(out, f)
+	}
+	return out, nil
+}
+
 // keysPrintBundle says which files of a bundle were written.
 func keysPrintBundle(dir string, b clientauth.Bundle) {
 	names, _ := b.Files()
@@ -230,6 +282,7 @@ func keysAdd(args []string) error {
 	pubFlag := flags.String("public-key", "", "register this public `key`, made elsewhere, instead of minting one")
 	withTLS := flags.Bool("tls", false, "also mint a TLS client certificate, for the TLS door (serve --listen-tls)")
 	tlsURL := flags.String("tls-url", "", "the TLS door's `URL`, https://HOST:PORT, for the bundle (default: the one serve --listen-tls recorded)")
+	frontends := addFrontendFlag(flags)
 	pos, err := parseArgs(flags, args)
 	if err != nil {
 		return err
@@ -278,6 +331,9 @@ func keysAdd(args []string) error {
 		}
 	}
 	if b.ReadOnion, b.WriteOnion, err = keysOnions(*stateDir, role); err != nil {
+		return err
+	}
+	if b.Frontends, err = keysFrontends(*frontends, role); err != nil {
 		return err
 	}
 
@@ -337,9 +393,11 @@ func keysAdd(args []string) error {
 	case *out != "":
 		hintf("copy %s to the client, next to its private key", *out)
 	default:
-		fmt.Fprintf(keysStdout, "read_url = %s\n", b.ReadURL())
-		if b.WriteURL() != "" {
-			fmt.Fprintf(keysStdout, "write_url = %s\n", b.WriteURL())
+		for _, u := range b.ReadURLs() {
+			fmt.Fprintf(keysStdout, "read_url = %s\n", u)
+		}
+		for _, u := range b.WriteURLs() {
+			fmt.Fprintf(keysStdout, "write_url = %s\n", u)
 		}
 		hintf("write the client's kiss-onion.toml with 'kiss-onion keys export %s --out DIR'", name)
 	}
@@ -350,6 +408,7 @@ func keysExport(args []string) error {
 	flags, stateDir := keysFlagSet("export")
 	out := flags.String("out", "", "write the bundle to this `directory` (default ./NAME.bundle)")
 	keyFile := flags.String("key", "", "the client's private key `file` (like a bundle's client.key)")
+	frontends := addFrontendFlag(flags)
 	pos, err := parseArgs(flags, args)
 	if err != nil {
 		return err
@@ -392,6 +451,9 @@ func keysExport(args []string) error {
 		}
 	}
 	if b.ReadOnion, b.WriteOnion, err = keysOnions(*stateDir, c.Role); err != nil {
+		return err
+	}
+	if b.Frontends, err = keysFrontends(*frontends, c.Role); err != nil {
 		return err
 	}
 	if err := clientauth.ReplaceBundle(*out, b); err != nil {

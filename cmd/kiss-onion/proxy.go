@@ -44,6 +44,13 @@ NARs, 421 to an upload (Nix reports it instead of retrying), 502 to
 anything else. GET /-/health answers whether the onion is reachable, and
 since when (JSON; 200 when reachable, 503 when not).
 
+A bundle of a cache with several front ends (serves over one store,
+'keys add --frontend DIR') lists each one's onions: the gateway spreads
+its circuits over them all, stops sending to a front end that fails
+(until its probe answers again), sends a request that failed before any
+answer to another one, and takes a NAR download that broke up on another
+front end with a Range request. Nix sees one substituter.
+
 A bundle from 'kiss-onion keys add --tls' also reaches the cache's TLS
 door (serve --listen-tls), directly with its client certificate and no
 tor: the gateway goes that way by default (--via tls), through the
@@ -63,7 +70,7 @@ whoever reaches that address reads the cache, as this bundle's key would.
 
 --metrics-listen serves the gateway's Prometheus metrics at
 http://ADDRESS/metrics: whether the onion (or the TLS door) is reachable
-and since when, the circuits, the requests (forwarded, answered from what
+and since when (and each front end's, by its index in the bundle), the circuits, the requests (forwarded, answered from what
 it holds, or its own answers for an onion away), its NAR store's hits and
 size, the bytes to and from the cache, failed dials. Off by default; a
 loopback address unless --allow-remote.
