@@ -6,11 +6,13 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/kiss-onion/kiss-onion/internal/s3test"
 )
 
 // TestFrontends runs one cache behind two front ends on the private Tor
-// network: two `kiss-onion serve` over one cache directory, each with its
-// own onions, the second admitting the first's registry (--clients-file),
+// network: two `kiss-onion serve` over one bucket of a real SeaweedFS
+// (--store), each with its own onions, the second admitting the first's registry (--clients-file),
 // and a bundle listing both. A closure pushed through the first's write
 // onion is substituted through the gateway by the real nix 2.8; a key
 // revoked on the first is refused by both; and a substitution through
@@ -18,13 +20,14 @@ import (
 // is killed in the middle.
 func TestFrontends(t *testing.T) {
 	stateA, stateB := filepath.Join(t.TempDir(), "a"), filepath.Join(t.TempDir(), "b")
-	cache := filepath.Join(t.TempDir(), "cache")
+	cache := filepath.Join(t.TempDir(), "unused") // the cache is the bucket
+	store := newBucketStore(t, s3test.Start(t), "frontends")
 	writerA := addKey(t, stateA, "ci", "writer") // front end A's onions only
 	readerA := addKey(t, stateA, "lan", "reader")
 	stolenA := addKey(t, stateA, "stolen", "reader")
 	key := newSigningKey(t, "e2e-frontends-1")
-	a := startOnionServer(t, stateA, cache, "--trusted-writer-key", key.public)
-	b := startOnionServer(t, stateB, cache, "--trusted-writer-key", key.public, "--clients-file", filepath.Join(stateA, "clients.toml"))
+	a := startOnionServer(t, stateA, cache, append([]string{"--trusted-writer-key", key.public}, store.args()...)...)
+	b := startOnionServer(t, stateB, cache, append([]string{"--trusted-writer-key", key.public, "--clients-file", filepath.Join(stateA, "clients.toml")}, store.args()...)...)
 
 	// The bundles of both front ends, from the keys A holds.
 	both := func(name, bundleA string) string {
@@ -47,6 +50,7 @@ func TestFrontends(t *testing.T) {
 	push := startGateway(t, writerA, "--write")
 	push.waitReachable(t)
 	src.must("nix", append([]string{"copy", "--to", push.url + "?compression=none&secret-key=" + key.secretFile, small}, big...)...)
+	store.checkWhole(t)
 
 	metricsAddr := freeAddr(t)
 	gw := startGateway(t, reader, "--metrics-listen", metricsAddr)
