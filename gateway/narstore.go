@@ -219,6 +219,14 @@ func (src *source) Close() error {
 		return src.file.Close()
 	}
 	src.d.readers--
+	if src.d.kept {
+		if f := s.files[src.rel]; f != nil && f.readers > 0 {
+			f.readers--
+			if f.readers == 0 && len(s.queue) > 0 {
+				s.pump()
+			}
+		}
+	}
 	return nil
 }
 
@@ -265,6 +273,10 @@ type download struct {
 	err     error
 	tmp     string
 	readers int // under the store's lock
+	// kept says, under the store's lock, that the file was kept with
+	// readers set to the sources still attached: each takes one off as
+	// it closes, so the file is not evicted before they open it.
+	kept bool
 
 	mu      sync.Mutex
 	cond    *sync.Cond
@@ -314,7 +326,8 @@ func (s *narStore) run(d *download, ahead bool) {
 		if f := s.files[d.rel]; f != nil {
 			s.used -= f.size
 		}
-		s.files[d.rel] = &storedFile{size: d.written, used: time.Now(), ahead: ahead && d.readers == 0}
+		s.files[d.rel] = &storedFile{size: d.written, used: time.Now(), ahead: ahead && d.readers == 0, readers: d.readers}
+		d.kept = true
 		s.used += d.written
 		s.evict(0, false)
 	}
