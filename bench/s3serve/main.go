@@ -14,11 +14,13 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
+	"os/signal"
 	"path/filepath"
 	"regexp"
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 )
@@ -35,9 +37,47 @@ var (
 
 func main() {
 	flag.Parse()
-	if err := run(); err != nil {
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, os.Interrupt, syscall.SIGTERM)
+	go func() {
+		<-sig
+		cleanup()
+		os.Exit(1)
+	}()
+	err := run()
+	cleanup()
+	if err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(1)
+	}
+}
+
+// running holds how to stop what the benchmark started and has not
+// stopped yet, so that an interrupt leaves no serve or weed behind.
+var running = struct {
+	sync.Mutex
+	m map[int]func()
+}{m: map[int]func(){}}
+
+func track(pid int, stop func()) func() {
+	running.Lock()
+	running.m[pid] = stop
+	running.Unlock()
+	return func() {
+		running.Lock()
+		delete(running.m, pid)
+		running.Unlock()
+		stop()
+	}
+}
+
+func cleanup() {
+	running.Lock()
+	m := running.m
+	running.m = map[int]func(){}
+	running.Unlock()
+	for _, stop := range m {
+		stop()
 	}
 }
 
@@ -90,7 +130,6 @@ func run() error {
 	if err != nil {
 		return err
 	}
-	defer w.stop()
 	b := &bench{bin: bin, creds: filepath.Join(*workDir, "s3-credentials"), w: w}
 	if err := w.writeCredentials(b.creds); err != nil {
 		return err
@@ -112,6 +151,12 @@ func run() error {
 		}
 		results = append(results, rs...)
 	}
+	var probes []probe
+	if *only != "writes" {
+		if probes, err = b.probeStore(caches["none"]); err != nil {
+			return err
+		}
+	}
 	if *only != "reads" {
 		r, err := b.writes(top)
 		if err != nil {
@@ -119,7 +164,7 @@ func run() error {
 		}
 		results = append(results, r)
 	}
-	printTable(results, loadBefore, loadAvg(), time.Since(start))
+	printTable(results, probes, loadBefore, loadAvg(), time.Since(start))
 	return nil
 }
 
@@ -223,7 +268,7 @@ func (b *bench) startServe(dir, prefix string, write bool) (*server, error) {
 		return nil, err
 	}
 	s := &server{name: name, url: "http://" + addr, cmd: cmd}
-	s.stop = func() { cmd.Process.Signal(syscall.SIGTERM); cmd.Wait() }
+	s.stop = track(cmd.Process.Pid, func() { cmd.Process.Signal(syscall.SIGTERM); cmd.Wait() })
 	if err := waitUp(s.url); err != nil {
 		s.stop()
 		return nil, fmt.Errorf("serve on the %s: %w", name, err)
@@ -522,7 +567,7 @@ func curlTime(base string, paths []string, conns int) (float64, error) {
 	return time.Since(t0).Seconds(), nil
 }
 
-func printTable(rs []result, loadBefore, loadAfter string, took time.Duration) {
+func printTable(rs []result, probes []probe, loadBefore, loadAfter string, took time.Duration) {
 	w := bufio.NewWriter(os.Stdout)
 	defer w.Flush()
 	host, _ := os.Hostname()
@@ -538,6 +583,12 @@ func printTable(rs []result, loadBefore, loadAfter string, took time.Duration) {
 		fmt.Fprintf(w, "| %s | %s %s | %s %s | %.2fx | %d / %d MiB | %d MiB |\n", r.what, fmtNum(r.dir), r.unit, fmtNum(r.bkt), r.unit, ratio, r.rssDir>>10, r.rssBkt>>10, r.rssWee>>10)
 	}
 	fmt.Fprintln(w, "\nRatio: the bucket's speed relative to the directory's (above 1 is faster).")
+	if len(probes) > 0 {
+		fmt.Fprintln(w, "\n| SeaweedFS alone, through s3store (no serve) | |\n|---|---|")
+		for _, p := range probes {
+			fmt.Fprintf(w, "| %s | %s |\n", p.what, p.value)
+		}
+	}
 }
 
 func fmtNum(v float64) string {

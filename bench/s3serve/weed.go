@@ -32,6 +32,7 @@ type weed struct {
 	done                                     chan struct{}
 	grpcPorts                                map[string]int
 	client                                   *minio.Client
+	stop                                     func()
 }
 
 // Volumes are sparse files; the bound keeps a runaway from filling the disk.
@@ -83,6 +84,7 @@ func startWeed(bin, dir string) (*weed, error) {
 	}
 	w.done = make(chan struct{})
 	go func() { w.cmd.Wait(); close(w.done) }()
+	w.stop = track(w.cmd.Process.Pid, w.kill)
 	w.client, err = minio.New(w.endpoint, &minio.Options{
 		Creds:        credentials.NewStaticV4(w.access, w.secret, ""),
 		Region:       w.region,
@@ -208,7 +210,7 @@ func (w *weed) put(file, key string) error {
 	return nil
 }
 
-func (w *weed) stop() {
+func (w *weed) kill() {
 	pid := w.cmd.Process.Pid
 	syscall.Kill(-pid, syscall.SIGTERM)
 	select {
