@@ -39,7 +39,6 @@ type weed struct {
 const (
 	weedVolumeMB   = 128
 	weedMaxVolumes = 64
-	weedMemLimit   = "192MiB" // as internal/s3test
 )
 
 func startWeed(bin, dir string) (*weed, error) {
@@ -77,7 +76,12 @@ func startWeed(bin, dir string) (*weed, error) {
 		"-master.telemetry=false", "-volume.preStopSeconds=0",
 	)
 	w.cmd.Stdout, w.cmd.Stderr = logf, logf
-	w.cmd.Env = append(os.Environ(), "GOMEMLIMIT="+weedMemLimit)
+	w.cmd.Env = os.Environ()
+	if *memLimit != "off" {
+		// A soft heap limit, as internal/s3test sets: the Go runtime
+		// collects before the heap doubles.
+		w.cmd.Env = append(w.cmd.Env, "GOMEMLIMIT="+*memLimit)
+	}
 	w.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	if err := w.cmd.Start(); err != nil {
 		return nil, fmt.Errorf("start weed: %w", err)
