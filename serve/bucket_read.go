@@ -32,6 +32,11 @@ func (c *Cache) readBucket(t target, q *query) answer {
 		}
 		return respond(q, contentType[t.kind], quoteETag(info.ETag), info.ModTime.UTC().Format(http.TimeFormat), info.ModTime, data, nil)
 	}
+	if !q.head && q.rng == "" && q.ifMatch == "" && q.ifUnmodifiedSince == "" && q.ifNoneMatch == "" && q.ifModifiedSince == "" {
+		// The common case, a plain GET: one request to the store, whose
+		// answer has the size and the ETag.
+		return c.getWhole(t)
+	}
 	sctx, cancel := context.WithTimeout(ctx, c.bucket.timeout)
 	info, err := c.bucket.st.Stat(sctx, t.rel)
 	cancel()
@@ -52,6 +57,23 @@ func (c *Cache) readBucket(t target, q *query) answer {
 		return rc, err
 	}}
 	return respond(q, contentType[t.kind], etag, info.ModTime.UTC().Format(http.TimeFormat), info.ModTime, nil, body)
+}
+
+// getWhole answers a plain GET of t with the whole object, streamed.
+func (c *Cache) getWhole(t target) answer {
+	rc, info, err := c.bucket.st.Get(context.Background(), t.rel, 0, -1)
+	if err != nil {
+		return bucketErr(err)
+	}
+	a := answer{status: http.StatusOK, ctype: contentType[t.kind], etag: quoteETag(info.ETag),
+		modified: info.ModTime.UTC().Format(http.TimeFormat), length: info.Size}
+	if info.Size == 0 {
+		rc.Close()
+		a.data = []byte{}
+		return a
+	}
+	a.stream, a.ranges = rc, true
+	return a
 }
 
 // errReplaced is an object written again while a read of it began.
