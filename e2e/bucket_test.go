@@ -4,12 +4,10 @@ import (
 	"context"
 	"crypto/sha256"
 	"io"
-	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/kiss-onion/kiss-onion/internal/nixcache"
 	"github.com/kiss-onion/kiss-onion/internal/s3test"
@@ -160,38 +158,9 @@ func TestBucketStore(t *testing.T) {
 		s := start(t, append([]string{"serve", "--tor", "off", "--state-dir", t.TempDir(), "--listen-write", addr}, b.args()...)...)
 		waitHTTP(t, s, "http://"+addr+"/nix-cache-info")
 		name := "nar/" + strings.Repeat("0", 52) + ".nar"
-		pr, pw := io.Pipe()
-		sent := make(chan struct{})
-		go func() {
-			chunk := make([]byte, 1<<20)
-			for i := 0; i < 256; i++ {
-				if _, err := pw.Write(chunk); err != nil {
-					return
-				}
-				if i == 40 { // past two parts of 16 MiB
-					close(sent)
-				}
-			}
-			pw.Close()
-		}()
-		req, _ := http.NewRequest("PUT", "http://"+addr+"/"+name, pr)
-		req.ContentLength = 256 << 20
-		errc := make(chan error, 1)
-		go func() {
-			resp, err := http.DefaultClient.Do(req)
-			if err == nil {
-				resp.Body.Close()
-			}
-			errc <- err
-		}()
-		select {
-		case <-sent:
-		case <-time.After(time.Minute):
-			t.Fatal("the upload did not get going")
-		}
+		cut := slowPut(t, "http://"+addr+"/"+name, 41) // past two parts of 16 MiB
 		s.kill()
-		pr.CloseWithError(io.ErrClosedPipe)
-		<-errc
+		cut()
 		if _, err := b.st.Stat(context.Background(), name); err == nil {
 			t.Fatal("the killed upload is an object in the bucket")
 		}

@@ -260,3 +260,43 @@ func httpDo(t testing.TB, method, url string, body io.Reader) (int, string) {
 	b, _ := io.ReadAll(resp.Body)
 	return resp.StatusCode, string(b)
 }
+
+// slowPut starts a PUT of 256 MiB of zeros to url, written a MiB at a
+// time, and returns once at least sentMiB have been handed to the
+// connection; cut ends the body with an error and waits for the request.
+func slowPut(t testing.TB, url string, sentMiB int) (cut func()) {
+	t.Helper()
+	pr, pw := io.Pipe()
+	sent := make(chan struct{})
+	go func() {
+		chunk := make([]byte, 1<<20)
+		for i := 0; i < 256; i++ {
+			if _, err := pw.Write(chunk); err != nil {
+				return
+			}
+			if i+1 == sentMiB {
+				close(sent)
+			}
+		}
+		pw.Close()
+	}()
+	req, _ := http.NewRequest("PUT", url, pr)
+	req.ContentLength = 256 << 20
+	errc := make(chan error, 1)
+	go func() {
+		resp, err := http.DefaultClient.Do(req)
+		if err == nil {
+			resp.Body.Close()
+		}
+		errc <- err
+	}()
+	select {
+	case <-sent:
+	case <-time.After(time.Minute):
+		t.Fatal("the upload did not get going")
+	}
+	return func() {
+		pr.CloseWithError(io.ErrClosedPipe)
+		<-errc
+	}
+}

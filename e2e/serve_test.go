@@ -3,7 +3,6 @@ package e2e
 import (
 	"bufio"
 	"fmt"
-	"io"
 	"net"
 	"net/http"
 	"os"
@@ -171,40 +170,9 @@ func TestBuildLogs(t *testing.T) {
 func TestKillDuringLargeUpload(t *testing.T) {
 	srv := startServer(t, "")
 	name := "nar/" + strings.Repeat("0", 52) + ".nar"
-	pr, pw := io.Pipe()
-	sent := make(chan int64, 1)
-	go func() {
-		chunk := make([]byte, 1<<20)
-		var n int64
-		for i := 0; i < 256; i++ {
-			if _, err := pw.Write(chunk); err != nil {
-				break
-			}
-			n += int64(len(chunk))
-			if n == 32<<20 {
-				sent <- n
-			}
-		}
-		pw.Close()
-	}()
-	req, _ := http.NewRequest("PUT", srv.writeURL+"/"+name, pr)
-	req.ContentLength = 256 << 20
-	errc := make(chan error, 1)
-	go func() {
-		resp, err := http.DefaultClient.Do(req)
-		if err == nil {
-			resp.Body.Close()
-		}
-		errc <- err
-	}()
-	select {
-	case <-sent:
-	case <-time.After(time.Minute):
-		t.Fatal("upload did not get going")
-	}
+	cut := slowPut(t, srv.writeURL+"/"+name, 32)
 	srv.kill()
-	pr.CloseWithError(io.ErrClosedPipe)
-	<-errc
+	cut()
 	if _, err := os.Stat(filepath.Join(srv.cacheDir, name)); err == nil {
 		t.Fatal("partial NAR under its final name after kill -9")
 	}
