@@ -180,8 +180,15 @@ type pruner struct {
 // the rest, following the lock protocol unless it is a dry run. It
 // returns what it did, also when it fails midway.
 func Run(ctx context.Context, opt Options) (Stats, error) {
-	start := time.Now()
 	p := newPruner(opt)
+	return p.report(opt.CacheDir, func() error { return p.run(ctx) })
+}
+
+// report runs a prune of the cache named cache (a directory or a store
+// URL), reporting its progress and recording its outcome as Options ask.
+func (p *pruner) report(cache string, run func() error) (Stats, error) {
+	start := time.Now()
+	opt := p.opt
 	p.c.phase.Store(PhaseScanning)
 
 	done := make(chan struct{})
@@ -204,7 +211,7 @@ func Run(ctx context.Context, opt Options) (Stats, error) {
 			}
 		}()
 	}
-	err := p.run(ctx)
+	err := run()
 	close(done)
 	reporter.Wait()
 	p.c.phase.Store(PhaseDone)
@@ -215,7 +222,7 @@ func Run(ctx context.Context, opt Options) (Stats, error) {
 	}
 	// Another prune's outcome is its own to record.
 	if !opt.DryRun && opt.StateDir != "" && !errors.Is(err, cachelock.ErrPruneRunning) {
-		if rerr := saveRecord(opt.StateDir, opt.CacheDir, start, st, err); rerr != nil {
+		if rerr := saveRecord(opt.StateDir, cache, start, st, err); rerr != nil {
 			p.log.WithError(rerr).Warn("the prune's record for 'kiss-onion status' not written")
 		}
 	}
