@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"runtime"
 	"strings"
 	"time"
 
@@ -74,6 +75,10 @@ type objMeta struct {
 func RunBucket(ctx context.Context, opt BucketOptions) (Stats, error) {
 	opt.Options.CacheDir = ""
 	b := &bucketPruner{pruner: newPruner(opt.Options), st: opt.Store, name: opt.Name, bl: opt.Locks}
+	if opt.Workers <= 0 {
+		// Reading an object is a request that mostly waits for the store.
+		b.workers = max(32, 8*runtime.GOMAXPROCS(0))
+	}
 	if b.bl == nil && opt.Store != nil {
 		b.bl = bucketlock.New(opt.Store, b.log)
 	}

@@ -46,6 +46,9 @@ func (b *bucketPruner) deleteBucket(ctx context.Context) error {
 	return errors.Join(errs...)
 }
 
+// deleteRequests bounds the delete requests of a prune in flight.
+const deleteRequests = 8
+
 // removeObjects deletes the named objects (in a dry run, only counts
 // them), sizes[i] being the size of names[i].
 func (b *bucketPruner) removeObjects(ctx context.Context, names []string, sizes []int64) error {
@@ -53,7 +56,14 @@ func (b *bucketPruner) removeObjects(ctx context.Context, names []string, sizes 
 		return ctx.Err()
 	}
 	if !b.opt.DryRun {
-		if err := b.st.Delete(ctx, names); err != nil {
+		// A request deletes a thousand keys; a few in flight keep the
+		// store busy while each waits for its answer.
+		const batch = 1000
+		errs := make([]error, (len(names)+batch-1)/batch)
+		parallelOn(deleteRequests, len(errs), func(i int) {
+			errs[i] = b.st.Delete(ctx, names[i*batch:min(len(names), (i+1)*batch)])
+		})
+		if err := errors.Join(errs...); err != nil {
 			return err
 		}
 	}

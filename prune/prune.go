@@ -449,10 +449,13 @@ func (p *pruner) countKept() {
 func (p *pruner) isYoung(mtime int64) bool { return mtime >= p.cutoff }
 
 // parallel runs fn(i) for i in [0, n) on the prune's workers.
-func (p *pruner) parallel(n int, fn func(i int)) {
+func (p *pruner) parallel(n int, fn func(i int)) { parallelOn(p.workers, n, fn) }
+
+// parallelOn runs fn(i) for i in [0, n) on up to workers goroutines.
+func parallelOn(workers, n int, fn func(i int)) {
 	var next atomic.Int64
 	var wg sync.WaitGroup
-	for w := 0; w < min(p.workers, n); w++ {
+	for w := 0; w < min(workers, n); w++ {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
