@@ -5,6 +5,8 @@ import (
 	"errors"
 	"strings"
 
+	"github.com/sirupsen/logrus"
+
 	"github.com/kiss-onion/kiss-onion/internal/nixcache"
 	"github.com/kiss-onion/kiss-onion/s3store"
 )
@@ -124,7 +126,11 @@ func (b *bucketPruner) deleteNarInfoTiers(ctx context.Context, doomed int) error
 			tier = append(tier, n)
 		}
 	}
-	for len(tier) > 0 {
+	tiers := 0
+	defer func() {
+		b.log.WithFields(logrus.Fields{"narinfos": b.c.deletedNarInfos.Load(), "tiers": tiers}).Debug("narinfos deleted")
+	}()
+	for ; len(tier) > 0; tiers++ {
 		names := make([]string, len(tier))
 		sizes := make([]int64, len(tier))
 		for i, n := range tier {
