@@ -91,6 +91,9 @@ func runPrune(args []string) error {
 		return usagef("prune takes one cache directory, got %d arguments", len(rest))
 	}
 	cacheDir := rest[0]
+	if *single && !isStoreURL(cacheDir) {
+		return usagef("--single-pruner is for an s3:// store; a directory's prunes exclude each other with flock")
+	}
 
 	// On a terminal, a bar with the phase and the counts; else log lines.
 	bar := newTermBar(lf.format, -1)

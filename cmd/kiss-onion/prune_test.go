@@ -85,6 +85,7 @@ func TestPruneBucket(t *testing.T) {
 		{[]string{"s3://"}, "no bucket"},
 		{[]string{"s3://b/p?colour=red"}, "unknown parameter"},
 		{[]string{"--s3-endpoint", "ftp://x", store}, "--s3-endpoint"},
+		{[]string{"--single-pruner", t.TempDir()}, "--single-pruner is for an s3:// store"},
 	} {
 		code, out, _ := runInProcess(t, append([]string{"prune", "--state-dir", ""}, tc.args...)...)
 		if code == 0 || !strings.Contains(out, tc.want) {
