@@ -20,7 +20,9 @@ import (
 type Hold struct {
 	l      *Locks
 	body   []byte
-	etag   string // of the marker as last written
+	etag   string       // of the marker as last written
+	wrote  [2]time.Time // when the write that took the marker was sent and answered
+	skew   time.Duration
 	ctx    context.Context
 	lost   context.CancelFunc
 	stop   chan struct{}
@@ -56,6 +58,9 @@ func (l *Locks) Hold(ctx context.Context, wait time.Duration, waiting func([]str
 	}
 	if err != nil {
 		return nil, fmt.Errorf("mark the cache as held by a prune: %w", err)
+	}
+	if info, err := l.st.Stat(ctx, markerName); err == nil && info.ETag == h.etag {
+		h.skew = info.ModTime.Sub(h.wrote[0].Add(h.wrote[1].Sub(h.wrote[0]) / 2))
 	}
 	h.ctx, h.lost = context.WithCancel(context.Background())
 	h.stop, h.done = make(chan struct{}), make(chan struct{})
@@ -111,7 +116,9 @@ func (l *Locks) Hold(ctx context.Context, wait time.Duration, waiting func([]str
 func (h *Hold) take(ctx context.Context) error {
 	l := h.l
 	for try := 0; ; try++ {
+		h.wrote[0] = time.Now()
 		info, err := l.st.Create(ctx, markerName, h.body)
+		h.wrote[1] = time.Now()
 		if err == nil {
 			h.etag = info.ETag
 			return nil
@@ -133,7 +140,9 @@ func (h *Hold) take(ctx context.Context) error {
 		if isFresh(old.ModTime) {
 			return h.running(ctx)
 		}
+		h.wrote[0] = time.Now()
 		info, err = l.st.Replace(ctx, markerName, h.body, old.ETag)
+		h.wrote[1] = time.Now()
 		if errors.Is(err, fs.ErrExist) || errors.Is(err, fs.ErrNotExist) || errors.Is(err, s3store.ErrConflict) {
 			return h.running(ctx) // another prune took it over first
 		}
@@ -155,7 +164,9 @@ func (h *Hold) takeUnconditionally(ctx context.Context) error {
 	} else if held {
 		return h.running(ctx)
 	}
+	h.wrote[0] = time.Now()
 	info, err := h.l.st.Put(ctx, markerName, strings.NewReader(string(h.body)), int64(len(h.body)))
+	h.wrote[1] = time.Now()
 	h.etag = info.ETag
 	return err
 }
@@ -204,6 +215,11 @@ func (h *Hold) refresh(cond bool) {
 		}
 	}
 }
+
+// Skew is the store's clock minus this machine's, as the marker's
+// LastModified tells (to a second or so: stores round it): a prune judges
+// the age of objects by it rather than by comparing the two clocks.
+func (h *Hold) Skew() time.Duration { return h.skew }
 
 // Context is done when the hold is released or lost (another prune took
 // over its marker): a prune deletes with it.

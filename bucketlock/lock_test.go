@@ -35,6 +35,7 @@ func TestLocks(t *testing.T) {
 		{"HoldWaitsForLocksThenGivesUp", testHoldWaitsForLocksThenGivesUp},
 		{"StaleMarkerTakenOverByOne", testStaleTakeover},
 		{"ListAndHolder", testListAndHolder},
+		{"RefreshKeepsTheMarkerUntilTakenOver", testRefresh},
 		{"BadNamesRefused", testBadNames},
 	}
 	for _, tc := range tests {
@@ -340,4 +341,48 @@ func (h *Hold) close() {
 	close(h.stop)
 	<-h.done
 	h.lost()
+}
+
+func testRefresh(t *testing.T, newLocks func() *Locks) {
+	defer func(old time.Duration) { markerRefresh = old }(markerRefresh)
+	markerRefresh = 100 * time.Millisecond
+	l := newLocks()
+	h := hold(t, l)
+	if s := h.Skew(); s > time.Minute || s < -time.Minute {
+		t.Errorf("skew %s between two clocks of one machine", s)
+	}
+	first, err := l.st.Stat(context.Background(), markerName)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range 50 {
+		time.Sleep(markerRefresh)
+		info, err := l.st.Stat(context.Background(), markerName)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if info.ModTime.After(first.ModTime) {
+			break
+		}
+	}
+	if info, _ := l.st.Stat(context.Background(), markerName); !info.ModTime.After(first.ModTime) {
+		t.Fatalf("the marker was not refreshed: modified %v, as when taken", info.ModTime)
+	}
+	if h.Context().Err() != nil {
+		t.Fatal("the hold was lost while refreshing its own marker")
+	}
+	// Another prune overwrites the marker (it judged it stale): this one
+	// notices at its next refresh and stops.
+	if _, err := l.st.Put(context.Background(), markerName, strings.NewReader("pid 2 elsewhere"), 15); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-h.Context().Done():
+	case <-time.After(100 * markerRefresh):
+		t.Fatal("the hold did not notice that its marker was taken over")
+	}
+	h.Release()
+	if who, held, _ := l.Holder(); !held || who != "pid 2 elsewhere" {
+		t.Errorf("a lost hold's release touched the other prune's marker: %q, %v", who, held)
+	}
 }

@@ -11,6 +11,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"strings"
 
 	"github.com/kiss-onion/kiss-onion/internal/atomicfile"
 )
@@ -52,10 +53,7 @@ const (
 // name is tied to the cache's absolute path, so one state directory can
 // serve several caches.
 func metaPath(stateDir, cacheDir string) string {
-	abs, err := filepath.Abs(cacheDir)
-	if err != nil {
-		abs = cacheDir
-	}
+	abs := absCache(cacheDir)
 	sum := sha256.Sum256([]byte(abs))
 	return filepath.Join(stateDir, "prune-"+hex.EncodeToString(sum[:8])+".meta")
 }
@@ -63,11 +61,20 @@ func metaPath(stateDir, cacheDir string) string {
 // cacheIDOf ties a metadata file to a cache and the settings that shape
 // what it holds.
 func cacheIDOf(cacheDir, storeDir string) uint64 {
-	abs, err := filepath.Abs(cacheDir)
-	if err != nil {
-		abs = cacheDir
-	}
+	abs := absCache(cacheDir)
 	return hashURL(abs + "\x00" + storeDir)
+}
+
+// absCache names a cache for its state files: a directory by its absolute
+// path, a bucket by its store URL (which has a scheme).
+func absCache(cache string) string {
+	if strings.Contains(cache, "://") {
+		return cache
+	}
+	if abs, err := filepath.Abs(cache); err == nil {
+		return abs
+	}
+	return cache
 }
 
 var crcTable = crc32.MakeTable(crc32.Castagnoli)

@@ -180,8 +180,15 @@ type pruner struct {
 // the rest, following the lock protocol unless it is a dry run. It
 // returns what it did, also when it fails midway.
 func Run(ctx context.Context, opt Options) (Stats, error) {
-	start := time.Now()
 	p := newPruner(opt)
+	return p.report(opt.CacheDir, func() error { return p.run(ctx) })
+}
+
+// report runs a prune of the cache named cache (a directory or a store
+// URL), reporting its progress and recording its outcome as Options ask.
+func (p *pruner) report(cache string, run func() error) (Stats, error) {
+	start := time.Now()
+	opt := p.opt
 	p.c.phase.Store(PhaseScanning)
 
 	done := make(chan struct{})
@@ -204,7 +211,7 @@ func Run(ctx context.Context, opt Options) (Stats, error) {
 			}
 		}()
 	}
-	err := p.run(ctx)
+	err := run()
 	close(done)
 	reporter.Wait()
 	p.c.phase.Store(PhaseDone)
@@ -215,7 +222,7 @@ func Run(ctx context.Context, opt Options) (Stats, error) {
 	}
 	// Another prune's outcome is its own to record.
 	if !opt.DryRun && opt.StateDir != "" && !errors.Is(err, cachelock.ErrPruneRunning) {
-		if rerr := saveRecord(opt.StateDir, opt.CacheDir, start, st, err); rerr != nil {
+		if rerr := saveRecord(opt.StateDir, cache, start, st, err); rerr != nil {
 			p.log.WithError(rerr).Warn("the prune's record for 'kiss-onion status' not written")
 		}
 	}
@@ -442,10 +449,13 @@ func (p *pruner) countKept() {
 func (p *pruner) isYoung(mtime int64) bool { return mtime >= p.cutoff }
 
 // parallel runs fn(i) for i in [0, n) on the prune's workers.
-func (p *pruner) parallel(n int, fn func(i int)) {
+func (p *pruner) parallel(n int, fn func(i int)) { parallelOn(p.workers, n, fn) }
+
+// parallelOn runs fn(i) for i in [0, n) on up to workers goroutines.
+func parallelOn(workers, n int, fn func(i int)) {
 	var next atomic.Int64
 	var wg sync.WaitGroup
-	for w := 0; w < min(p.workers, n); w++ {
+	for w := 0; w < min(workers, n); w++ {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()

@@ -74,8 +74,10 @@ func (p *pruner) readRoots() ([]key, error) {
 			return nil
 		})
 	}
-	if err := walk(filepath.Join(p.opt.CacheDir, "gcroots"), false); err != nil {
-		return nil, err
+	if p.opt.CacheDir != "" { // else a bucket's, read by readBucketRoots
+		if err := walk(filepath.Join(p.opt.CacheDir, "gcroots"), false); err != nil {
+			return nil, err
+		}
 	}
 	for _, dir := range p.opt.GCRoots {
 		if err := walk(dir, true); err != nil {

@@ -193,7 +193,15 @@ func (p *pruner) checkNarInfo(it scanItem, res *scanned, buf []byte) []byte {
 	if data != nil {
 		buf = data
 	}
-	pi := parsedNarInfo{n: it.n, ident: fi.ident, refs0: len(res.refKeys)}
+	p.parseNarInfo(it.n, it.k, name, fi.ident, data, err, res)
+	return buf
+}
+
+// parseNarInfo records in res what the narinfo of node n (hash part k,
+// file name) says: data as read under the identity ident, or the error
+// of reading it. A narinfo that does not parse or validate is malformed.
+func (p *pruner) parseNarInfo(n uint32, k key, name string, ident uint64, data []byte, err error, res *scanned) {
+	pi := parsedNarInfo{n: n, ident: ident, refs0: len(res.refKeys)}
 	var problem error
 	if err != nil {
 		problem = err
@@ -201,7 +209,7 @@ func (p *pruner) checkNarInfo(it scanItem, res *scanned, buf []byte) []byte {
 		problem = err
 		pi.urlHash = looseURLHash(data)
 	} else {
-		problem = p.checkEdges(ni, it.k)
+		problem = p.checkEdges(ni, k)
 		pi.urlHash = hashURL(path.Clean(ni.URL))
 		for _, r := range ni.References {
 			if len(r) > nixcache.HashLen && r[nixcache.HashLen] == '-' {
@@ -221,7 +229,6 @@ func (p *pruner) checkNarInfo(it scanItem, res *scanned, buf []byte) []byte {
 		pi.malformed = true
 	}
 	res.parsed = append(res.parsed, pi)
-	return buf
 }
 
 // checkEdges checks what the pruner relies on: the narinfo is for the

@@ -2,7 +2,8 @@
 // narinfos with a realistic reference graph, about half of it garbage: a
 // cold prune (no metadata cache, deletions included), then a warm prune of
 // the same cache right after (nothing left to delete), each with the
-// process's peak RSS. Run by hand, never in CI; see README.md.
+// process's peak RSS; with -s3, the same on a bucket of SeaweedFS beside
+// the directory. Run by hand, never in CI; see README.md.
 package main
 
 import (
@@ -34,6 +35,7 @@ var (
 	genWorkers  = flag.Int("gen-workers", 4, "goroutines writing the generated cache")
 	dropCaches  = flag.Bool("drop-caches", false, "drop the kernel's page cache before the cold prune (needs root; slows the whole machine)")
 	skipGen     = flag.Bool("skip-generate", false, "reuse the cache left in -dir by an earlier run (then the cold prune has nothing to delete)")
+	s3          = flag.Bool("s3", false, "also upload the cache to a bucket of a SeaweedFS started here, and prune both, side by side")
 )
 
 func main() {
@@ -185,6 +187,9 @@ func run() error {
 		if err := os.WriteFile("/proc/sys/vm/drop_caches", []byte("3\n"), 0o200); err != nil {
 			return fmt.Errorf("drop caches: %w", err)
 		}
+	}
+	if *s3 {
+		return runS3(bin, cache, state, keptCount)
 	}
 	cold, err := measure(bin, cache, state)
 	if err != nil {
