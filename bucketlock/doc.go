@@ -15,17 +15,24 @@
 // prune's, which the next prune replaces with a PUT conditional on the
 // ETag it read, so two prunes cannot both take over one dead marker.
 //
-// A bucket has no shared-exclusive lock either, so Guard is a bounded
-// window: it checks that no fresh marker is there and runs its function
-// with a deadline GuardWindow after the check was sent. A prune, once it
-// has its marker, waits GuardWindow and a margin before Hold returns, so
-// every Guard begun before the marker has ended, landed or given up; then
-// it waits for the fresh upload locks to go. Acquire of a new lock is a
-// PUT inside a Guard, so it too is refused (ErrBusy) once a prune holds
-// the cache, while a lock that is still fresh may be refreshed. Only
-// durations measured on one machine decide the window; staleness
-// compares the store's LastModified with the local clock, so clocks must
-// agree to well within StaleAfter.
+// A bucket has no shared-exclusive lock either, so the prune's exclusion
+// of publications is a bounded window, and only its deletion excludes
+// them, as on a directory. Guard reads the marker and runs its function,
+// with a deadline GuardWindow after the check was sent, unless the marker
+// says the prune deletes; then it waits for the deletion to end (up to
+// two minutes, then ErrBusy). A prune scans while uploads go on, then
+// marks the cache as deleting (Hold.Deleting) and waits GuardWindow and a
+// margin, so every Guard begun before the mark has ended, landed or given
+// up; only then does it reread the markers and the narinfos that appeared
+// during its scan, and delete. Acquire of a new lock is refused
+// (ErrBusy) while a prune holds the cache, in any phase; a lock that is
+// still fresh may be refreshed. A new lock is checked against the marker
+// again after its PUT, and removed when a prune marked the cache
+// meanwhile: Hold lists the locks after its mark until none is fresh, so
+// it either sees the lock or its mark is seen. Only durations measured on
+// one machine decide the window; staleness compares the store's
+// LastModified with the local clock, so clocks must agree to well within
+// StaleAfter.
 //
 // Stores without conditional writes (Probe reports false): two prunes
 // could both take the marker, so Hold refuses to run there

@@ -7,6 +7,7 @@ import (
 	"io/fs"
 	"os"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/sirupsen/logrus"
@@ -15,10 +16,11 @@ import (
 	"github.com/kiss-onion/kiss-onion/s3store"
 )
 
-// Hold is a prune's hold on the cache: while it lasts, Guard and the
-// Acquire of a new lock fail with ErrBusy.
+// Hold is a prune's hold on the cache: while it lasts, the Acquire of a
+// new lock fails with ErrBusy, and once it is Deleting, Guards wait.
 type Hold struct {
 	l      *Locks
+	mu     sync.Mutex // body and etag, which refresh rewrites
 	body   []byte
 	etag   string       // of the marker as last written
 	wrote  [2]time.Time // when the write that took the marker was sent and answered
@@ -30,9 +32,8 @@ type Hold struct {
 	closed bool
 }
 
-// Hold marks the cache as held by a prune, waits GuardWindow and
-// GuardMargin so that every Guard begun before the mark has ended, and
-// waits up to wait for the fresh upload locks to go. Giving up, it
+// Hold marks the cache as held by a prune and waits up to wait for the
+// fresh upload locks to go; call Deleting before deleting anything. Giving up, it
 // removes the mark and fails with an error wrapping
 // cachelock.ErrLocksHeld and naming the locks; when another prune holds
 // the cache it fails with cachelock.ErrPruneRunning, and on a store
@@ -50,7 +51,6 @@ func (l *Locks) Hold(ctx context.Context, wait time.Duration, waiting func([]str
 	}
 	host, _ := os.Hostname()
 	h := &Hold{l: l, body: []byte(fmt.Sprintf("pid %d on %s since %s\n", os.Getpid(), host, time.Now().UTC().Format(time.RFC3339)))}
-	marked := time.Now()
 	if cond {
 		err = h.take(ctx)
 	} else {
@@ -66,7 +66,6 @@ func (l *Locks) Hold(ctx context.Context, wait time.Duration, waiting func([]str
 	h.stop, h.done = make(chan struct{}), make(chan struct{})
 	go h.refresh(cond)
 
-	guardsDone := marked.Add(l.window + l.margin)
 	deadline := time.Now().Add(wait)
 	delay := 50 * time.Millisecond
 	for {
@@ -80,20 +79,17 @@ func (l *Locks) Hold(ctx context.Context, wait time.Duration, waiting func([]str
 		}
 		switch {
 		case err != nil:
-		case len(fresh) == 0 && !listed.Before(guardsDone):
+		case len(fresh) == 0:
 			return h, nil
-		case len(fresh) > 0 && !listed.Before(deadline) && !listed.Before(guardsDone):
+		case !listed.Before(deadline):
 			err = fmt.Errorf("%w after waiting %s: %s (uploads hold them; a lock counts until released or %s old)",
 				cachelock.ErrLocksHeld, wait, strings.Join(fresh, ", "), cachelock.StaleAfter)
 		case len(fresh) > 0 && waiting != nil:
 			waiting(fresh)
 		}
 		if err == nil {
-			next := time.Until(guardsDone)
-			if len(fresh) > 0 {
-				next = max(min(delay, time.Until(deadline)), next)
-				delay = min(delay*2, time.Second)
-			}
+			next := min(delay, time.Until(deadline))
+			delay = min(delay*2, time.Second)
 			t := time.NewTimer(max(next, time.Millisecond))
 			select {
 			case <-ctx.Done():
@@ -171,6 +167,40 @@ func (h *Hold) takeUnconditionally(ctx context.Context) error {
 	return err
 }
 
+// Deleting marks the cache as being deleted from, then waits GuardWindow
+// and GuardMargin, so that every Guard begun before the mark has ended:
+// after it returns, no narinfo or marker is published until the hold is
+// released, and the prune rereads what was published during its scan.
+func (h *Hold) Deleting(ctx context.Context) error {
+	h.mu.Lock()
+	body := append(append([]byte{}, h.body...), deletingLine...)
+	sent := time.Now()
+	var info s3store.Info
+	var err error
+	if h.etag != "" && h.l.cond {
+		info, err = h.l.st.Replace(ctx, markerName, body, h.etag)
+	} else {
+		info, err = h.l.st.Put(ctx, markerName, strings.NewReader(string(body)), int64(len(body)))
+	}
+	if err == nil {
+		h.body, h.etag = body, info.ETag
+	}
+	h.mu.Unlock()
+	if err != nil {
+		return fmt.Errorf("mark the cache as being deleted from: %w", err)
+	}
+	t := time.NewTimer(time.Until(sent.Add(h.l.window + h.l.margin)))
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-h.ctx.Done():
+		return errors.New("the prune's marker was lost")
+	case <-t.C:
+		return nil
+	}
+}
+
 // running is ErrPruneRunning with what the other prune's marker says.
 func (h *Hold) running(ctx context.Context) error {
 	if w := h.l.who(ctx); w != "" {
@@ -196,11 +226,16 @@ func (h *Hold) refresh(cond bool) {
 		ctx, cancel := context.WithTimeout(h.ctx, markerRefresh)
 		var info s3store.Info
 		var err error
+		h.mu.Lock()
 		if cond {
 			info, err = h.l.st.Replace(ctx, markerName, h.body, h.etag)
 		} else {
 			info, err = h.l.st.Put(ctx, markerName, strings.NewReader(string(h.body)), int64(len(h.body)))
 		}
+		if err == nil {
+			h.etag = info.ETag
+		}
+		h.mu.Unlock()
 		cancel()
 		switch {
 		case errors.Is(err, fs.ErrExist) || errors.Is(err, fs.ErrNotExist):
@@ -210,8 +245,6 @@ func (h *Hold) refresh(cond bool) {
 		case err != nil:
 			// A missed refresh is harmless until StaleAfter.
 			h.l.log.WithError(err).Warn("could not refresh the prune's marker")
-		default:
-			h.etag = info.ETag
 		}
 	}
 }

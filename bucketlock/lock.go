@@ -19,12 +19,20 @@ import (
 )
 
 // GuardWindow is how long a Guard's function may run after the check
-// that no prune holds the cache: its context's deadline.
-const GuardWindow = 30 * time.Second
+// that no prune is deleting: its context's deadline. serve checks a
+// narinfo and PUTs it (at most a MiB) inside it.
+const GuardWindow = 10 * time.Second
 
-// GuardMargin is what a prune waits beyond GuardWindow after taking its
-// marker, for a request that was sent in time to be answered.
-const GuardMargin = 5 * time.Second
+// GuardMargin is what a prune waits beyond GuardWindow after marking the
+// cache as deleting, for a request that was sent in time to be answered.
+const GuardMargin = 2500 * time.Millisecond
+
+// guardWait bounds how long a Guard waits for a prune's deletion to end
+// before it gives up with ErrBusy.
+var guardWait = 2 * time.Minute
+
+// deletingLine is the line a prune's marker ends with once it deletes.
+const deletingLine = "deleting\n"
 
 // Object names in the store.
 const (
@@ -92,24 +100,58 @@ func (l *Locks) marker(ctx context.Context) (s3store.Info, bool, error) {
 	return info, isFresh(info.ModTime), nil
 }
 
-// Guard runs fn unless a prune holds the cache (an error wrapping
-// cachelock.ErrBusy then), with a context whose deadline is GuardWindow
-// after the check was sent: a prune that takes the cache meanwhile
-// deletes nothing before that deadline and a margin have passed, so what
-// fn writes before the deadline is seen by it. serve checks a narinfo's
+// Guard runs fn unless a prune is deleting, with a context whose
+// deadline is GuardWindow after the check was sent. While a prune deletes
+// (its marker says so) Guard waits for it, up to guardWait or ctx, then
+// fails with an error wrapping cachelock.ErrBusy. A prune marks the cache
+// as deleting, then waits GuardWindow and GuardMargin before it rereads
+// the markers and narinfos and deletes, so what fn writes before its
+// deadline is seen by the prune: a prune's scan does not hold uploads up,
+// only its deletion does, as on a directory. serve checks a narinfo's
 // references and PUTs it inside fn, and gives up at the deadline.
 func (l *Locks) Guard(ctx context.Context, fn func(ctx context.Context) error) error {
-	checked := time.Now()
-	_, held, err := l.marker(ctx)
+	giveUp := time.Now().Add(guardWait)
+	delay := 100 * time.Millisecond
+	for {
+		checked := time.Now()
+		deleting, err := l.deleting(ctx)
+		if err != nil {
+			return fmt.Errorf("guard against a prune: %w", err)
+		}
+		if !deleting {
+			gctx, cancel := context.WithDeadline(ctx, checked.Add(l.window))
+			defer cancel()
+			return fn(gctx)
+		}
+		if time.Now().Add(delay).After(giveUp) {
+			return fmt.Errorf("guard against a prune: %w (it is deleting)", cachelock.ErrBusy)
+		}
+		t := time.NewTimer(delay)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return fmt.Errorf("guard against a prune: %w", ctx.Err())
+		case <-t.C:
+		}
+		delay = min(delay*2, time.Second)
+	}
+}
+
+// deleting reports whether a fresh prune marker says the prune deletes.
+func (l *Locks) deleting(ctx context.Context) (bool, error) {
+	rc, info, err := l.st.Get(ctx, markerName, 0, -1)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return false, nil
+	case err != nil:
+		return false, fmt.Errorf("check for a prune: %w", err)
+	}
+	defer rc.Close()
+	body, err := io.ReadAll(io.LimitReader(rc, cachelock.MaxLockBody))
 	if err != nil {
-		return fmt.Errorf("guard against a prune: %w", err)
+		return false, fmt.Errorf("check for a prune: %w", err)
 	}
-	if held {
-		return fmt.Errorf("guard against a prune: %w", cachelock.ErrBusy)
-	}
-	gctx, cancel := context.WithDeadline(ctx, checked.Add(l.window))
-	defer cancel()
-	return fn(gctx)
+	return isFresh(info.ModTime) && bytes.HasSuffix(body, []byte(deletingLine)), nil
 }
 
 // Acquire takes or refreshes the shared upload lock name, storing body (at
@@ -129,12 +171,28 @@ func (l *Locks) Acquire(name string, body []byte) error {
 		return err
 	}
 	ctx := context.Background()
-	err := l.Guard(ctx, put)
-	if !errors.Is(err, cachelock.ErrBusy) {
+	_, held, err := l.marker(ctx)
+	if err != nil {
+		return fmt.Errorf("lock %s: %w", name, err)
+	}
+	if !held {
+		prev, statErr := l.st.Stat(ctx, lockDir+name)
+		wasFresh := statErr == nil && isFresh(prev.ModTime)
+		if err := put(ctx); err != nil {
+			return fmt.Errorf("lock %s: %w", name, err)
+		}
+		// A prune that marked the cache meanwhile lists the locks until
+		// none is fresh, after its mark: it sees this one, unless it had
+		// already finished waiting, and then its mark is seen here. A
+		// lock that was fresh already was waited for: it stays.
+		if _, held, err = l.marker(ctx); (err == nil && !held) || wasFresh {
+			return nil
+		}
+		l.st.Delete(ctx, []string{lockDir + name})
 		if err != nil {
 			return fmt.Errorf("lock %s: %w", name, err)
 		}
-		return nil
+		return fmt.Errorf("lock %s: %w", name, cachelock.ErrBusy)
 	}
 	// A prune that has finished waiting saw no fresh lock, and a stale
 	// lock stays stale: refreshing a fresh one lets nothing in behind it.
@@ -203,7 +261,7 @@ func (l *Locks) who(ctx context.Context) string {
 	}
 	defer rc.Close()
 	data, _ := io.ReadAll(rc)
-	return strings.TrimSpace(string(data))
+	return strings.Join(strings.Fields(strings.ReplaceAll(string(data), "\n", "; ")), " ")
 }
 
 // conditional reports, once per Locks, whether the store honours

@@ -30,8 +30,8 @@ func TestLocks(t *testing.T) {
 	}{
 		{"RacingHoldsOneWins", testRacingHolds},
 		{"AcquireRefusedWhileHeld", testAcquireWhileHeld},
-		{"GuardRefusedWhileHeldAndItsDeadline", testGuard},
-		{"HoldWaitsForGuardsBegunBefore", testHoldWaitsForGuardsBegunBefore},
+		{"GuardWaitsWhileAPruneDeletesAndItsDeadline", testGuard},
+		{"DeletingWaitsForGuardsBegunBefore", testDeletingWaitsForGuardsBegunBefore},
 		{"HoldWaitsForLocksThenGivesUp", testHoldWaitsForLocksThenGivesUp},
 		{"StaleMarkerTakenOverByOne", testStaleTakeover},
 		{"ListAndHolder", testListAndHolder},
@@ -176,24 +176,48 @@ func testGuard(t *testing.T, newLocks func() *Locks) {
 	if err := l.Guard(context.Background(), func(context.Context) error { return want }); err != want {
 		t.Errorf("guard returned %v, want fn's error", err)
 	}
+	// While a prune scans, uploads go on.
 	h := hold(t, newLocks())
+	if err := l.Guard(context.Background(), func(context.Context) error { return nil }); err != nil {
+		t.Errorf("guard while a prune scans: %v", err)
+	}
+	// While it deletes, a guard waits, and gives up after guardWait.
+	if err := h.Deleting(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	defer func(w time.Duration) { guardWait = w }(guardWait)
+	guardWait = 2 * window
 	err = l.Guard(context.Background(), func(context.Context) error {
-		t.Error("guard ran while a prune holds the cache")
+		t.Error("guard ran while a prune deletes")
 		return nil
 	})
 	if !errors.Is(err, cachelock.ErrBusy) {
-		t.Errorf("guard while held: %v, want ErrBusy", err)
+		t.Errorf("guard while a prune deletes: %v, want ErrBusy", err)
 	}
-	h.Release()
-	if err := l.Guard(context.Background(), func(context.Context) error { return nil }); err != nil {
-		t.Errorf("guard after the prune: %v", err)
+	// A guard that waits runs once the prune is done.
+	guardWait = time.Minute
+	ran = false
+	released := make(chan time.Time, 1)
+	go func() {
+		time.Sleep(window)
+		released <- time.Now()
+		h.Release()
+	}()
+	if err := l.Guard(context.Background(), func(context.Context) error { ran = true; return nil }); err != nil || !ran {
+		t.Errorf("guard waiting for the deletion to end: ran %v, %v", ran, err)
+	}
+	if at := <-released; time.Now().Before(at) {
+		t.Error("the guard ran before the prune released the cache")
 	}
 }
 
-// testHoldWaitsForGuardsBegunBefore: a guard that began before the prune
-// took the cache has reached its deadline by the time Hold returns.
-func testHoldWaitsForGuardsBegunBefore(t *testing.T, newLocks func() *Locks) {
+// testDeletingWaitsForGuardsBegunBefore: a guard that began before the
+// prune marked the cache as deleting has reached its deadline by the time
+// Deleting returns.
+func testDeletingWaitsForGuardsBegunBefore(t *testing.T, newLocks func() *Locks) {
 	l := newLocks()
+	h := hold(t, newLocks())
+	defer h.Release()
 	inside := make(chan context.Context)
 	finished := make(chan struct{})
 	go func() {
@@ -205,10 +229,11 @@ func testHoldWaitsForGuardsBegunBefore(t *testing.T, newLocks func() *Locks) {
 		close(finished)
 	}()
 	gctx := <-inside
-	h := hold(t, newLocks())
-	defer h.Release()
+	if err := h.Deleting(context.Background()); err != nil {
+		t.Fatal(err)
+	}
 	if gctx.Err() == nil {
-		t.Error("Hold returned while a guard begun before it could still publish")
+		t.Error("Deleting returned while a guard begun before it could still publish")
 	}
 	<-finished
 }

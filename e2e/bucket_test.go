@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/kiss-onion/kiss-onion/internal/nixcache"
 	"github.com/kiss-onion/kiss-onion/internal/s3test"
@@ -149,6 +150,65 @@ func TestBucketStore(t *testing.T) {
 		}
 		if out := dst.must("nix", "store", "ls", "--store", "http://"+readAddr, closure[len(closure)-1]); out == "" {
 			t.Error("nix store ls through the bucket's listing: nothing")
+		}
+	})
+
+	t.Run("a scheduled prune keeps exactly the rooted closure", func(t *testing.T) {
+		b := newBucketStore(t, srv, "pruned")
+		w, r := freeAddr(t), freeAddr(t)
+		s := start(t, append([]string{"serve", "--tor", "off", "--state-dir", t.TempDir(), "--listen-write", w, "--listen", r,
+			"--prune-interval", "1s", "--prune-grace", "0s"}, b.args()...)...)
+		waitHTTP(t, s, "http://"+r+"/nix-cache-info")
+		src := newNix(t)
+		kept, keptClosure := src.buildClosure(16)
+		gone, goneClosure := src.buildClosure(16)
+		for _, top := range []string{kept, gone} {
+			// Under a lock, so that no prune runs between the upload and
+			// the marker; refused with 503 while a prune holds the bucket.
+			for end := time.Now().Add(2 * time.Minute); ; time.Sleep(100 * time.Millisecond) {
+				code, body := httpDo(t, "PUT", "http://"+w+"/gcroots/.lock/upload", strings.NewReader("e2e"))
+				if code == 201 {
+					break
+				}
+				if code != 503 || time.Now().After(end) {
+					t.Fatalf("take lock: %d %s", code, body)
+				}
+			}
+			src.must("nix", "copy", "--to", "http://"+w+"?compression=zstd&secret-key="+key.secretFile, top)
+			if top == kept {
+				if code, body := httpDo(t, "PUT", "http://"+w+"/gcroots/web1", strings.NewReader(kept+"\n")); code != 201 {
+					t.Fatalf("PUT marker: %d %s", code, body)
+				}
+			}
+			if code, body := httpDo(t, "DELETE", "http://"+w+"/gcroots/.lock/upload", nil); code != 204 {
+				t.Fatalf("drop lock: %d %s", code, body)
+			}
+		}
+		has := func(p string) bool {
+			_, err := b.st.Stat(context.Background(), hashOf(p)+".narinfo")
+			return err == nil
+		}
+		waitReady(t, s, "the unrooted closure pruned from the bucket", 2*time.Minute, func() bool {
+			for _, p := range goneClosure {
+				if has(p) {
+					return false
+				}
+			}
+			return true
+		})
+		for _, p := range keptClosure {
+			if !has(p) {
+				t.Fatalf("rooted %s pruned", p)
+			}
+		}
+		b.checkWhole(t)
+		dst := newNix(t, "substituters = http://"+r, "trusted-public-keys = "+key.public)
+		dst.must("nix-store", "--realise", kept)
+		for _, p := range keptClosure {
+			sameTree(t, src, dst, p)
+		}
+		if !strings.Contains(s.out.String(), "component=prune") {
+			t.Errorf("serve logged no prune summary:\n%s", s.out)
 		}
 	})
 

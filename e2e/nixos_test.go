@@ -642,12 +642,12 @@ var nixosServerCases = []nixosCase{
 		},
 	},
 	{
-		name:    "server refuses what does not run on a bucket yet, and a store that is not s3://",
+		name:    "server refuses upstream on a bucket, which does not run there yet",
 		modules: "server",
 		config: `{ services.kiss-onion = { enable = true; writers.ci.publicKey = "` + nixosWriterKey + `";
-			store.url = "s3://nix-cache"; prune.enable = true; }; }`,
+			store.url = "s3://nix-cache"; upstream = { urls = [ "https://cache.nixos.org" ]; keys = [ "` + nixosSignerKey + `" ]; }; }; }`,
 		check: func(t *testing.T, r *nixosEval) {
-			nixosAssertions(t, r, "upstream and prune.enable do not run on a bucket yet")
+			nixosAssertions(t, r, "upstream does not run on a bucket yet")
 		},
 	},
 	{

@@ -510,8 +510,8 @@ in
 
     assertions = [
       {
-        assertion = cfg.store.url == null || (cfg.upstream.urls == [ ] && !cfg.prune.enable);
-        message = "services.kiss-onion.store.url: upstream and prune.enable do not run on a bucket yet; prune the bucket with `kiss-onion prune s3://...` on a timer";
+        assertion = cfg.store.url == null || cfg.upstream.urls == [ ];
+        message = "services.kiss-onion.store.url: upstream does not run on a bucket yet";
       }
       {
         assertion = cfg.upstream.urls == [ ] || cfg.upstream.keys != [ ];

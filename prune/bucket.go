@@ -99,6 +99,7 @@ func (b *bucketPruner) run(ctx context.Context) error {
 		return err
 	}
 	b.dctx = ctx
+	var hold *bucketlock.Hold
 	if !b.opt.DryRun {
 		b.c.phase.Store(PhaseWaiting)
 		lastLog := time.Time{}
@@ -114,6 +115,7 @@ func (b *bucketPruner) run(ctx context.Context) error {
 			return err
 		}
 		defer h.Release()
+		hold = h
 		b.skew = h.Skew()
 		// Deletions stop when the hold is lost, as well as with ctx.
 		dctx, cancel := context.WithCancel(ctx)
@@ -153,7 +155,12 @@ func (b *bucketPruner) run(ctx context.Context) error {
 	b.closure()
 
 	b.c.phase.Store(PhaseDeleting)
-	if !b.opt.DryRun {
+	if hold != nil {
+		// Uploads went on during the scan; from here on serve publishes
+		// nothing until the hold ends, and what it published is reread.
+		if err := hold.Deleting(b.dctx); err != nil {
+			return err
+		}
 		if err := b.recheckBucket(ctx); err != nil {
 			return err
 		}

@@ -245,8 +245,10 @@ func testBucketMarkersAndLocks(t *testing.T, a, b *bucketCache) {
 		t.Fatalf("DELETE lock through b: %d", resp.StatusCode)
 	}
 	// While a prune holds the bucket, through either front end: 503 for
-	// a new lock, and no narinfo is published.
+	// a new lock; narinfos go on while it scans, and wait while it
+	// deletes.
 	b.locks.SetGuardWindow(200 * time.Millisecond)
+	a.locks.SetGuardWindow(200 * time.Millisecond)
 	h, err := b.locks.Hold(context.Background(), time.Second, nil)
 	if err != nil {
 		t.Fatal(err)
@@ -256,9 +258,22 @@ func testBucketMarkersAndLocks(t *testing.T, a, b *bucketCache) {
 	content := []byte("nar during a prune")
 	url := narName(content, "")
 	a.put(t, "/"+url, content, 201)
-	a.put(t, "/"+hashB+".narinfo", []byte(narInfo(hashB, "b", url)), 503)
-	if a.exists(t, hashB+".narinfo") {
-		t.Fatal("a narinfo was published while a prune held the bucket")
+	a.put(t, "/"+hashB+".narinfo", []byte(narInfo(hashB, "b", url)), 201)
+	if err := h.Deleting(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	content2 := []byte("nar during a prune's deletion")
+	url2 := narName(content2, "")
+	a.put(t, "/"+url2, content2, 201)
+	released := make(chan time.Time, 1)
+	go func() {
+		time.Sleep(500 * time.Millisecond)
+		released <- time.Now()
+		h.Release()
+	}()
+	a.put(t, "/"+hashC+".narinfo", []byte(narInfo(hashC, "c", url2)), 201)
+	if at := <-released; time.Now().Before(at) {
+		t.Fatal("a narinfo was published while a prune deleted")
 	}
 }
 

@@ -17,6 +17,7 @@ import (
 	"github.com/kiss-onion/kiss-onion/bucketlock"
 	"github.com/kiss-onion/kiss-onion/internal/nixcache"
 	"github.com/kiss-onion/kiss-onion/prune"
+	"github.com/kiss-onion/kiss-onion/s3store"
 	"github.com/kiss-onion/kiss-onion/serve"
 )
 
@@ -254,9 +255,13 @@ func serveMain(f serveFlags, log *logrus.Entry) error {
 	if err != nil {
 		return err
 	}
-	cache, where, bucketLocks, err := openCache(f, keys, up, log)
+	cache, bkt, err := openCache(f, keys, up, log)
 	if err != nil {
 		return err
+	}
+	where := f.cacheDir
+	if bkt != nil {
+		where = bkt.name
 	}
 	defer cache.Close()
 
@@ -264,7 +269,9 @@ func serveMain(f serveFlags, log *logrus.Entry) error {
 	defer stop()
 	errc := make(chan error, 4)
 	status := newStatusServer(f, cache)
-	status.bucketLocks = bucketLocks
+	if bkt != nil {
+		status.bucketLocks, status.cacheName = bkt.locks, bkt.name
+	}
 	metrics := newServeMetrics(registryPaths(f))
 	if f.metricsListen != "" {
 		if err := serveMetricsOn(ctx, f.metricsListen, metrics, cache, log, errc); err != nil {
@@ -330,7 +337,7 @@ func serveMain(f serveFlags, log *logrus.Entry) error {
 	defer status.stop()
 	go f.upstream.keepLoop(ctx)
 	if f.pruneEvery > 0 {
-		go pruneEvery(ctx, f, log, cache, metrics)
+		go pruneEvery(ctx, f, log, cache, bkt, metrics)
 	}
 	log.WithField("cache", where).Info("serving")
 	select {
@@ -342,9 +349,16 @@ func serveMain(f serveFlags, log *logrus.Entry) error {
 	}
 }
 
+// openedBucket is the bucket of --store, for the prunes and status.
+type openedBucket struct {
+	store *s3store.Store
+	locks *bucketlock.Locks
+	name  string // the store's URL without keys
+}
+
 // openCache opens the cache serve serves: the directory, or the bucket
-// of --store with its lock protocol. where names it for the log.
-func openCache(f serveFlags, keys []nixcache.PublicKey, up serve.Upstream, log *logrus.Entry) (cache *serve.Cache, where string, locks cacheLocks, err error) {
+// of --store with its lock protocol (then bkt is not nil).
+func openCache(f serveFlags, keys []nixcache.PublicKey, up serve.Upstream, log *logrus.Entry) (cache *serve.Cache, bkt *openedBucket, err error) {
 	cfg := serve.Config{
 		Dir:           f.cacheDir,
 		StoreDir:      f.storeDir,
@@ -356,17 +370,16 @@ func openCache(f serveFlags, keys []nixcache.PublicKey, up serve.Upstream, log *
 		Upstream:      up,
 		Log:           log,
 	}
-	where = f.cacheDir
 	if f.store != "" {
 		st, sc, err := f.s3.open(f.store, log)
 		if err != nil {
-			return nil, "", nil, err
+			return nil, nil, err
 		}
-		bl := bucketlock.New(st, log)
-		cfg.Dir, cfg.Bucket, cfg.BucketLocks, where, locks = "", st, bl, sc.String(), bl
+		bkt = &openedBucket{store: st, locks: bucketlock.New(st, log), name: sc.String()}
+		cfg.Dir, cfg.Bucket, cfg.BucketLocks = "", st, bkt.locks
 	}
 	cache, err = serve.New(cfg)
-	return cache, where, locks, err
+	return cache, bkt, err
 }
 
 // checkStoreFlags refuses what does not run on a bucket yet.
@@ -376,9 +389,6 @@ func checkStoreFlags(f serveFlags) error {
 	}
 	if len(f.upstream.urls) > 0 {
 		return usagef("--upstream does not run with --store yet: fill the bucket through a serve on a directory, or without upstream")
-	}
-	if f.pruneEvery > 0 {
-		return usagef("--prune-interval does not run with --store yet: run 'kiss-onion prune s3://...' on a schedule")
 	}
 	return nil
 }
@@ -402,18 +412,20 @@ func checkApart(cacheDir, stateDir string) error {
 // ends, with the same lock protocol as 'kiss-onion prune', so uploads in
 // flight and those under a lock are safe. What it deletes is taken off
 // the cache's size, and each run goes to the metrics.
-func pruneEvery(ctx context.Context, f serveFlags, log *logrus.Entry, cache *serve.Cache, metrics *serveMetrics) {
+func pruneEvery(ctx context.Context, f serveFlags, log *logrus.Entry, cache *serve.Cache, bkt *openedBucket, metrics *serveMetrics) {
 	log = log.WithField("component", "prune")
-	tick := time.NewTicker(f.pruneEvery)
-	defer tick.Stop()
+	// The next prune starts an interval after the last one ended, so
+	// that uploads get the cache in between however long a prune takes.
+	wait := time.NewTimer(f.pruneEvery)
+	defer wait.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			return
-		case <-tick.C:
+		case <-wait.C:
 		}
 		metrics.pruneRunning.Set(1)
-		stats, err := prune.Run(ctx, prune.Options{
+		opt := prune.Options{
 			CacheDir:   f.cacheDir,
 			StateDir:   f.stateDir,
 			MaxRootAge: f.maxRootAge,
@@ -422,9 +434,18 @@ func pruneEvery(ctx context.Context, f serveFlags, log *logrus.Entry, cache *ser
 			StoreDir:   f.storeDir,
 			Log:        log,
 			Deleted:    cache.Removed,
-		})
+		}
+		var stats prune.Stats
+		var err error
+		if bkt != nil {
+			opt.CacheDir = ""
+			stats, err = prune.RunBucket(ctx, prune.BucketOptions{Options: opt, Store: bkt.store, Name: bkt.name, Locks: bkt.locks})
+		} else {
+			stats, err = prune.Run(ctx, opt)
+		}
 		metrics.pruneRunning.Set(0)
 		metrics.prune(stats, err)
+		wait.Reset(f.pruneEvery)
 		if err != nil {
 			log.WithError(err).Error("scheduled prune failed")
 			continue

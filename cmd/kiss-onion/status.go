@@ -249,7 +249,10 @@ func filesStatus(stateDir, cacheDir string, registries []string) statusReport {
 		}
 	}
 	if isStoreURL(cacheDir) {
-		return rep // a bucket: serve adds its locks (statusServer.report)
+		// A bucket: its room is the store's business; serve adds its
+		// locks (statusServer.report).
+		addLastPrune(&rep, stateDir, cacheDir)
+		return rep
 	}
 	var st unix.Statfs_t
 	if err := unix.Statfs(cacheDir, &st); err != nil {
@@ -257,13 +260,19 @@ func filesStatus(stateDir, cacheDir string, registries []string) statusReport {
 	} else {
 		rep.Cache.DiskFree, rep.Cache.DiskSize = int64(st.Bavail)*int64(st.Bsize), int64(st.Blocks)*int64(st.Bsize)
 	}
-	if r, ok, err := prune.LastRun(stateDir, cacheDir); err != nil {
-		problem("%v", err)
+	addLastPrune(&rep, stateDir, cacheDir)
+	addLocks(&rep, cachelock.New(cacheDir))
+	return rep
+}
+
+// addLastPrune adds the record of the last prune of the cache (a
+// directory or a store URL) to rep.
+func addLastPrune(rep *statusReport, stateDir, cache string) {
+	if r, ok, err := prune.LastRun(stateDir, cache); err != nil {
+		rep.Problems = append(rep.Problems, err.Error())
 	} else if ok {
 		rep.LastPrune = &r
 	}
-	addLocks(&rep, cachelock.New(cacheDir))
-	return rep
 }
 
 // cacheLocks is what status reads of a lock protocol, on a directory or a
@@ -396,8 +405,10 @@ type statusServer struct {
 	f       serveFlags
 	started time.Time
 	cache   *serve.Cache // its size
-	// bucketLocks are the locks of a cache on a bucket (--store).
+	// bucketLocks are the locks of a cache on a bucket (--store), and
+	// cacheName its URL without keys.
 	bucketLocks cacheLocks
+	cacheName   string
 	mu          sync.Mutex
 	listeners   []listenerStatus
 	onions      *onions // nil with --tor off
@@ -478,8 +489,8 @@ func (s *statusServer) report(now time.Time) statusReport {
 		registries = append(registries, s.f.clientsFile)
 	}
 	where := s.f.cacheDir
-	if s.f.store != "" {
-		where = s.f.store
+	if s.cacheName != "" {
+		where = s.cacheName
 	}
 	rep := filesStatus(s.f.stateDir, where, registries)
 	if s.bucketLocks != nil {
