@@ -574,9 +574,6 @@ func (s *narStore) getParts(ctx context.Context, d *download, parts []part) (res
 	stop()
 	pcancel(err)
 	wg.Wait()
-	if err != nil && d.status == http.StatusOK {
-		s.log.WithFields(logrus.Fields{"file": d.rel, "bytes": d.written}).WithError(err).Debug("gateway cache: download in parts failed")
-	}
 	keep, err = s.finish(d, f, err)
 	return nil, true, keep, err
 }
