@@ -649,12 +649,14 @@ func (f *Forwarder) closeIdle() {
 }
 
 // roundTripper spreads requests over the circuits: each goes to a ready
-// one (see pick) with the fewest requests in flight.
+// one (see pick) with the fewest requests in flight; the requests of a
+// spread, to circuits the others of it did not take.
 type roundTripper struct{ f *Forwarder }
 
 func (rt roundTripper) RoundTrip(req *http.Request) (*http.Response, error) {
 	f := rt.f
-	c := f.pick(nil)
+	sp, _ := req.Context().Value(spreadKey{}).(*spread)
+	c := sp.pick(f, nil)
 	resp, err := f.attempt(c, req)
 	if err != nil && retryable(req, err) && req.Context().Err() == nil {
 		// A circuit that failed to build says little of the others.
@@ -664,9 +666,39 @@ func (rt roundTripper) RoundTrip(req *http.Request) (*http.Response, error) {
 			// connections are likely dead too.
 			f.closeIdle()
 		}
-		resp, err = f.attempt(f.pick(c), req)
+		resp, err = f.attempt(sp.pick(f, c), req)
 	}
 	return resp, err
+}
+
+// spreadKey is the context key of a *spread.
+type spreadKey struct{}
+
+// spread sends the requests whose contexts carry it (the parts of one
+// NAR, fetched at once) over different circuits, while there are
+// circuits none of them took: requests started together would otherwise
+// all see the same least busy circuit.
+type spread struct {
+	mu   sync.Mutex
+	took map[*circuit]int
+}
+
+// withSpread returns ctx with a new spread.
+func withSpread(ctx context.Context) context.Context {
+	return context.WithValue(ctx, spreadKey{}, &spread{took: map[*circuit]int{}})
+}
+
+// pick picks a circuit of f for a request of sp, as f.pick does when sp
+// is nil.
+func (sp *spread) pick(f *Forwarder, not *circuit) *circuit {
+	if sp == nil {
+		return f.pickOf(not, nil)
+	}
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	c := f.pickOf(not, sp.took)
+	sp.took[c]++
+	return c
 }
 
 // attempt sends req over c. A read's response headers must come within
@@ -714,7 +746,11 @@ func (f *Forwarder) attempt(c *circuit, req *http.Request) (*http.Response, erro
 // ones when there are: those that the onion answered on since the
 // gateway last stopped forwarding. A circuit that tor is still building
 // (the onion just came back, a rendezvous that hangs) is then left alone.
-func (f *Forwarder) pick(not *circuit) *circuit {
+func (f *Forwarder) pick(not *circuit) *circuit { return f.pickOf(not, nil) }
+
+// pickOf picks as pick does, among the ready circuits those took counts
+// least of first.
+func (f *Forwarder) pickOf(not *circuit, took map[*circuit]int) *circuit {
 	start := int(f.next.Add(1))
 	downAt := f.downAt.Load()
 	var best *circuit
@@ -727,7 +763,8 @@ func (f *Forwarder) pick(not *circuit) *circuit {
 		ready := c.lastOK.Load() > downAt
 		switch {
 		case best == nil, ready && !bestReady:
-		case ready == bestReady && c.inflight.Load() < best.inflight.Load():
+		case ready == bestReady && took[c] < took[best]:
+		case ready == bestReady && took[c] == took[best] && c.inflight.Load() < best.inflight.Load():
 		default:
 			continue
 		}

@@ -38,7 +38,10 @@ type narStore struct {
 	// durable: files are flushed before they are kept, because the store
 	// outlives the process and load trusts what it finds.
 	durable bool
-	log     *logrus.Entry
+	// parts bounds the parts a NAR of known size is fetched in at once
+	// (the circuits' count); 1 fetches every NAR whole.
+	parts int
+	log   *logrus.Entry
 
 	mu        sync.Mutex
 	files     map[string]*storedFile // complete files, by path relative to dir
@@ -76,7 +79,7 @@ const tmpDir = ".tmp"
 // openNarStore opens dir (creating it 0700), forgetting partial downloads.
 // Unless keep, it empties it first, and flushes nothing: the store is
 // only for this process.
-func openNarStore(dir string, limit int64, maxFetch int, keep bool, fetch func(*http.Request) (*http.Response, error), log *logrus.Entry) (*narStore, error) {
+func openNarStore(dir string, limit int64, maxFetch, parts int, keep bool, fetch func(*http.Request) (*http.Response, error), log *logrus.Entry) (*narStore, error) {
 	if !keep {
 		if err := os.RemoveAll(dir); err != nil {
 			return nil, fmt.Errorf("empty %s: %w", dir, err)
@@ -87,7 +90,7 @@ func openNarStore(dir string, limit int64, maxFetch int, keep bool, fetch func(*
 			return nil, fmt.Errorf("create %s: %w", d, err)
 		}
 	}
-	s := &narStore{dir: dir, limit: limit, maxFetch: maxFetch, fetch: fetch, durable: keep, log: log,
+	s := &narStore{dir: dir, limit: limit, maxFetch: maxFetch, parts: parts, fetch: fetch, durable: keep, log: log,
 		files: map[string]*storedFile{}, downloads: map[string]*download{}}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	if err := s.load(); err != nil {
@@ -278,11 +281,14 @@ type download struct {
 	// it closes, so the file is not evicted before they open it.
 	kept bool
 
-	mu      sync.Mutex
-	cond    *sync.Cond
+	mu   sync.Mutex
+	cond *sync.Cond
+	// written is how much of the file, from its start, is there: the
+	// contiguous prefix when it comes in parts.
 	written int64
-	end     bool  // no more bytes will come
-	failed  error // why, when it ended before it was kept
+	parts   []part // when it comes in parts
+	end     bool   // no more bytes will come
+	failed  error  // why, when it ended before it was kept
 	// rf reads the file as it is written, for every reader, whatever
 	// becomes of its name; refs counts the download and its readers, and
 	// the last to go closes it.
@@ -344,16 +350,27 @@ func (s *narStore) run(d *download, ahead bool) {
 }
 
 // get fetches d's body into its temporary file and, when the body is
-// whole and true to its name, renames it into place (keep).
+// whole and true to its name, renames it into place (keep). A NAR of
+// known size is fetched in parts at once (getParts), when the onion
+// answers the first part's Range with the part.
 func (s *narStore) get(d *download) (keep bool, err error) {
 	ctx, cancel := context.WithCancelCause(s.ctx)
 	defer cancel(nil)
-	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "/"+d.rel, nil)
-	resp, err := s.fetch(req)
-	if err != nil {
-		d.err = err
-		close(d.ready)
-		return false, err
+	var resp *http.Response
+	if parts := split(d.size, s.parts, minPart); len(parts) > 1 {
+		ctx = withSpread(ctx)
+		var done bool
+		if resp, done, keep, err = s.getParts(ctx, d, parts); done {
+			return keep, err
+		}
+	}
+	if resp == nil {
+		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "/"+d.rel, nil)
+		if resp, err = s.fetch(req); err != nil {
+			d.err = err
+			close(d.ready)
+			return false, err
+		}
 	}
 	defer resp.Body.Close()
 	d.status = resp.StatusCode
@@ -365,23 +382,38 @@ func (s *narStore) get(d *download) (keep bool, err error) {
 		s.log.WithFields(logrus.Fields{"file": d.rel, "narinfo": d.size, "onion": resp.ContentLength}).Debug("gateway cache: size differs from the narinfo's")
 	}
 	d.size = resp.ContentLength
+	f, err := s.createTemp(d)
+	if err != nil {
+		return false, err
+	}
+	close(d.ready)
+	err = s.copyBody(ctx, cancel, d, f, resp.Body)
+	return s.finish(d, f, err)
+}
+
+// createTemp creates d's temporary file, and the handle its readers
+// share; on an error it tells d's waiters.
+func (s *narStore) createTemp(d *download) (*os.File, error) {
 	f, err := os.CreateTemp(filepath.Join(s.dir, tmpDir), "nar-")
+	if err == nil {
+		d.tmp = f.Name()
+		if d.rf, err = os.Open(d.tmp); err != nil {
+			f.Close()
+			os.Remove(d.tmp)
+		}
+	}
 	if err != nil {
 		d.status, d.err = 0, err
 		close(d.ready)
-		return false, err
-	}
-	d.tmp = f.Name()
-	if d.rf, err = os.Open(d.tmp); err != nil {
-		f.Close()
-		os.Remove(d.tmp)
-		d.status, d.err = 0, err
-		close(d.ready)
-		return false, err
+		return nil, err
 	}
 	d.refs = 1
-	close(d.ready)
-	err = s.copyBody(ctx, cancel, d, f, resp.Body)
+	return f, nil
+}
+
+// finish keeps d's file when err is nil (the body came whole and true to
+// its name), and tells d's readers either way.
+func (s *narStore) finish(d *download, f *os.File, err error) (bool, error) {
 	if err == nil && s.durable {
 		err = f.Sync()
 	}
@@ -400,6 +432,282 @@ func (s *narStore) get(d *download) (keep bool, err error) {
 	d.release()
 	d.mu.Unlock()
 	return err == nil, err
+}
+
+// Fetching a NAR in parts. Tor gives each stream a window of its own,
+// and each circuit one: a large NAR on one stream of one circuit comes no
+// faster than that window over the round trip, however idle the others
+// are. A NAR of known size (its narinfo's FileSize) of two parts or more
+// is therefore asked for in Range requests at once, one per part, over
+// different circuits (a spread, forward.go), each written at its offset
+// into the temporary file. Readers read the contiguous prefix as it
+// grows; the whole is hashed in order as the prefix grows, and the last
+// byte is given out once it matched, as for a NAR fetched whole.
+
+// minPart is the smallest part; maxParts bounds the parts of one NAR.
+const (
+	minPart  = 1 << 20
+	maxParts = 8
+)
+
+// Retrying a part: a part that breaks is asked for again from the byte it
+// broke at, up to partTries times in a row without a byte coming, waiting
+// partRetryWait times the tries so far in between (the Forwarder may
+// need its probe to take requests again).
+var (
+	partTries     = 5
+	partRetryWait = 250 * time.Millisecond
+)
+
+// part is a byte range [start, end) of a file, and how much of it came.
+type part struct {
+	start, end int64
+	got        int64
+}
+
+// split cuts a file of size bytes into at most n parts (and maxParts) of
+// at least least bytes each, of even sizes; one part when it cannot be
+// cut, none when the size is not known.
+func split(size int64, n int, least int64) []part {
+	if size <= 0 {
+		return nil
+	}
+	n = int(max(1, min(int64(n), int64(maxParts), size/max(least, 1))))
+	parts := make([]part, n)
+	for i := range parts {
+		parts[i] = part{start: size * int64(i) / int64(n), end: size * int64(i+1) / int64(n)}
+	}
+	return parts
+}
+
+// contentRange is the Content-Range of a 206 for [start, end) of size.
+func contentRange(start, end, size int64) string {
+	return fmt.Sprintf("bytes %d-%d/%d", start, end-1, size)
+}
+
+// rangeAttempt is one request for a range of a file, with a context of
+// its own: cancelled (with errIdle) when nothing arrives for
+// downloadIdle, it fails the attempt alone.
+type rangeAttempt struct {
+	resp   *http.Response
+	err    error
+	ctx    context.Context
+	cancel context.CancelCauseFunc
+}
+
+// askRange asks for [start, end) of rel.
+func (s *narStore) askRange(ctx context.Context, rel string, start, end int64) rangeAttempt {
+	a := rangeAttempt{}
+	a.ctx, a.cancel = context.WithCancelCause(ctx)
+	req, _ := http.NewRequestWithContext(a.ctx, http.MethodGet, "/"+rel, nil)
+	req.Header.Set("Range", fmt.Sprintf("bytes=%d-%d", start, end-1))
+	a.resp, a.err = s.fetch(req)
+	return a
+}
+
+// getParts fetches d in parts, all asked for at once, and keeps it when
+// it is whole and true to its name (done). When the onion answers the
+// first part with anything but that part (a 200 with the whole file, a
+// 404, a file of another size), the other parts are stopped and forgotten,
+// and getParts returns not done, with the answer to take as the whole
+// file's, or none to ask for it whole.
+func (s *narStore) getParts(ctx context.Context, d *download, parts []part) (resp *http.Response, done, keep bool, err error) {
+	f, err := s.createTemp(d)
+	if err != nil {
+		return nil, true, false, err
+	}
+	d.parts = parts
+	// The parts' own context: a part that fails ends them all.
+	pctx, pcancel := context.WithCancelCause(ctx)
+	defer pcancel(nil)
+	var wg sync.WaitGroup
+	for i := 1; i < len(parts); i++ {
+		wg.Go(func() {
+			if err := s.getPart(pctx, d, f, i, rangeAttempt{}); err != nil {
+				pcancel(err)
+			}
+		})
+	}
+	first := s.askRange(ctx, d.rel, parts[0].start, parts[0].end)
+	if first.err != nil || first.resp.StatusCode != http.StatusPartialContent ||
+		first.resp.Header.Get("Content-Range") != contentRange(parts[0].start, parts[0].end, d.size) || first.resp.Header.Get("Content-Encoding") != "" {
+		pcancel(errNotParts)
+		wg.Wait()
+		f.Close()
+		os.Remove(d.tmp)
+		d.mu.Lock()
+		d.parts, d.written, d.tmp = nil, 0, ""
+		d.release()
+		d.mu.Unlock()
+		switch {
+		case first.err != nil:
+			first.cancel(nil)
+			d.err = first.err
+			close(d.ready)
+			return nil, true, false, first.err
+		case first.resp.StatusCode == http.StatusPartialContent:
+			// Not the size the narinfo said: ask for the file whole.
+			first.resp.Body.Close()
+			first.cancel(nil)
+			return nil, false, false, nil
+		}
+		// A 200 is the whole file (the onion ignores ranges); any other
+		// status, the onion's answer for the file.
+		context.AfterFunc(ctx, func() { first.cancel(nil) })
+		return first.resp, false, false, nil
+	}
+	d.status = http.StatusOK
+	close(d.ready)
+	context.AfterFunc(pctx, func() { first.cancel(context.Cause(pctx)) })
+	wg.Go(func() {
+		if err := s.getPart(pctx, d, f, 0, first); err != nil {
+			pcancel(err)
+		}
+	})
+	// Wake the hashing below when a part fails.
+	stop := context.AfterFunc(pctx, func() {
+		d.mu.Lock()
+		d.cond.Broadcast()
+		d.mu.Unlock()
+	})
+	err = s.hashPrefix(pctx, d, f)
+	stop()
+	pcancel(err)
+	wg.Wait()
+	keep, err = s.finish(d, f, err)
+	return nil, true, keep, err
+}
+
+// errNotParts stops the parts of a file the onion does not give in parts.
+var errNotParts = errors.New("the onion does not answer the file in parts")
+
+// getPart fetches part i of d into f, from a (the answer to its first
+// request) or by asking, and again from where it broke while bytes keep
+// coming.
+func (s *narStore) getPart(ctx context.Context, d *download, f *os.File, i int, a rangeAttempt) error {
+	p := d.parts[i]
+	off, tries := p.start, 0
+	for {
+		if a.ctx == nil {
+			a = s.askRange(ctx, d.rel, off, p.end)
+		}
+		err := a.err
+		if err == nil {
+			if got := a.resp.Header.Get("Content-Range"); a.resp.StatusCode != http.StatusPartialContent || got != contentRange(off, p.end, d.size) || a.resp.Header.Get("Content-Encoding") != "" {
+				err = fmt.Errorf("range %d-%d: %s, Content-Range %q", off, p.end-1, a.resp.Status, got)
+			} else {
+				var n int64
+				n, err = s.copyPart(a, d, f, i, off, p.end)
+				off += n
+				if n > 0 {
+					tries = 0
+				}
+			}
+			a.resp.Body.Close()
+		}
+		a.cancel(nil)
+		a = rangeAttempt{}
+		if off == p.end {
+			return nil
+		}
+		if ctx.Err() != nil {
+			return context.Cause(ctx)
+		}
+		if tries++; tries >= partTries {
+			return fmt.Errorf("bytes %d-%d: %w", off, p.end-1, err)
+		}
+		s.log.WithFields(logrus.Fields{"file": d.rel, "offset": off, "end": p.end}).WithError(err).Debug("gateway cache: a part broke: asking again")
+		select {
+		case <-ctx.Done():
+			return context.Cause(ctx)
+		case <-time.After(partRetryWait * time.Duration(tries)):
+		}
+	}
+}
+
+// errIdle cancels an attempt that received nothing for downloadIdle.
+var errIdle = errors.New("nothing received in time")
+
+// copyPart copies a's body into f from off, at most up to end, telling
+// d's readers as the contiguous prefix grows; it returns the bytes
+// written.
+func (s *narStore) copyPart(a rangeAttempt, d *download, f *os.File, i int, off, end int64) (int64, error) {
+	idle := time.AfterFunc(downloadIdle, func() { a.cancel(fmt.Errorf("%w (%v)", errIdle, downloadIdle)) })
+	defer idle.Stop()
+	body := io.LimitReader(a.resp.Body, end-off)
+	buf := make([]byte, 64<<10)
+	var written int64
+	for {
+		n, rerr := body.Read(buf)
+		if n > 0 {
+			idle.Reset(downloadIdle)
+			if _, err := f.WriteAt(buf[:n], off+written); err != nil {
+				return written, err
+			}
+			written += int64(n)
+			d.mu.Lock()
+			d.parts[i].got += int64(n)
+			if prefix := d.prefix(); prefix > d.written {
+				d.written = prefix
+				d.cond.Broadcast()
+			}
+			d.mu.Unlock()
+		}
+		if rerr == io.EOF && off+written == end {
+			return written, nil
+		}
+		if rerr == io.EOF {
+			rerr = io.ErrUnexpectedEOF
+		}
+		if rerr != nil {
+			if c := context.Cause(a.ctx); c != nil {
+				return written, c
+			}
+			return written, rerr
+		}
+	}
+}
+
+// prefix returns how much of the file, from its start, came; the caller
+// holds d.mu.
+func (d *download) prefix() int64 {
+	for _, p := range d.parts {
+		if p.start+p.got < p.end {
+			return p.start + p.got
+		}
+	}
+	return d.size
+}
+
+// hashPrefix hashes d's file as its prefix grows, until it is whole, and
+// checks it against d's name.
+func (s *narStore) hashPrefix(ctx context.Context, d *download, f *os.File) error {
+	h := sha256.New()
+	buf := make([]byte, 256<<10)
+	var hashed int64
+	for hashed < d.size {
+		d.mu.Lock()
+		for d.written == hashed && ctx.Err() == nil {
+			d.cond.Wait()
+		}
+		written := d.written
+		d.mu.Unlock()
+		if written == hashed {
+			return context.Cause(ctx)
+		}
+		for hashed < written {
+			n, err := f.ReadAt(buf[:min(int64(len(buf)), written-hashed)], hashed)
+			if n == 0 && err != nil {
+				return err
+			}
+			h.Write(buf[:n])
+			hashed += int64(n)
+		}
+	}
+	if got := nixcache.Base32(h.Sum(nil)); got != nixcache.NarURLHash(d.rel) {
+		return fmt.Errorf("content hash %s does not match the file's name", got)
+	}
+	return nil
 }
 
 // copyBody copies body into f, telling d's readers of every byte, and

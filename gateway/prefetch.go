@@ -113,7 +113,7 @@ func NewPrefetcher(next *Forwarder, cfg PrefetchConfig) (*Prefetcher, error) {
 	p := &Prefetcher{next: next, cfg: cfg, log: log,
 		infos: map[string]infoEntry{}, byURL: map[string][]string{}, calls: map[chan struct{}]bool{}}
 	var err error
-	p.store, err = openNarStore(cfg.Dir, cfg.Size, cfg.Downloads, cfg.Keep, next.RoundTrip, log)
+	p.store, err = openNarStore(cfg.Dir, cfg.Size, cfg.Downloads, len(next.circuits), cfg.Keep, next.RoundTrip, log)
 	if err != nil {
 		return nil, fmt.Errorf("prefetch: %w", err)
 	}

@@ -47,6 +47,7 @@ var (
 	rounds  = flag.Int("rounds", 3, "rounds (each variant once a round)")
 	maxJobs = flag.Int("max-jobs", 16, "nix's max-jobs (Nix 2.8 substitutes at most this many paths at once)")
 	only    = flag.String("only", "", "run only these variants (comma-separated names)")
+	base    = flag.String("base", "", "another kiss-onion binary (main's, say) whose gateway, closure + prefetch at the default circuits, runs beside in the same rounds")
 )
 
 func main() {
@@ -143,12 +144,21 @@ func run() error {
 		name string
 		args []string
 		warm bool
+		bin  string
 	}
 	var gws []gw
+	if *base != "" {
+		b, err := filepath.Abs(*base)
+		if err != nil {
+			return err
+		}
+		def := strconv.Itoa(gateway.DefaultCircuits)
+		gws = append(gws, gw{"base binary: gateway, closure + prefetch (" + def + " circuits)", []string{"--circuits", def}, false, b})
+	}
 	for _, c := range strings.Split(*circs, ",") {
 		c = strings.TrimSpace(c)
-		gws = append(gws, gw{"gateway, closure + prefetch (" + c + " circuits)", []string{"--circuits", c}, c == strconv.Itoa(gateway.DefaultCircuits)})
-		gws = append(gws, gw{"gateway, no prefetch (" + c + " circuits)", []string{"--circuits", c, "--prefetch=false"}, false})
+		gws = append(gws, gw{"gateway, closure + prefetch (" + c + " circuits)", []string{"--circuits", c}, c == strconv.Itoa(gateway.DefaultCircuits), bin})
+		gws = append(gws, gw{"gateway, no prefetch (" + c + " circuits)", []string{"--circuits", c, "--prefetch=false"}, false, bin})
 	}
 	var variants []*variant
 	for _, g := range gws {
@@ -156,7 +166,7 @@ func run() error {
 			continue
 		}
 		addr := freeAddr()
-		p, err := startProc(filepath.Join(run, "proxy-"+strconv.Itoa(len(variants))+".log"), bin,
+		p, err := startProc(filepath.Join(run, "proxy-"+strconv.Itoa(len(variants))+".log"), g.bin,
 			append([]string{"proxy", "--bundle", bundle, "--listen", addr, "--tor-config", torrc,
 				"--state-dir", filepath.Join(run, "proxy-"+strconv.Itoa(len(variants))), "--log-level", "warn"}, g.args...)...)
 		if err != nil {
