@@ -195,7 +195,7 @@ func (s *Server) waitBucket(limit time.Duration) error {
 			}
 		}
 		cancel()
-		if err == nil {
+		if err == nil && s.listsEmpty(c) {
 			return nil
 		}
 		select {
@@ -207,6 +207,18 @@ func (s *Server) waitBucket(limit time.Duration) error {
 			return fmt.Errorf("after %s: %w", limit, err)
 		}
 	}
+}
+
+// listsEmpty reports whether the bucket lists no object: a new filer
+// may list ".ready" for a moment after its deletion was answered.
+func (s *Server) listsEmpty(c *minio.Client) bool {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	// An object, or an error, in the listing: not empty as far as known.
+	for range c.ListObjects(ctx, s.Bucket, minio.ListObjectsOptions{Recursive: true, MaxKeys: 1}) {
+		return false
+	}
+	return true
 }
 
 // Memory returns the weed process's resident memory now and at its
