@@ -148,7 +148,14 @@ type Forwarder struct {
 	log      *logrus.Entry
 	circuits []*circuit
 	next     atomic.Uint32 // round-robin start among equally loaded circuits
-	proxy    *httputil.ReverseProxy
+	// picked counts the requests given to this front end (frontends.go):
+	// of equally busy front ends, the one given the fewest goes first.
+	picked atomic.Uint64
+	// claimMu makes picking a circuit and counting the request on it one
+	// step: requests started together would otherwise all see the same
+	// least busy circuit.
+	claimMu sync.Mutex
+	proxy   *httputil.ReverseProxy
 
 	mu        sync.Mutex
 	health    Health
@@ -692,12 +699,22 @@ func withSpread(ctx context.Context) context.Context {
 // is nil.
 func (sp *spread) pick(f *Forwarder, not *circuit) *circuit {
 	if sp == nil {
-		return f.pickOf(not, nil)
+		return f.claim(not, nil)
 	}
 	sp.mu.Lock()
 	defer sp.mu.Unlock()
-	c := f.pickOf(not, sp.took)
+	c := f.claim(not, sp.took)
 	sp.took[c]++
+	return c
+}
+
+// claim picks a circuit as pickOf does and counts a request in flight on
+// it, which its roundTrip ends.
+func (f *Forwarder) claim(not *circuit, took map[*circuit]int) *circuit {
+	f.claimMu.Lock()
+	defer f.claimMu.Unlock()
+	c := f.pickOf(not, took)
+	c.inflight.Add(1)
 	return c
 }
 
@@ -773,8 +790,9 @@ func (f *Forwarder) pickOf(not *circuit, took map[*circuit]int) *circuit {
 	return best
 }
 
+// roundTrip sends req over c, on which claim counted it in flight: until
+// the response's body is closed, or now when there is none.
 func (c *circuit) roundTrip(req *http.Request) (*http.Response, error) {
-	c.inflight.Add(1)
 	c.used.Store(time.Now().UnixNano())
 	resp, err := c.tr.RoundTrip(req)
 	if err != nil {
@@ -909,6 +927,7 @@ func (f *Forwarder) probe(c *circuit) {
 	u.Path += "/nix-cache-info"
 	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, u.String(), nil)
 	began := time.Now()
+	c.inflight.Add(1) // as claim counts it: the probe's circuit is c
 	resp, err := f.attempt(c, req)
 	if err != nil {
 		if f.ctx.Err() == nil {

@@ -272,9 +272,13 @@ func (f *Forwarder) pickFront(tried []bool) *Forwarder {
 			inflight += cc.inflight.Load()
 		}
 		load := float64(inflight) / float64(len(c.circuits))
-		if best == nil || (reach && !bestReach) || (reach == bestReach && load < bestLoad) {
+		if best == nil || (reach && !bestReach) || (reach == bestReach && load < bestLoad) ||
+			(reach == bestReach && load == bestLoad && c.picked.Load() < best.picked.Load()) {
 			best, bestReach, bestLoad = c, reach, load
 		}
+	}
+	if best != nil {
+		best.picked.Add(1)
 	}
 	return best
 }

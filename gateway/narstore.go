@@ -225,8 +225,13 @@ func (src *source) Close() error {
 	if src.d.kept {
 		if f := s.files[src.rel]; f != nil && f.readers > 0 {
 			f.readers--
-			if f.readers == 0 && len(s.queue) > 0 {
-				s.pump()
+			if f.readers == 0 {
+				// It was kept past the bound while read: the bound holds
+				// again now.
+				s.evict(0, false)
+				if len(s.queue) > 0 {
+					s.pump()
+				}
 			}
 		}
 	}
