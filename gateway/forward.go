@@ -421,20 +421,7 @@ func (f *Forwarder) RoundTrip(req *http.Request) (*http.Response, error) {
 	if f.fronts != nil {
 		return f.sendAny(req)
 	}
-	began := time.Now()
-	out := req.Clone(context.WithValue(req.Context(), arrivalKey{}, began))
-	u := *f.target
-	u.Path += req.URL.Path
-	out.URL, out.Host = &u, ""
-	resp, err := roundTripper{f}.RoundTrip(out)
-	if err != nil {
-		if req.Context().Err() == nil {
-			f.down(err, began)
-		}
-		return nil, err
-	}
-	f.up()
-	return resp, nil
+	return f.send(req)
 }
 
 func (f *Forwarder) serveHealth(w http.ResponseWriter, r *http.Request) {

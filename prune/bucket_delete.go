@@ -21,7 +21,7 @@ import (
 // narinfo left behind refers to, and its NAR, stay.
 func (b *bucketPruner) deleteBucket(ctx context.Context) error {
 	b.rootsHash = b.hashRoots()
-	present, doomed := b.countNarInfos()
+	present, _ := b.countNarInfos()
 	g := b.g
 
 	var gone []int
@@ -35,7 +35,7 @@ func (b *bucketPruner) deleteBucket(ctx context.Context) error {
 	if err := b.removeBucketAux(ctx, gone); err != nil {
 		return err
 	}
-	if err := b.deleteNarInfoTiers(ctx, doomed); err != nil {
+	if err := b.deleteNarInfoTiers(ctx); err != nil {
 		return err
 	}
 	var errs []error
@@ -95,37 +95,10 @@ func (b *bucketPruner) removeBucketAux(ctx context.Context, idx []int) error {
 // the references and derivers among them: each tier is the narinfos that
 // no garbage narinfo still there refers to (self-references aside), in
 // one batch of requests.
-func (b *bucketPruner) deleteNarInfoTiers(ctx context.Context, doomed int) error {
+func (b *bucketPruner) deleteNarInfoTiers(ctx context.Context) error {
 	g := b.g
-	isGarbage := make([]bool, g.len())
-	for n := uint32(0); n < uint32(g.len()); n++ {
-		isGarbage[n] = g.garbage(n)
-	}
-	edges := func(n uint32, fn func(m uint32)) {
-		if !g.has(n, fData) {
-			return
-		}
-		for _, r := range g.nodeRefs(n) {
-			if r != n && isGarbage[r] {
-				fn(r)
-			}
-		}
-		if d := g.deriver[n]; d != 0 && d-1 != n && isGarbage[d-1] {
-			fn(d - 1)
-		}
-	}
-	indeg := make([]int32, g.len())
-	for n := uint32(0); n < uint32(g.len()); n++ {
-		if isGarbage[n] {
-			edges(n, func(m uint32) { indeg[m]++ })
-		}
-	}
-	tier := make([]uint32, 0, doomed)
-	for n := uint32(0); n < uint32(g.len()); n++ {
-		if isGarbage[n] && indeg[n] == 0 {
-			tier = append(tier, n)
-		}
-	}
+	order := g.garbageOrder()
+	tier := order.first()
 	tiers := 0
 	defer func() {
 		b.log.WithFields(logrus.Fields{"narinfos": b.c.deletedNarInfos.Load(), "tiers": tiers}).Debug("narinfos deleted")
@@ -144,11 +117,7 @@ func (b *bucketPruner) deleteNarInfoTiers(ctx context.Context, doomed int) error
 		for _, n := range tier {
 			g.flags[n] |= fDeleted
 			b.c.deletedNarInfos.Add(1)
-			edges(n, func(m uint32) {
-				if indeg[m]--; indeg[m] == 0 {
-					next = append(next, m)
-				}
-			})
+			order.gone(n, func(m uint32) { next = append(next, m) })
 		}
 		tier = next
 	}

@@ -300,37 +300,13 @@ func (nd *narDeleter) left() int64 {
 // what it refers to.
 func (p *pruner) deleteNarInfos(ctx context.Context, doomed int, gone func(n uint32), fail func(error)) {
 	g := p.g
-	isGarbage := make([]bool, g.len())
-	for n := uint32(0); n < uint32(g.len()); n++ {
-		isGarbage[n] = g.garbage(n)
-	}
-	edges := func(n uint32, fn func(m uint32)) {
-		if !g.has(n, fData) {
-			return
-		}
-		for _, r := range g.nodeRefs(n) {
-			if r != n && isGarbage[r] {
-				fn(r)
-			}
-		}
-		if d := g.deriver[n]; d != 0 && d-1 != n && isGarbage[d-1] {
-			fn(d - 1)
-		}
-	}
-	indeg := make([]int32, g.len())
-	for n := uint32(0); n < uint32(g.len()); n++ {
-		if isGarbage[n] {
-			edges(n, func(m uint32) { indeg[m]++ })
-		}
-	}
+	order := g.garbageOrder()
 	deleted := make([]bool, g.len())
 	ready := make(chan uint32, doomed) // never blocks: each narinfo is sent once
 	var outstanding atomic.Int64       // narinfos sent and not yet done
-	for n := uint32(0); n < uint32(g.len()); n++ {
-		if isGarbage[n] && indeg[n] == 0 {
-			outstanding.Add(1)
-			ready <- n
-		}
+	for _, n := range order.first() {
+		outstanding.Add(1)
+		ready <- n
 	}
 	if outstanding.Load() == 0 {
 		close(ready)
@@ -344,11 +320,9 @@ func (p *pruner) deleteNarInfos(ctx context.Context, doomed int, gone func(n uin
 				if ctx.Err() == nil && p.removeNarInfo(n, fail) {
 					deleted[n] = true
 					gone(n)
-					edges(n, func(m uint32) {
-						if atomic.AddInt32(&indeg[m], -1) == 0 {
-							outstanding.Add(1)
-							ready <- m
-						}
+					order.gone(n, func(m uint32) {
+						outstanding.Add(1)
+						ready <- m
 					})
 				}
 				if outstanding.Add(-1) == 0 {

@@ -3,6 +3,7 @@ package prune
 import (
 	"math/bits"
 	"slices"
+	"sync/atomic"
 )
 
 // key is a store path's 32-character nixbase32 hash part packed 5 bits a
@@ -346,4 +347,65 @@ func identOf(dev, ino, size, mtime, ctime uint64) uint64 {
 		h = 1
 	}
 	return h
+}
+
+// garbageOrder is the order in which garbage narinfos may go, referrers
+// first: a narinfo goes once no garbage narinfo still there refers to it
+// (by References or Deriver, itself aside), so that a prune stopped at any
+// point never leaves a narinfo whose references are gone.
+type garbageOrder struct {
+	g       *graph
+	garbage []bool
+	indeg   []int32 // garbage referrers still there, by node
+}
+
+func (g *graph) garbageOrder() *garbageOrder {
+	o := &garbageOrder{g: g, garbage: make([]bool, g.len()), indeg: make([]int32, g.len())}
+	for n := uint32(0); n < uint32(g.len()); n++ {
+		o.garbage[n] = g.garbage(n)
+	}
+	for n := uint32(0); n < uint32(g.len()); n++ {
+		if o.garbage[n] {
+			o.edges(n, func(m uint32) { o.indeg[m]++ })
+		}
+	}
+	return o
+}
+
+// edges calls fn for each garbage node that n refers to.
+func (o *garbageOrder) edges(n uint32, fn func(m uint32)) {
+	g := o.g
+	if !g.has(n, fData) {
+		return
+	}
+	for _, r := range g.nodeRefs(n) {
+		if r != n && o.garbage[r] {
+			fn(r)
+		}
+	}
+	if d := g.deriver[n]; d != 0 && d-1 != n && o.garbage[d-1] {
+		fn(d - 1)
+	}
+}
+
+// first returns the garbage nodes that no garbage node refers to.
+func (o *garbageOrder) first() []uint32 {
+	var out []uint32
+	for n, garbage := range o.garbage {
+		if garbage && o.indeg[n] == 0 {
+			out = append(out, uint32(n))
+		}
+	}
+	return out
+}
+
+// gone records that n's narinfo went, and calls ready for each node it
+// referred to that no garbage narinfo refers to any more. It is safe for
+// concurrent use.
+func (o *garbageOrder) gone(n uint32, ready func(m uint32)) {
+	o.edges(n, func(m uint32) {
+		if atomic.AddInt32(&o.indeg[m], -1) == 0 {
+			ready(m)
+		}
+	})
 }

@@ -17,28 +17,20 @@ import (
 	"github.com/kiss-onion/kiss-onion/s3store"
 )
 
-// BucketLocks is the lock protocol on a bucket (package bucketlock): the
-// upload locks writers take over HTTP, and the guard under which a
-// narinfo or a marker is checked and published while no prune deletes.
-type BucketLocks interface {
+// Locks is the lock protocol a cache follows (package cachelock on a
+// directory, bucketlock on a bucket): the upload locks writers take over
+// HTTP, and the guard under which a narinfo or a marker is checked and
+// published while no prune deletes.
+type Locks interface {
 	Acquire(name string, body []byte) error
 	Release(name string) error
 	List() ([]cachelock.LockInfo, error)
-	// Guard runs fn unless a prune holds the cache (an error wrapping
+	// Guard runs fn unless a prune deletes (an error wrapping
 	// cachelock.ErrBusy); fn must be done by its context's deadline.
 	Guard(ctx context.Context, fn func(ctx context.Context) error) error
 }
 
-// locker is what the cache needs of a lock protocol, on a directory or on
-// a bucket.
-type locker interface {
-	Acquire(name string, body []byte) error
-	Release(name string) error
-	List() ([]cachelock.LockInfo, error)
-	Guard(ctx context.Context, fn func(ctx context.Context) error) error
-}
-
-// dirLocks is the directory's protocol (cachelock) as a locker: its guard
+// dirLocks is the directory's protocol (cachelock) as Locks: its guard
 // is a shared flock, with no deadline.
 type dirLocks struct{ *cachelock.Locks }
 
@@ -54,19 +46,17 @@ func (l dirLocks) Guard(ctx context.Context, fn func(ctx context.Context) error)
 type bucket struct {
 	st    *s3store.Store
 	index *bucketIndex
-	// timeout bounds one request to the store on a client's behalf (a
-	// body streams as long as the client's request lasts).
-	timeout time.Duration
 }
 
 // bucketTimeout bounds a store request that carries no body: a Stat, a
-// small Get, a Delete.
+// small Get, a Delete. (A body streams for as long as the client's
+// request lasts.)
 const bucketTimeout = 30 * time.Second
 
 // openBucket completes New for a cache on a bucket: nix-cache-info in
 // the bucket, and the index of its narinfos.
 func (c *Cache) openBucket(ctx context.Context) error {
-	b := &bucket{st: c.cfg.Bucket, timeout: bucketTimeout}
+	b := &bucket{st: c.cfg.Bucket}
 	c.bucket = b
 	if c.cfg.BucketLocks == nil {
 		return errors.New("a cache on a bucket needs its lock protocol (Config.BucketLocks)")
@@ -104,7 +94,7 @@ func (b *bucket) get(ctx context.Context, name string, limit int64) ([]byte, err
 }
 
 func (b *bucket) getInfo(ctx context.Context, name string, limit int64) ([]byte, s3store.Info, error) {
-	ctx, cancel := context.WithTimeout(ctx, b.timeout)
+	ctx, cancel := context.WithTimeout(ctx, bucketTimeout)
 	defer cancel()
 	rc, info, err := b.st.Get(ctx, name, 0, -1)
 	if err != nil {
@@ -131,7 +121,6 @@ func (b *bucket) getInfo(ctx context.Context, name string, limit int64) ([]byte,
 // other front ends and prunes did.
 type bucketIndex struct {
 	b   *bucket
-	st  *s3store.Store
 	log *logrus.Entry
 
 	mu    sync.RWMutex
@@ -155,7 +144,7 @@ func newBucketIndex(b *bucket, limit int64, log *logrus.Entry) *bucketIndex {
 	if limit < 0 {
 		limit = 0
 	}
-	return &bucketIndex{b: b, st: b.st, log: log, m: map[string]*bucketEntry{}, limit: limit}
+	return &bucketIndex{b: b, log: log, m: map[string]*bucketEntry{}, limit: limit}
 }
 
 // load lists the bucket's narinfos into the index, keeping the data of
@@ -163,7 +152,7 @@ func newBucketIndex(b *bucket, limit int64, log *logrus.Entry) *bucketIndex {
 func (x *bucketIndex) load(ctx context.Context) error {
 	start := time.Now()
 	seen := make(map[string]s3store.Info, len(x.m))
-	err := x.st.ListDir(ctx, "", func(page []s3store.Info) error {
+	err := x.b.st.ListDir(ctx, "", func(page []s3store.Info) error {
 		for _, in := range page {
 			if h, ok := strings.CutSuffix(in.Name, ".narinfo"); ok && validNarInfoHash(h) {
 				seen[h] = in
@@ -282,7 +271,7 @@ func (x *bucketIndex) get(ctx context.Context, h string) (bucketEntry, error) {
 	name := h + ".narinfo"
 	if ok && cp.data != nil {
 		sctx, cancel := context.WithTimeout(ctx, bucketTimeout)
-		in, err := x.st.Stat(sctx, name)
+		in, err := x.b.st.Stat(sctx, name)
 		cancel()
 		switch {
 		case errors.Is(err, fs.ErrNotExist):

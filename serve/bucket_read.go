@@ -37,7 +37,7 @@ func (c *Cache) readBucket(t target, q *query) answer {
 		// answer has the size and the ETag.
 		return c.getWhole(t)
 	}
-	sctx, cancel := context.WithTimeout(ctx, c.bucket.timeout)
+	sctx, cancel := context.WithTimeout(ctx, bucketTimeout)
 	info, err := c.bucket.st.Stat(sctx, t.rel)
 	cancel()
 	if err != nil {

@@ -151,7 +151,7 @@ func (c *Cache) putMarkerBucket(ctx context.Context, body io.Reader, t target, s
 
 // deleteMarkerBucket deletes a marker; a missing one is fs.ErrNotExist.
 func (c *Cache) deleteMarkerBucket(t target) error {
-	ctx, cancel := context.WithTimeout(context.Background(), c.bucket.timeout)
+	ctx, cancel := context.WithTimeout(context.Background(), bucketTimeout)
 	defer cancel()
 	info, err := c.bucket.st.Stat(ctx, t.rel)
 	if err != nil {

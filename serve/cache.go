@@ -66,7 +66,7 @@ type Config struct {
 	// layout under the store's prefix (bucket.go).
 	Bucket *s3store.Store
 	// BucketLocks is the lock protocol on Bucket; required with it.
-	BucketLocks BucketLocks
+	BucketLocks Locks
 	// Log receives refusals and errors; default the standard logger.
 	Log *logrus.Entry
 }
@@ -77,7 +77,7 @@ type Cache struct {
 	tmpDir   string
 	info     []byte // nix-cache-info
 	infoTime time.Time
-	locks    locker
+	locks    Locks
 	root     *cacheRoot // reads open files through it; nil on a bucket
 	bucket   *bucket    // the cache's storage when it is a bucket
 	stop     context.CancelFunc

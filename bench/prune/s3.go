@@ -14,7 +14,6 @@ import (
 	"sync"
 	"sync/atomic"
 	"syscall"
-	"testing"
 	"time"
 
 	"github.com/kiss-onion/kiss-onion/internal/s3test"
@@ -23,23 +22,22 @@ import (
 
 // withSeaweedFS runs fn with a SeaweedFS started as the tests start it
 // (internal/s3test: memory bounded by GOMEMLIMIT, small volumes), and
-// stops it after. s3test wants a testing.TB: testing.Benchmark gives one
-// outside 'go test', and runs fn once since it takes far over a second.
+// stops it after.
 func withSeaweedFS(fn func(srv *s3test.Server) error) error {
-	var err error
-	ran := false
-	testing.Benchmark(func(b *testing.B) {
-		if ran {
-			return
-		}
-		ran = true
-		err = fmt.Errorf("seaweedfs did not start")
-		srv := s3test.Start(b)
-		err = fn(srv)
-		if rss, peak, merr := srv.Memory(); merr == nil {
-			fmt.Printf("seaweedfs resident memory at the end: %d MiB, at its peak %d MiB\n", rss>>20, peak>>20)
-		}
-	})
+	dir, err := os.MkdirTemp("", "kiss-onion-prune-weed-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(dir)
+	srv, err := s3test.Launch(s3test.Options{Dir: dir})
+	if err != nil {
+		return err
+	}
+	defer srv.Stop()
+	err = fn(srv)
+	if rss, peak, merr := srv.Memory(); merr == nil {
+		fmt.Printf("seaweedfs resident memory at the end: %d MiB, at its peak %d MiB\n", rss>>20, peak>>20)
+	}
 	return err
 }
 

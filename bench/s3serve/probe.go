@@ -27,8 +27,8 @@ type probe struct {
 // throughput of one stream each way for the biggest NAR.
 func (b *bench) probeStore(cacheDir string) ([]probe, error) {
 	st, err := s3store.New(s3store.Config{
-		Endpoint: b.w.endpoint, Region: b.w.region, AccessKey: b.w.access, SecretKey: b.w.secret,
-		Bucket: b.w.bucket, Prefix: "none",
+		Endpoint: b.w.Endpoint, Region: b.w.Region, AccessKey: b.w.AccessKey, SecretKey: b.w.SecretKey,
+		Bucket: b.w.Bucket, Prefix: "none",
 	})
 	if err != nil {
 		return nil, err

@@ -12,6 +12,7 @@ package s3test
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -93,26 +94,55 @@ func Weed() (string, error) {
 // weed cannot be had or does not come up.
 func Start(t testing.TB) *Server {
 	t.Helper()
-	weed, err := Weed()
+	s, err := Launch(Options{Dir: t.TempDir()})
 	if err != nil {
-		t.Fatalf("seaweedfs: %v", err)
-	}
-	dir := t.TempDir()
-	s := &Server{Region: "us-east-1", AccessKey: "KO" + randHex(9), SecretKey: randHex(20), Bucket: "kiss-onion", Dir: dir}
-	config := filepath.Join(dir, "s3.json")
-	if err := os.WriteFile(config, s.identityJSON(), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	ports := freePorts(t, 8)
+	t.Cleanup(s.Stop)
+	return s
+}
+
+// Options are how Launch runs weed; zero values are the tests' settings.
+type Options struct {
+	// Dir holds the server's data and log; it must exist.
+	Dir string
+	// MemLimit is weed's GOMEMLIMIT (default 192MiB); "off" for none.
+	MemLimit string
+	// VolumeSizeMB and MaxVolumes bound the volumes (default 64 and 32).
+	VolumeSizeMB, MaxVolumes int
+	// Bucket is the bucket to create (default kiss-onion).
+	Bucket string
+}
+
+// Launch starts a SeaweedFS as Options say and waits until its bucket
+// takes writes; Stop ends it. Benchmarks use it directly.
+func Launch(opt Options) (*Server, error) {
+	weed, err := Weed()
+	if err != nil {
+		return nil, fmt.Errorf("seaweedfs: %w", err)
+	}
+	opt.MemLimit = cmp.Or(opt.MemLimit, memLimit)
+	opt.VolumeSizeMB = cmp.Or(opt.VolumeSizeMB, volumeSizeMB)
+	opt.MaxVolumes = cmp.Or(opt.MaxVolumes, maxVolumes)
+	dir := opt.Dir
+	s := &Server{Region: "us-east-1", AccessKey: "KO" + randHex(9), SecretKey: randHex(20), Bucket: cmp.Or(opt.Bucket, "kiss-onion"), Dir: dir}
+	config := filepath.Join(dir, "s3.json")
+	if err := os.WriteFile(config, s.identityJSON(), 0o600); err != nil {
+		return nil, err
+	}
+	ports, err := freePorts(8)
+	if err != nil {
+		return nil, err
+	}
 	s.grpcPorts = map[string]int{"master": ports[1], "volume": ports[3], "filer": ports[5], "s3": ports[7]}
 	s.Endpoint = net.JoinHostPort("127.0.0.1", strconv.Itoa(ports[6]))
 	data := filepath.Join(dir, "data")
 	if err := os.Mkdir(data, 0o700); err != nil {
-		t.Fatal(err)
+		return nil, err
 	}
 	logf, err := os.Create(filepath.Join(dir, "weed.log"))
 	if err != nil {
-		t.Fatal(err)
+		return nil, err
 	}
 	defer logf.Close()
 	s.cmd = exec.Command(weed, "server",
@@ -124,25 +154,31 @@ func Start(t testing.TB) *Server {
 		"-s3", "-s3.port="+strconv.Itoa(ports[6]), "-s3.port.grpc="+strconv.Itoa(ports[7]),
 		"-s3.port.iceberg=0", "-s3.port.lance=0", "-s3.config="+config,
 		"-s3.localSocket="+filepath.Join(dir, "s3.sock"),
-		"-master.volumeSizeLimitMB="+strconv.Itoa(volumeSizeMB), "-volume.max="+strconv.Itoa(maxVolumes),
+		"-master.volumeSizeLimitMB="+strconv.Itoa(opt.VolumeSizeMB), "-volume.max="+strconv.Itoa(opt.MaxVolumes),
 		"-master.telemetry=false", "-volume.preStopSeconds=0",
 	)
 	s.cmd.Stdout, s.cmd.Stderr = logf, logf
-	// A soft heap limit: the Go runtime then collects before the heap
-	// doubles, which keeps weed near its live memory.
-	s.cmd.Env = append(os.Environ(), "GOMEMLIMIT="+memLimit)
+	s.cmd.Env = os.Environ()
+	if opt.MemLimit != "off" {
+		// A soft heap limit: the Go runtime then collects before the heap
+		// doubles, which keeps weed near its live memory.
+		s.cmd.Env = append(s.cmd.Env, "GOMEMLIMIT="+opt.MemLimit)
+	}
 	s.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	if err := s.cmd.Start(); err != nil {
-		t.Fatalf("start weed: %v", err)
+		return nil, fmt.Errorf("start weed: %w", err)
 	}
 	s.done = make(chan struct{})
 	go func() { s.cmd.Wait(); close(s.done) }()
-	t.Cleanup(s.stop)
 	if err := s.waitBucket(90 * time.Second); err != nil {
-		t.Fatalf("seaweedfs did not come up: %v\n%s", err, s.LogTail())
+		s.Stop()
+		return nil, fmt.Errorf("seaweedfs did not come up: %w\n%s", err, s.LogTail())
 	}
-	return s
+	return s, nil
 }
+
+// PID is the weed process's.
+func (s *Server) PID() int { return s.cmd.Process.Pid }
 
 // identityJSON is the gateway's -s3.config: one identity allowed all.
 func (s *Server) identityJSON() []byte {
@@ -253,8 +289,8 @@ func (s *Server) LogTail() string {
 	return string(data)
 }
 
-// stop ends the server: SIGTERM, then SIGKILL to its process group.
-func (s *Server) stop() {
+// Stop ends the server: SIGTERM, then SIGKILL to its process group.
+func (s *Server) Stop() {
 	pid := s.cmd.Process.Pid
 	syscall.Kill(-pid, syscall.SIGTERM)
 	select {
@@ -274,22 +310,23 @@ func (s *Server) stop() {
 }
 
 // freePorts returns n ports that were free a moment ago on 127.0.0.1.
-func freePorts(t testing.TB, n int) []int {
-	t.Helper()
+func freePorts(n int) ([]int, error) {
 	ports := make([]int, n)
 	var ls []net.Listener
+	defer func() {
+		for _, l := range ls {
+			l.Close()
+		}
+	}()
 	for i := range ports {
 		l, err := net.Listen("tcp", "127.0.0.1:0")
 		if err != nil {
-			t.Fatal(err)
+			return nil, err
 		}
 		ls = append(ls, l)
 		ports[i] = l.Addr().(*net.TCPAddr).Port
 	}
-	for _, l := range ls {
-		l.Close()
-	}
-	return ports
+	return ports, nil
 }
 
 func randHex(n int) string {
