@@ -244,13 +244,16 @@ func (x *bucketIndex) drop(h string) {
 	x.mu.Unlock()
 }
 
-// has reports whether the index lists hash's narinfo, as of the last
-// listing or check.
-func (x *bucketIndex) has(h string) bool {
+// size returns the size of hash's narinfo as of the last listing or
+// check, and whether the index lists it.
+func (x *bucketIndex) size(h string) (int64, bool) {
 	x.mu.RLock()
-	_, ok := x.m[h]
-	x.mu.RUnlock()
-	return ok
+	defer x.mu.RUnlock()
+	e, ok := x.m[h]
+	if !ok {
+		return 0, false
+	}
+	return e.size, true
 }
 
 // get returns the narinfo of hash h: from memory when it was checked

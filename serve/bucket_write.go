@@ -113,8 +113,8 @@ func (c *Cache) putNarInfoBucket(ctx context.Context, body io.Reader, t target, 
 			return err
 		}
 		old := int64(-1)
-		if c.bucket.index.has(t.name) {
-			old = int64(len(data)) // a replacement: its size is a guess
+		if size, ok := c.bucket.index.size(t.name); ok {
+			old = size // a replacement
 		}
 		c.bucket.index.stored(t.name, info, data)
 		c.metrics.stored(uploadNarInfo, start, old, int64(len(data)))
@@ -185,9 +185,5 @@ func (c *Cache) countSizeBucket() {
 		c.log.WithError(err).Warn("counting the bucket's size failed")
 		return
 	}
-	c.metrics.files.Add(files)
-	c.metrics.bytes.Add(size)
-	c.metrics.narinfos.Add(narinfos)
-	c.metrics.countedAt.Store(time.Now().UnixNano())
-	c.metrics.counted.Store(true)
+	c.metrics.counts(files, size, narinfos)
 }

@@ -232,13 +232,19 @@ func (c *Cache) countSize() {
 		}
 	}
 	walk(c.cfg.Dir, "")
-	c.metrics.files.Add(files)
-	c.metrics.bytes.Add(bytes)
-	c.metrics.narinfos.Add(narinfos)
-	c.metrics.countedAt.Store(time.Now().UnixNano())
-	c.metrics.counted.Store(true)
+	c.metrics.counts(files, bytes, narinfos)
 	c.log.WithFields(logrus.Fields{"files": files, "bytes": bytes, "narinfos": narinfos, "elapsed": time.Since(start).Round(time.Millisecond)}).
 		Debug("cache size counted")
+}
+
+// counts adds the count made at the start to what uploads and deletions
+// counted meanwhile, and marks the size as known.
+func (m *metrics) counts(files, bytes, narinfos int64) {
+	m.files.Add(files)
+	m.bytes.Add(bytes)
+	m.narinfos.Add(narinfos)
+	m.countedAt.Store(time.Now().UnixNano())
+	m.counted.Store(true)
 }
 
 // CountSize starts counting the cache's files and bytes in the
