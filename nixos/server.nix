@@ -510,8 +510,8 @@ in
 
     assertions = [
       {
-        assertion = cfg.store.url == null || cfg.upstream.urls == [ ];
-        message = "services.kiss-onion.store.url: upstream does not run on a bucket yet";
+        assertion = cfg.store.url == null || cfg.upstream.urls == [ ] || (cfg.upstream.keep == null && cfg.upstream.maxSize == null);
+        message = "services.kiss-onion.store.url: upstream.keep and upstream.maxSize do not run on a bucket yet (what comes from upstream stays until a prune)";
       }
       {
         assertion = cfg.upstream.urls == [ ] || cfg.upstream.keys != [ ];

@@ -91,6 +91,13 @@ func (c *Cache) putNarInfoBucket(ctx context.Context, body io.Reader, t target, 
 	if err != nil {
 		return err
 	}
+	return c.commitNarInfoBucket(ctx, ni, data, t, start)
+}
+
+// commitNarInfoBucket PUTs a checked narinfo once its NAR and its
+// references' narinfos are in the bucket, under the guard against a
+// prune.
+func (c *Cache) commitNarInfoBucket(ctx context.Context, ni *nixcache.NarInfo, data []byte, t target, start time.Time) error {
 	return c.locks.Guard(ctx, func(ctx context.Context) error {
 		if _, err := c.bucket.st.Stat(ctx, ni.URL); errors.Is(err, fs.ErrNotExist) {
 			return refusef(http.StatusConflict, "%s: its URL %s was not uploaded first", t.rel, ni.URL)

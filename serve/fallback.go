@@ -77,7 +77,7 @@ func (c *Cache) readUpstreamNar(t target, q *query) answer {
 	if !ok {
 		// It may have been stored meanwhile, or be on its way there.
 		a := c.readNow(t, q)
-		if a.status == http.StatusNotFound && c.durable.visible(t.rel, pendingWait) {
+		if a.status == http.StatusNotFound && c.bucket == nil && c.durable.visible(t.rel, pendingWait) {
 			a = c.readNow(t, q)
 		}
 		if a.status < 300 && !q.head {
@@ -117,6 +117,9 @@ func (c *Cache) HasNarInfo(hash string) bool {
 	if !nixcache.IsHashPart(hash) {
 		return false
 	}
+	if c.bucket != nil {
+		return c.hasNarInfoBucket(hash)
+	}
 	_, err := c.durable.find(c.cfg.Dir, hash+".narinfo")
 	return err == nil
 }
@@ -126,6 +129,9 @@ func (c *Cache) HasNarInfo(hash string) bool {
 func (c *Cache) HasNar(url string) bool {
 	if nixcache.CheckNarURL(url) != nil {
 		return false
+	}
+	if c.bucket != nil {
+		return c.hasObjectBucket(url)
 	}
 	_, err := c.durable.find(c.cfg.Dir, url)
 	return err == nil
@@ -139,7 +145,11 @@ func (c *Cache) StoreNar(url string, r io.Reader) error {
 	if err := nixcache.CheckNarURL(url); err != nil {
 		return fmt.Errorf("store %s: %w", url, err)
 	}
-	return c.putStream(r, target{kind: kindNar, rel: url}, time.Now())
+	t := target{kind: kindNar, rel: url}
+	if c.bucket != nil {
+		return c.storeBucket(r, t)
+	}
+	return c.putStream(r, t, time.Now())
 }
 
 // StoreListing stores the listing (<hash>.ls) of the store path whose
@@ -149,7 +159,11 @@ func (c *Cache) StoreListing(hash string, r io.Reader) error {
 	if !nixcache.IsHashPart(hash) {
 		return fmt.Errorf("store listing: %q is not a store hash", hash)
 	}
-	return c.putStream(r, target{kind: kindListing, rel: hash + ".ls", name: hash}, time.Now())
+	t := target{kind: kindListing, rel: hash + ".ls", name: hash}
+	if c.bucket != nil {
+		return c.storeBucket(r, t)
+	}
+	return c.putStream(r, t, time.Now())
 }
 
 // StoreNarInfo stores the narinfo of the store path whose hash part is
@@ -167,6 +181,12 @@ func (c *Cache) StoreNarInfo(hash string, data []byte) error {
 	}
 	if err != nil {
 		return fmt.Errorf("store %s: %w", t.rel, err)
+	}
+	if c.bucket != nil {
+		if err := c.storeNarInfoBucket(ni, data, t); err != nil {
+			return fmt.Errorf("store %s: %w", t.rel, err)
+		}
+		return nil
 	}
 	tf := c.startTemp(c.path(t))
 	f, cm, deps, err := c.stageNarInfo(tf, t, data, func() ([]dependency, error) { return c.narInfoDeps(ni, t) })

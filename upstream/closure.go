@@ -323,8 +323,11 @@ func (f *Fetcher) each(ctx context.Context, items []string, fn func(ctx context.
 }
 
 // spoolDir is where NARs being downloaded are spooled for the clients
-// reading them: the cache's .tmp/ when known.
+// reading them.
 func (f *Fetcher) spoolDir() string {
+	if f.cfg.SpoolDir != "" {
+		return f.cfg.SpoolDir
+	}
 	if f.cfg.CacheDir != "" {
 		return filepath.Join(f.cfg.CacheDir, ".tmp")
 	}

@@ -63,8 +63,13 @@ type Config struct {
 	// deletes them unless another root reaches them. With Keep zero, it
 	// alone decides what the marker keeps.
 	MaxKept int64
-	// CacheDir is the cache directory, for Keep and MaxKept.
+	// CacheDir is the cache directory, for Keep and MaxKept; empty when
+	// the cache is a bucket.
 	CacheDir string
+	// SpoolDir is where NARs are spooled while they download, for the
+	// clients reading them (files unlinked at once); default CacheDir's
+	// .tmp/, else the system's temporary directory.
+	SpoolDir string
 	// Fetched, when set, is called after each path is stored, with its
 	// store path and the size of its NAR file (for progress), from
 	// several goroutines at once.

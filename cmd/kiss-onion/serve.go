@@ -251,7 +251,7 @@ func serveMain(f serveFlags, log *logrus.Entry) error {
 	if err := os.Chmod(f.stateDir, 0o700); err != nil {
 		return fmt.Errorf("state directory: %w", err)
 	}
-	up, err := f.upstream.fetcher(f.cacheDir, f.storeDir, f.torMode, log)
+	up, err := f.upstream.fetcher(f.cacheDir, f.store, f.stateDir, f.storeDir, f.torMode, log)
 	if err != nil {
 		return err
 	}
@@ -387,8 +387,8 @@ func checkStoreFlags(f serveFlags) error {
 	if !isStoreURL(f.store) {
 		return usagef("--store %q: want s3://BUCKET/PREFIX", f.store)
 	}
-	if len(f.upstream.urls) > 0 {
-		return usagef("--upstream does not run with --store yet: fill the bucket through a serve on a directory, or without upstream")
+	if f.upstream.keep > 0 || f.upstream.maxSize > 0 {
+		return usagef("--upstream-keep and --upstream-max-size do not run with --store yet: what serve fetches from upstream into a bucket stays until a prune")
 	}
 	return nil
 }

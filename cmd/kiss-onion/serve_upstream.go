@@ -52,7 +52,13 @@ func (u *upstreamFlags) register(fs *flag.FlagSet) {
 }
 
 // fetcher returns the Fetcher the flags ask for, nil without --upstream.
-func (u *upstreamFlags) fetcher(cacheDir, storeDir, torMode string, log *logrus.Entry) (serve.Upstream, error) {
+// On a bucket (store set), NARs from upstream are spooled in the state
+// directory while they download, and nothing is kept on disk.
+func (u *upstreamFlags) fetcher(cacheDir, store, stateDir, storeDir, torMode string, log *logrus.Entry) (serve.Upstream, error) {
+	spoolDir := ""
+	if store != "" {
+		cacheDir, spoolDir = "", stateDir
+	}
 	if len(u.urls) == 0 {
 		if len(u.keys) > 0 || u.viaTor || u.keep > 0 || u.maxSize > 0 {
 			return nil, usagef("--upstream-key, --upstream-via-tor, --upstream-keep and --upstream-max-size need --upstream")
@@ -81,6 +87,7 @@ func (u *upstreamFlags) fetcher(cacheDir, storeDir, torMode string, log *logrus.
 		MaxKept:         int64(u.maxSize),
 		Keep:            u.keep,
 		CacheDir:        cacheDir,
+		SpoolDir:        spoolDir,
 		Log:             log.WithField("component", "upstream"),
 	}
 	if u.viaTor {
