@@ -15,7 +15,8 @@ import (
 // TestBucketUpstream: a serve on a bucket of a real SeaweedFS, with an
 // upstream, gives a reader behind its read onion a closure that only
 // upstream has; the closure then sits in the bucket as upstream has it,
-// and another front end on the bucket serves it with upstream gone.
+// rooted by the keep marker, and another front end on the bucket serves
+// it with upstream gone.
 func TestBucketUpstream(t *testing.T) {
 	srv := s3test.Start(t)
 	up := newUpstreamCache(t)
@@ -25,7 +26,7 @@ func TestBucketUpstream(t *testing.T) {
 	state := t.TempDir()
 	reader := addKey(t, state, "laptop", "reader")
 	a := startOnionServer(t, state, filepath.Join(t.TempDir(), "unused"),
-		append(b.args(), "--upstream", up.readURL, "--upstream-key", up.key.public)...)
+		append(b.args(), "--upstream", up.readURL, "--upstream-key", up.key.public, "--upstream-keep", "24h")...)
 	g := startGateway(t, reader)
 	g.waitReachable(t)
 	sub := newNix(t, "substituters = "+g.url, "trusted-public-keys = "+up.key.public, "require-sigs = true")
@@ -53,6 +54,16 @@ func TestBucketUpstream(t *testing.T) {
 		}
 	}
 	b.checkWhole(t)
+	// --upstream-keep roots what came, with a marker in the bucket.
+	waitReady(t, a.proc, "the keep marker naming the closure", time.Minute, func() bool {
+		m := string(b.read(t, "gcroots/upstream/recent"))
+		for _, p := range closure {
+			if !strings.Contains(m, "\n"+p+"\n") {
+				return false
+			}
+		}
+		return true
+	})
 
 	up.kill()
 	readAddr := freeAddr(t)

@@ -642,24 +642,16 @@ var nixosServerCases = []nixosCase{
 		},
 	},
 	{
-		name:    "server fetches from upstream into a bucket",
+		name:    "server fetches from upstream into a bucket, and keeps what it fetched",
 		modules: "server",
 		config: `{ services.kiss-onion = { enable = true; writers.ci.publicKey = "` + nixosWriterKey + `";
-			store.url = "s3://nix-cache"; upstream = { urls = [ "https://cache.nixos.org" ]; keys = [ "` + nixosSignerKey + `" ]; }; }; }`,
+			store.url = "s3://nix-cache"; upstream = { urls = [ "https://cache.nixos.org" ]; keys = [ "` + nixosSignerKey + `" ]; keep = "168h"; }; }; }`,
 		check: func(t *testing.T, r *nixosEval) {
 			nixosAssertions(t, r)
 			conf := r.Etc["kiss-onion/kiss-onion.toml"].(map[string]any)
 			nixosEq(t, "store", conf["store"], "s3://nix-cache")
 			nixosEq(t, "upstream", conf["upstream"], []string{"https://cache.nixos.org"})
-		},
-	},
-	{
-		name:    "server refuses keeping upstream paths on a bucket, which does not run there yet",
-		modules: "server",
-		config: `{ services.kiss-onion = { enable = true; writers.ci.publicKey = "` + nixosWriterKey + `";
-			store.url = "s3://nix-cache"; upstream = { urls = [ "https://cache.nixos.org" ]; keys = [ "` + nixosSignerKey + `" ]; keep = "168h"; }; }; }`,
-		check: func(t *testing.T, r *nixosEval) {
-			nixosAssertions(t, r, "upstream.keep and upstream.maxSize do not run on a bucket yet")
+			nixosEq(t, "upstream-keep", conf["upstream-keep"], "168h")
 		},
 	},
 	{

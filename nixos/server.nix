@@ -510,10 +510,6 @@ in
 
     assertions = [
       {
-        assertion = cfg.store.url == null || cfg.upstream.urls == [ ] || (cfg.upstream.keep == null && cfg.upstream.maxSize == null);
-        message = "services.kiss-onion.store.url: upstream.keep and upstream.maxSize do not run on a bucket yet (what comes from upstream stays until a prune)";
-      }
-      {
         assertion = cfg.upstream.urls == [ ] || cfg.upstream.keys != [ ];
         message = "services.kiss-onion.upstream.urls is set but upstream.keys is empty: what comes from upstream must be signed (for cache.nixos.org: cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=)";
       }

@@ -143,6 +143,9 @@ const (
 	maxMarkerSize  = 16 << 20
 )
 
+// MaxMarkerSize is the largest marker a prune reads; one larger fails it.
+const MaxMarkerSize = maxMarkerSize
+
 var errTooBig = errors.New("file too large")
 
 type pruner struct {

@@ -148,10 +148,11 @@ func (c *Cache) putMarkerBucket(ctx context.Context, body io.Reader, t target, s
 				return fmt.Errorf("%s: %s: %w", t.rel, root, err)
 			}
 		}
+		old := c.bucket.sizeOf(ctx, t.rel)
 		if _, err := c.bucket.st.Put(ctx, t.rel, bytes.NewReader(data), int64(len(data))); err != nil {
 			return err
 		}
-		c.metrics.stored(uploadOther, start, -1, int64(len(data)))
+		c.metrics.stored(uploadOther, start, old, int64(len(data)))
 		return nil
 	})
 }

@@ -8,9 +8,12 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"testing"
+	"time"
 
 	"github.com/kiss-onion/kiss-onion/bucketlock"
+	"github.com/kiss-onion/kiss-onion/internal/nixcache"
 	"github.com/kiss-onion/kiss-onion/internal/s3test"
 	"github.com/kiss-onion/kiss-onion/s3store"
 	"github.com/kiss-onion/kiss-onion/serve"
@@ -49,12 +52,18 @@ func object(t *testing.T, st *s3store.Store, name string) []byte {
 	return b
 }
 
-// TestFetchesIntoABucket: on a cache kept in a bucket, a reader gets a
+// TestOnABucket runs the fetcher on caches kept in one real SeaweedFS.
+func TestOnABucket(t *testing.T) {
+	srv := s3test.Start(t)
+	t.Run("fetches into the bucket", func(t *testing.T) { testFetchesIntoABucket(t, srv) })
+	t.Run("front ends share the keep marker", func(t *testing.T) { testKeepMarkerOnABucket(t, srv) })
+}
+
+// testFetchesIntoABucket: on a cache kept in a bucket, a reader gets a
 // closure that only upstream has, byte for byte, and the closure then
 // sits in the bucket as upstream has it; a tampered NAR leaves nothing
 // there.
-func TestFetchesIntoABucket(t *testing.T) {
-	srv := s3test.Start(t)
+func testFetchesIntoABucket(t *testing.T, srv *s3test.Server) {
 	key := testKey(t, "upstream-1")
 	up := newUpstreamCache(t)
 	lib := up.add("lib", nil, "xz", &key)
@@ -126,5 +135,87 @@ func TestFetchesIntoABucket(t *testing.T) {
 		if object(t, st, name) != nil {
 			t.Errorf("%s of a tampered path is in the bucket", name)
 		}
+	}
+}
+
+// testKeepMarkerOnABucket: front ends on one bucket share one keep
+// marker: each takes in what the others wrote, a read through one keeps
+// a path that another fetched, and the later read of a path wins.
+func testKeepMarkerOnABucket(t *testing.T, srv *s3test.Server) {
+	key := testKey(t, "upstream-1")
+	up := newUpstreamCache(t)
+	lib := up.add("lib", nil, "xz", &key)
+	app := up.add("app", []string{lib.base}, "xz", &key)
+	other := up.add("other", nil, "xz", &key)
+	now := time.Now()
+	newF := func() *Fetcher {
+		f, err := New(Config{URLs: []string{up.srv.URL}, Keys: []nixcache.PublicKey{key.PublicKey()}, Keep: time.Hour,
+			SpoolDir: t.TempDir(), Log: quietLog()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		f.now = func() time.Time { return now }
+		return f
+	}
+	fa, fb := newF(), newF()
+	a, st := newBucketCache(t, srv, "keep", fa)
+	b, _ := newBucketCache(t, srv, "keep", fb)
+	marker := func() []string {
+		t.Helper()
+		roots, err := nixcache.ParseMarker(object(t, st, KeepMarker), "/nix/store")
+		if err != nil {
+			t.Fatalf("keep marker does not parse: %v", err)
+		}
+		slices.Sort(roots)
+		return roots
+	}
+	names := func(ps ...path) []string {
+		var out []string
+		for _, p := range ps {
+			out = append(out, p.base)
+		}
+		slices.Sort(out)
+		return out
+	}
+
+	if err := fa.Fetch(context.Background(), app.hash, a); err != nil {
+		t.Fatal(err)
+	}
+	if got, want := marker(), names(lib, app); !slices.Equal(got, want) {
+		t.Fatalf("marker after A fetched app: %v, want %v", got, want)
+	}
+	// B fetches another path, and takes in A's.
+	if err := fb.Fetch(context.Background(), other.hash, b); err != nil {
+		t.Fatal(err)
+	}
+	if got, want := marker(), names(lib, app, other); !slices.Equal(got, want) {
+		t.Fatalf("marker after B fetched other: %v, want %v", got, want)
+	}
+	// app is read through B only; other is read no more.
+	now = now.Add(50 * time.Minute)
+	fb.Used(app.narURL)
+	now = now.Add(15 * time.Minute)
+	if err := fb.keeper.flush(fb.keeper.store(b)); err != nil {
+		t.Fatal(err)
+	}
+	if got, want := marker(), names(lib, app); !slices.Equal(got, want) {
+		t.Errorf("marker after B's flush, app read 15 minutes ago, other 65: %v, want %v (lib as app references it)", got, want)
+	}
+	// A, which last saw app read an hour and five minutes ago, takes in
+	// B's later read rather than dropping app.
+	now = now.Add(5 * time.Minute)
+	if err := fa.keeper.flush(fa.keeper.store(a)); err != nil {
+		t.Fatal(err)
+	}
+	if got, want := marker(), names(lib, app); !slices.Equal(got, want) {
+		t.Errorf("marker after A's flush: %v, want %v", got, want)
+	}
+	// Past the keep time since B's read, either front end empties it.
+	now = now.Add(time.Hour)
+	if err := fa.keeper.flush(fa.keeper.store(a)); err != nil {
+		t.Fatal(err)
+	}
+	if got := marker(); len(got) != 0 {
+		t.Errorf("marker past the keep time: %v", got)
 	}
 }

@@ -71,7 +71,7 @@ func (f *Fetcher) Fetch(ctx context.Context, hash string, c *serve.Cache) error 
 		return err
 	}
 	err = f.store(ctx, n, c)
-	f.flushKeep()
+	f.flushKeep(c)
 	return err
 }
 
@@ -122,13 +122,14 @@ func (f *Fetcher) storeInBackground(n *node, c *serve.Cache) {
 		if err := f.store(ctx, n, c); err != nil {
 			f.log.WithField("path", n.ni.StorePath).WithError(err).Warn("not stored from upstream")
 		}
-		f.flushKeep()
+		f.flushKeep(c)
 	}()
 }
 
-func (f *Fetcher) flushKeep() {
+// flushKeep rewrites the keep marker of c, if there is one.
+func (f *Fetcher) flushKeep(c *serve.Cache) {
 	if f.keeper != nil {
-		if err := f.keeper.flush(); err != nil {
+		if err := f.keeper.flush(f.keeper.store(c)); err != nil {
 			f.log.WithError(err).Error("keep marker not written")
 		}
 	}

@@ -53,8 +53,8 @@ type Config struct {
 	// with no clearnet. Default: http.ProxyFromEnvironment.
 	Proxy func(*http.Request) (*url.URL, error)
 	// Keep, when set, keeps each fetched path for this long after it was
-	// fetched or its NAR last read, with the marker KeepMarker in
-	// CacheDir (keep.go); KeepLoop must run. Zero: fetched paths are
+	// fetched or its NAR last read, with the marker KeepMarker in the
+	// cache (keep.go); KeepLoop must run. Zero: fetched paths are
 	// rooted by nothing, and a prune deletes them, unless MaxKept is set.
 	Keep time.Duration
 	// MaxKept, when set, bounds the bytes of NAR files that KeepMarker
@@ -64,7 +64,7 @@ type Config struct {
 	// alone decides what the marker keeps.
 	MaxKept int64
 	// CacheDir is the cache directory, for Keep and MaxKept; empty when
-	// the cache is a bucket.
+	// the cache is a bucket, where the marker is kept through serve.
 	CacheDir string
 	// SpoolDir is where NARs are spooled while they download, for the
 	// clients reading them (files unlinked at once); default CacheDir's
@@ -149,9 +149,6 @@ func New(cfg Config) (*Fetcher, error) {
 	f := &Fetcher{cfg: cfg, log: cfg.Log, misses: map[string]time.Time{}, down: map[*url.URL]time.Time{}, now: time.Now,
 		downloads: make(chan struct{}, maxDownloads), listings: make(chan struct{}, maxListings), nodes: map[string]*node{}, byURL: map[string]*node{}}
 	if cfg.Keep > 0 || cfg.MaxKept > 0 {
-		if cfg.CacheDir == "" {
-			return nil, errors.New("a keep time or size needs the cache directory")
-		}
 		f.keeper = newKeeper(cfg.CacheDir, cfg.StoreDir, max(cfg.Keep, 0), max(cfg.MaxKept, 0), func() time.Time { return f.now() })
 	}
 	for _, s := range cfg.URLs {

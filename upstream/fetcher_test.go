@@ -490,19 +490,19 @@ func TestKeepMarker(t *testing.T) {
 	f.Used(app.narURL)
 	f.Used("nar/" + strings.Repeat("a", 52) + ".nar") // not fetched: ignored
 	now = now.Add(20 * time.Minute)
-	f.keeper.flush()
+	f.keeper.flush(f.keeper.store(c))
 	if got := marker(); len(got) != 2 || got[0] != lib.base || got[1] != app.base {
 		t.Errorf("marker after app was read, and lib and other were not: %v, want lib (app references it) and app", got)
 	}
 	// A restarted serve takes up the marker.
 	f = newF()
 	now = now.Add(30 * time.Minute)
-	f.keeper.flush()
+	f.keeper.flush(f.keeper.store(c))
 	if got := marker(); len(got) != 2 {
 		t.Errorf("marker after a restart, within the keep time: %v", got)
 	}
 	now = now.Add(time.Hour)
-	f.keeper.flush()
+	f.keeper.flush(f.keeper.store(c))
 	if got := marker(); len(got) != 0 {
 		t.Errorf("marker past the keep time: %v", got)
 	}

@@ -4,7 +4,9 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"sort"
@@ -15,11 +17,12 @@ import (
 
 	"github.com/kiss-onion/kiss-onion/internal/atomicfile"
 	"github.com/kiss-onion/kiss-onion/internal/nixcache"
+	"github.com/kiss-onion/kiss-onion/serve"
 )
 
-// KeepMarker is the marker, relative to the cache directory, that roots
-// the paths fetched from upstream for Config.Keep after their last read,
-// within Config.MaxKept.
+// KeepMarker is the marker, relative to the cache, that roots the paths
+// fetched from upstream for Config.Keep after their last read, within
+// Config.MaxKept.
 const KeepMarker = "gcroots/upstream/recent"
 
 // keeper remembers when each fetched path was last fetched or read, and
@@ -28,13 +31,15 @@ const KeepMarker = "gcroots/upstream/recent"
 // is rewritten after a fetch and then at most every keepFlush.
 //
 // The marker is a plain marker (one store path a line) with a comment
-// before each path: "# <unix seconds of the last read> <NAR URL>", from
-// which a restarted serve takes up where it left off (the paths' sizes
-// and references from their narinfos).
+// before each path: "# <unix seconds of the last read> <NAR URL>". Each
+// rewrite first takes in what the marker holds (a restarted serve takes
+// up where it left off; front ends on one bucket share one marker, each
+// adding its reads), keeping the later read of a path, and leaves out
+// the paths whose narinfo is gone (forgotten, or pruned once they had
+// left the marker).
 type keeper struct {
-	dir      string // the cache directory
+	dir      string // the cache directory; empty on a bucket
 	storeDir string
-	file     string
 	keep     time.Duration // 0: no time limit
 	maxKept  int64         // 0: no size limit
 	now      func() time.Time
@@ -42,8 +47,7 @@ type keeper struct {
 	mu    sync.Mutex
 	paths map[string]*keptPath // store path ->
 	byURL map[string]string    // NAR URL -> store path
-	dirty bool
-	// writing serializes the marker's writes.
+	// writing serializes the marker's rewrites.
 	writing sync.Mutex
 }
 
@@ -55,19 +59,93 @@ type keptPath struct {
 }
 
 func newKeeper(cacheDir, storeDir string, keep time.Duration, maxKept int64, now func() time.Time) *keeper {
-	k := &keeper{dir: cacheDir, storeDir: storeDir, file: filepath.Join(cacheDir, filepath.FromSlash(KeepMarker)),
-		keep: keep, maxKept: maxKept, now: now, paths: map[string]*keptPath{}, byURL: map[string]string{}}
-	k.load()
+	k := &keeper{dir: cacheDir, storeDir: storeDir, keep: keep, maxKept: maxKept, now: now,
+		paths: map[string]*keptPath{}, byURL: map[string]string{}}
+	if cacheDir != "" {
+		st := k.store(nil)
+		if data, _, err := st.read(); err == nil {
+			k.merge(st, data)
+		}
+	}
 	return k
 }
 
-// load reads the marker a previous serve wrote; what does not parse is
-// dropped, and so is a path whose narinfo is gone.
-func (k *keeper) load() {
-	data, err := os.ReadFile(k.file)
-	if err != nil {
-		return
+// keepStore is where the keep marker lives: a file of the cache
+// directory, which one serve writes, or an object of the bucket, which
+// every front end rewrites in turn.
+type keepStore interface {
+	// read returns the marker (nil when there is none) and its version.
+	read() (data []byte, version string, err error)
+	// write replaces the marker read at version; an error matching
+	// fs.ErrExist when it changed meanwhile.
+	write(data []byte, version string) error
+	// narInfo returns the narinfo of the store path whose hash part is
+	// hash.
+	narInfo(hash string) ([]byte, error)
+	// has reports whether the cache still has that narinfo.
+	has(hash string) bool
+}
+
+// store returns where the marker of a keeper for c lives.
+func (k *keeper) store(c *serve.Cache) keepStore {
+	if c != nil && c.OnBucket() {
+		return bucketKeep{c}
 	}
+	return dirKeep{k.dir}
+}
+
+type dirKeep struct{ dir string }
+
+func (d dirKeep) read() ([]byte, string, error) {
+	if d.dir == "" {
+		return nil, "", errors.New("no cache directory for the keep marker")
+	}
+	data, err := os.ReadFile(filepath.Join(d.dir, filepath.FromSlash(KeepMarker)))
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, "", nil
+	}
+	return data, "", err
+}
+
+func (d dirKeep) write(data []byte, _ string) error {
+	file := filepath.Join(d.dir, filepath.FromSlash(KeepMarker))
+	if err := os.MkdirAll(filepath.Dir(file), 0o755); err != nil {
+		return err
+	}
+	return atomicfile.WriteFile(file, data, 0o644)
+}
+
+func (d dirKeep) narInfo(hash string) ([]byte, error) {
+	return os.ReadFile(filepath.Join(d.dir, hash+".narinfo"))
+}
+
+func (d dirKeep) has(hash string) bool {
+	_, err := os.Stat(filepath.Join(d.dir, hash+".narinfo"))
+	return err == nil
+}
+
+type bucketKeep struct{ c *serve.Cache }
+
+func (b bucketKeep) read() ([]byte, string, error) { return b.c.Marker(KeepMarker) }
+func (b bucketKeep) write(data []byte, version string) error {
+	return b.c.ReplaceMarker(KeepMarker, data, version)
+}
+func (b bucketKeep) narInfo(hash string) ([]byte, error) { return b.c.ReadNarInfo(hash) }
+
+// has asks the bucket only for a path the index does not list: one
+// another front end fetched since the last listing.
+func (b bucketKeep) has(hash string) bool { return b.c.Listed(hash) || b.c.HasNarInfo(hash) }
+
+// keptEntry is a path as a keep marker names it.
+type keptEntry struct {
+	path, url string
+	last      time.Time
+}
+
+// parseKeepMarker returns the paths of a keep marker; what does not parse
+// is dropped.
+func parseKeepMarker(data []byte) []keptEntry {
+	var out []keptEntry
 	var last time.Time
 	url := ""
 	sc := bufio.NewScanner(bytes.NewReader(data))
@@ -81,29 +159,58 @@ func (k *keeper) load() {
 			continue
 		}
 		if strings.HasPrefix(l, "/") && url != "" {
-			e := &keptPath{url: url, last: last}
-			if k.fromNarInfo(l, e) {
-				k.paths[l] = e
-				k.byURL[url] = l
-			}
+			out = append(out, keptEntry{path: l, url: url, last: last})
 		}
 		url = ""
+	}
+	return out
+}
+
+// merge takes in the paths of a marker: a path it does not know, with
+// its size and references from its narinfo (dropped when that is gone),
+// and for one it knows, the later of the two reads.
+func (k *keeper) merge(st keepStore, data []byte) {
+	entries := parseKeepMarker(data)
+	fresh := map[string]*keptPath{}
+	for _, e := range entries {
+		k.mu.Lock()
+		_, known := k.paths[e.path]
+		k.mu.Unlock()
+		if known {
+			continue
+		}
+		p := &keptPath{url: e.url, last: e.last}
+		if k.fromNarInfo(st, e.path, p) {
+			fresh[e.path] = p
+		}
+	}
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	for _, e := range entries {
+		if p, ok := k.paths[e.path]; ok {
+			if e.last.After(p.last) {
+				p.last = e.last
+			}
+		} else if p, ok := fresh[e.path]; ok {
+			k.paths[e.path] = p
+			k.byURL[p.url] = e.path
+		}
 	}
 }
 
 // fromNarInfo fills e's size and references from the narinfo of
 // storePath in the cache; false when it is not there.
-func (k *keeper) fromNarInfo(storePath string, e *keptPath) bool {
+func (k *keeper) fromNarInfo(st keepStore, storePath string, e *keptPath) bool {
 	base := strings.TrimPrefix(storePath, k.storeDir+"/")
 	if len(base) < nixcache.HashLen || !nixcache.IsHashPart(base[:nixcache.HashLen]) {
 		return false
 	}
-	data, err := os.ReadFile(filepath.Join(k.dir, base[:nixcache.HashLen]+".narinfo"))
+	data, err := st.narInfo(base[:nixcache.HashLen])
 	if err != nil {
 		return false
 	}
 	ni, err := nixcache.ParseNarInfo(data)
-	if err != nil {
+	if err != nil || ni.StorePath != storePath {
 		return false
 	}
 	e.size, e.refs = keptSize(ni), refPaths(k.storeDir, ni)
@@ -135,7 +242,6 @@ func (k *keeper) fetched(ni *nixcache.NarInfo) {
 	k.mu.Lock()
 	k.paths[ni.StorePath] = &keptPath{url: ni.URL, last: k.now(), size: keptSize(ni), refs: refPaths(k.storeDir, ni)}
 	k.byURL[ni.URL] = ni.StorePath
-	k.dirty = true
 	k.mu.Unlock()
 }
 
@@ -144,7 +250,6 @@ func (k *keeper) used(url string) {
 	k.mu.Lock()
 	if p, ok := k.byURL[url]; ok {
 		k.paths[p].last = k.now()
-		k.dirty = true
 	}
 	k.mu.Unlock()
 }
@@ -216,19 +321,64 @@ func (k *keeper) expired(e *keptPath, now time.Time) bool {
 	return k.keep > 0 && now.Sub(e.last) > k.keep
 }
 
-// flush drops what was not read for keep, and the least recently read
-// past maxKept, and rewrites the marker when anything changed.
-func (k *keeper) flush() error {
+// flush takes in what the marker holds, drops what was not read for
+// keep, the least recently read past maxKept and what the cache no
+// longer has, and rewrites the marker when that changed it. When another
+// front end rewrote it meanwhile, it starts again from that.
+func (k *keeper) flush(st keepStore) error {
 	k.writing.Lock()
 	defer k.writing.Unlock()
-	k.mu.Lock()
-	now := k.now()
-	changed := k.trim(now) || k.dirty
-	if !changed {
-		k.mu.Unlock()
+	for try := 1; ; try++ {
+		cur, version, err := st.read()
+		if err != nil {
+			return fmt.Errorf("read %s: %w", KeepMarker, err)
+		}
+		k.merge(st, cur)
+		k.dropGone(st)
+		data := k.render()
+		if bytes.Equal(data, cur) {
+			return nil
+		}
+		err = st.write(data, version)
+		if errors.Is(err, fs.ErrExist) && try < 5 {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("write %s: %w", KeepMarker, err)
+		}
 		return nil
 	}
-	k.dirty = false
+}
+
+// dropGone forgets the paths whose narinfo the cache no longer has.
+func (k *keeper) dropGone(st keepStore) {
+	k.mu.Lock()
+	names := make([]string, 0, len(k.paths))
+	for p := range k.paths {
+		names = append(names, p)
+	}
+	k.mu.Unlock()
+	var gone []string
+	for _, p := range names {
+		base := strings.TrimPrefix(p, k.storeDir+"/")
+		if len(base) >= nixcache.HashLen && !st.has(base[:nixcache.HashLen]) {
+			gone = append(gone, p)
+		}
+	}
+	k.mu.Lock()
+	for _, p := range gone {
+		if _, ok := k.paths[p]; ok {
+			k.drop(p)
+		}
+	}
+	k.mu.Unlock()
+}
+
+// render trims the paths kept and returns the marker that names them.
+func (k *keeper) render() []byte {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	k.trim(k.now())
 	names := make([]string, 0, len(k.paths))
 	for p := range k.paths {
 		names = append(names, p)
@@ -247,21 +397,15 @@ func (k *keeper) flush() error {
 		e := k.paths[p]
 		fmt.Fprintf(&b, "# %d %s\n%s\n", e.last.Unix(), e.url, p)
 	}
-	k.mu.Unlock()
-	if err := os.MkdirAll(filepath.Dir(k.file), 0o755); err != nil {
-		return err
-	}
-	if err := atomicfile.WriteFile(k.file, []byte(b.String()), 0o644); err != nil {
-		return fmt.Errorf("write %s: %w", KeepMarker, err)
-	}
-	return nil
+	return []byte(b.String())
 }
 
-// KeepLoop rewrites the keep marker (Config.Keep, Config.MaxKept) until
-// ctx ends: reads recorded since, and paths whose keep time is over or
-// that no longer fit, go into it at most a minute later (sooner for a
-// keep time under two minutes). Without either it returns at once.
-func (f *Fetcher) KeepLoop(ctx context.Context) {
+// KeepLoop rewrites the keep marker (Config.Keep, Config.MaxKept) of c
+// until ctx ends: at once, taking in what the marker holds, then reads
+// recorded since, and paths whose keep time is over or that no longer
+// fit, go into it at most a minute later (sooner for a keep time under
+// two minutes). Without either it returns at once.
+func (f *Fetcher) KeepLoop(ctx context.Context, c *serve.Cache) {
 	if f.keeper == nil {
 		return
 	}
@@ -272,13 +416,11 @@ func (f *Fetcher) KeepLoop(ctx context.Context) {
 	t := time.NewTicker(every)
 	defer t.Stop()
 	for {
+		f.flushKeep(c)
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
-		}
-		if err := f.keeper.flush(); err != nil {
-			f.log.WithError(err).Error("keep marker not written")
 		}
 	}
 }

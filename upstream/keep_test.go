@@ -80,10 +80,10 @@ func TestMaxKept(t *testing.T) {
 			now = now.Add(time.Minute)
 			f.Used(app.narURL)
 			if tt.restarted > 0 {
-				f.keeper.flush()
+				f.keeper.flush(f.keeper.store(cache))
 				f = newF(tt.restarted)
 			}
-			if err := f.keeper.flush(); err != nil {
+			if err := f.keeper.flush(f.keeper.store(cache)); err != nil {
 				t.Fatal(err)
 			}
 			data, err := os.ReadFile(filepath.Join(dir, KeepMarker))

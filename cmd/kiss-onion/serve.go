@@ -335,7 +335,7 @@ func serveMain(f serveFlags, log *logrus.Entry) error {
 		log.WithError(err).Warn("no status socket: 'kiss-onion status' will not reach this serve")
 	}
 	defer status.stop()
-	go f.upstream.keepLoop(ctx)
+	go f.upstream.keepLoop(ctx, cache)
 	if f.pruneEvery > 0 {
 		go pruneEvery(ctx, f, log, cache, bkt, metrics)
 	}
@@ -386,9 +386,6 @@ func openCache(f serveFlags, keys []nixcache.PublicKey, up serve.Upstream, log *
 func checkStoreFlags(f serveFlags) error {
 	if !isStoreURL(f.store) {
 		return usagef("--store %q: want s3://BUCKET/PREFIX", f.store)
-	}
-	if f.upstream.keep > 0 || f.upstream.maxSize > 0 {
-		return usagef("--upstream-keep and --upstream-max-size do not run with --store yet: what serve fetches from upstream into a bucket stays until a prune")
 	}
 	return nil
 }

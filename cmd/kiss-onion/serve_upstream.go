@@ -108,10 +108,11 @@ func (u *upstreamFlags) fetcher(cacheDir, store, stateDir, storeDir, torMode str
 	return f, nil
 }
 
-// keepLoop keeps the marker of --upstream-keep up to date until ctx ends.
-func (u *upstreamFlags) keepLoop(ctx context.Context) {
+// keepLoop keeps the marker of --upstream-keep in c up to date until ctx
+// ends.
+func (u *upstreamFlags) keepLoop(ctx context.Context, c *serve.Cache) {
 	if u.f != nil {
-		u.f.KeepLoop(ctx)
+		u.f.KeepLoop(ctx, c)
 	}
 }
 
