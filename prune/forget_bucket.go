@@ -131,7 +131,15 @@ func (bf *bucketForgetter) run(ctx context.Context) (ForgetResult, error) {
 	}
 	b.dctx = dctx
 	b.t0 = time.Now()
-	b.loadBucketPrev()
+	b.prev = emptyMeta()
+	if b.opt.StateDir != "" {
+		m, err := loadMeta(metaPath(b.opt.StateDir, b.name), cacheIDOf(b.name, b.opt.StoreDir))
+		if err != nil {
+			b.log.WithError(err).Debug("metadata cache not used")
+		}
+		b.prev = m
+	}
+	b.g = b.prev.g
 	if err := b.scanBucketNarInfos(ctx); err != nil {
 		return ForgetResult{}, err
 	}
