@@ -125,7 +125,7 @@ func runForget(args []string) error {
 		case set["cache-dir"]:
 			return usagef("give --cache-dir, or --cache or --bundle, not both")
 		case *dryRun:
-			return usagef("--dry-run works on the cache directory only")
+			return usagef("--dry-run works on the cache directory or with --store only")
 		}
 	}
 	log, err := lf.cli(stderr)
