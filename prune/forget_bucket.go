@@ -30,6 +30,12 @@ type ForgetBucketOptions struct {
 	// SinglePruner lets the forget run on a store without conditional
 	// writes: the caller says no prune or other forget runs on the bucket.
 	SinglePruner bool
+	// Settle is how long the hold stays, still deleting, after the last
+	// narinfo went: a front end that checks an upload's references
+	// against its index of narinfos trusts an entry that long
+	// (serve.ForgetSettle), and publishes nothing while the hold deletes.
+	// So no upload is accepted on the strength of a forgotten narinfo.
+	Settle time.Duration
 }
 
 // holdPoll is how often a forget on a bucket tries again to hold the
@@ -80,7 +86,7 @@ func ForgetBucket(ctx context.Context, opt ForgetBucketOptions) (ForgetResult, e
 		data, info, err := b.readObject(ctx, name, maxNarInfoSize)
 		return etagIdent(info), data, err
 	}
-	bf := &bucketForgetter{forgetter: f, b: b}
+	bf := &bucketForgetter{forgetter: f, b: b, settle: opt.Settle}
 	f.eachMarker = func(fn func(rel string, data []byte)) { bf.eachMarker(ctx, fn) }
 	return bf.run(ctx)
 }
@@ -89,7 +95,8 @@ func ForgetBucket(ctx context.Context, opt ForgetBucketOptions) (ForgetResult, e
 // the directory's, the scan and the deletion a bucket pruner's.
 type bucketForgetter struct {
 	*forgetter
-	b *bucketPruner
+	b      *bucketPruner
+	settle time.Duration
 }
 
 // cacheName names the cache in errors.
@@ -181,6 +188,15 @@ func (bf *bucketForgetter) run(ctx context.Context) (ForgetResult, error) {
 		bf.opt.Planned(res)
 	}
 	err := bf.delete(dctx, pl, &res)
+	if hold != nil && res.Files > 0 {
+		// The hold, still deleting, is released (deferred) after this.
+		t := time.NewTimer(bf.settle)
+		select {
+		case <-t.C:
+		case <-dctx.Done():
+			t.Stop()
+		}
+	}
 	return res, err
 }
 

@@ -30,6 +30,7 @@ func TestForgetBucket(t *testing.T) {
 		{"DoesWhatTheDirectoryForgetDoes", testForgetBucketLikeDirectory},
 		{"WaitsForLocksAndPrunes", testForgetBucketWaits},
 		{"SeesReferrersPublishedDuringIt", testForgetBucketSeesLateReferrer},
+		{"HoldsUploadsThroughTheSettle", testForgetBucketSettle},
 		{"RefusesWhatIsNotACache", testForgetBucketNotACache},
 	}
 	var n atomic.Int64
@@ -204,6 +205,37 @@ func testForgetBucketSeesLateReferrer(t *testing.T, newStore func(t *testing.T) 
 	}
 	if problems := validateBucket(t, st); len(problems) > 0 {
 		t.Errorf("bucket left invalid: %q", problems)
+	}
+}
+
+// testForgetBucketSettle publishes, through another front end's
+// protocol, right after the forget deleted a narinfo: the publication
+// waits until the settle time after the deletion has passed.
+func testForgetBucketSettle(t *testing.T, newStore func(t *testing.T) (*s3store.Store, string)) {
+	st, name := newStore(t)
+	fillBucket(t, st, scenario{paths: []pt.Path{p("a")}}.build(t), nil)
+	const settle = 500 * time.Millisecond
+	other := bucketlock.New(st, quietLog())
+	other.SetGuardWindow(testWindow)
+	var deleted time.Time
+	published := make(chan time.Time, 1)
+	bo := forgetBucketOptions(st, name, ForgetOptions{Paths: []string{pt.StorePath("a")}, Log: quietLog(), LockWait: 5 * time.Second,
+		Deleted: func(rel string, _ int64) {
+			if rel != pt.NarInfoFile("a") {
+				return
+			}
+			deleted = time.Now()
+			go other.Guard(context.Background(), func(context.Context) error {
+				published <- time.Now()
+				return nil
+			})
+		}})
+	bo.Settle = settle
+	if _, err := ForgetBucket(context.Background(), bo); err != nil {
+		t.Fatal(err)
+	}
+	if at := <-published; at.Before(deleted.Add(settle)) {
+		t.Errorf("a publication ran %s after the narinfo went, within the settle time %s", at.Sub(deleted), settle)
 	}
 }
 

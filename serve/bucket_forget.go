@@ -24,6 +24,8 @@ import (
 // revalidateAfter. Another front end on the bucket trusts its index as
 // long, then asks the bucket: once the answer is sent, no front end
 // serves the forgotten narinfos, and NARs are never served from memory.
+// The hold stays, deleting, through that wait, so that no front end
+// accepts meanwhile an upload whose reference it found only in memory.
 func (c *Cache) forgetBucket(w http.ResponseWriter, r *http.Request, t target) {
 	withReferrers, err := forgetQuery(r.URL.RawQuery)
 	if err != nil {
@@ -51,8 +53,9 @@ func (c *Cache) forgetBucket(w http.ResponseWriter, r *http.Request, t target) {
 				}
 			},
 		},
-		Store: c.bucket.st,
-		Locks: locks,
+		Store:  c.bucket.st,
+		Locks:  locks,
+		Settle: ForgetSettle,
 	})
 	if !lastNarInfo.IsZero() {
 		time.Sleep(time.Until(lastNarInfo.Add(ForgetSettle)))

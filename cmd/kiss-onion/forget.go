@@ -159,7 +159,8 @@ func runForget(args []string) error {
 		return forgetLocal(ctx, o, func(ctx context.Context, o prune.ForgetOptions) (prune.ForgetResult, error) {
 			// The bucket's URL without keys, whatever --store held: it
 			// names serve's metadata cache of it.
-			return prune.ForgetBucket(ctx, prune.ForgetBucketOptions{ForgetOptions: o, Store: st, Name: cfg.String(), SinglePruner: *single})
+			return prune.ForgetBucket(ctx, prune.ForgetBucketOptions{ForgetOptions: o, Store: st, Name: cfg.String(),
+				SinglePruner: *single, Settle: serve.ForgetSettle})
 		})
 	}
 	if !set["state-dir"] {
