@@ -38,6 +38,11 @@
 // as a prune does, reads the metadata cache without writing it, and looks
 // again, before deleting, at the narinfos that came during its scan.
 //
+// RunBucket and ForgetBucket do the same on a cache in an S3-compatible
+// bucket, under package bucketlock's protocol, with the same graph,
+// planning and results; objects are read and deleted in batches of
+// requests, referrers first, so the bucket too stays a valid cache.
+//
 // A prune that keeps a metadata cache also records its outcome there
 // (LastRun), for 'kiss-onion status'.
 //

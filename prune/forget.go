@@ -8,6 +8,7 @@ import (
 	"os"
 	"path"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -106,26 +107,41 @@ type ForgetResult struct {
 // since the Forget began stays: an upload may be about to name it.
 func Forget(ctx context.Context, opt ForgetOptions) (ForgetResult, error) {
 	began := time.Now()
+	f, err := newForgetter(opt)
+	if err != nil {
+		return ForgetResult{}, err
+	}
+	f.p = newPruner(Options{CacheDir: opt.CacheDir, StateDir: opt.StateDir, StoreDir: f.opt.StoreDir,
+		DryRun: opt.DryRun, Workers: opt.Workers, Log: opt.Log, Deleted: opt.Deleted})
+	// A NAR modified after this may be one an upload is about to name.
+	f.p.cutoff = began.Add(-timeSlack).UnixNano()
+	f.readNarInfo = func(name string) (uint64, []byte, error) {
+		st, data, err := f.p.top.statRead(name, nil, maxNarInfoSize)
+		return st.ident, data, err
+	}
+	f.eachMarker = f.dirMarkers
+	return f.run(ctx)
+}
+
+// newForgetter checks the paths of opt and returns a forgetter of them,
+// without its pruner or its ways of reading the cache.
+func newForgetter(opt ForgetOptions) (*forgetter, error) {
 	if opt.StoreDir == "" {
 		opt.StoreDir = nixcache.DefaultStoreDir
 	}
 	if len(opt.Paths) == 0 {
-		return ForgetResult{}, errors.New("no store path to forget")
+		return nil, errors.New("no store path to forget")
 	}
 	f := &forgetter{opt: opt, info: map[uint32]*forgetInfo{}}
 	for _, arg := range opt.Paths {
 		k, err := forgetKey(opt.StoreDir, arg)
 		if err != nil {
-			return ForgetResult{}, err
+			return nil, err
 		}
 		f.wanted = append(f.wanted, k)
 		f.args = append(f.args, arg)
 	}
-	f.p = newPruner(Options{CacheDir: opt.CacheDir, StateDir: opt.StateDir, StoreDir: opt.StoreDir,
-		DryRun: opt.DryRun, Workers: opt.Workers, Log: opt.Log, Deleted: opt.Deleted})
-	// A NAR modified after this may be one an upload is about to name.
-	f.p.cutoff = began.Add(-timeSlack).UnixNano()
-	return f.run(ctx)
+	return f, nil
 }
 
 // PathHash returns the hash part of a store path given as ForgetOptions.Paths
@@ -168,6 +184,14 @@ type forgetter struct {
 	wanted []key
 	args   []string
 	info   map[uint32]*forgetInfo // narinfos read to name or delete them
+
+	// readNarInfo reads the narinfo name of the cache, with an identity
+	// that changes whenever it is written.
+	readNarInfo func(name string) (ident uint64, data []byte, err error)
+	// eachMarker calls fn with each marker under gcroots/ (none of whose
+	// path parts starts with '.'), in lexical order: its path relative
+	// to the cache and its content. What cannot be read is left out.
+	eachMarker func(fn func(rel string, data []byte))
 }
 
 // forgetInfo is what a Forget read of a narinfo.
@@ -271,24 +295,32 @@ func (f *forgetter) run(ctx context.Context) (ForgetResult, error) {
 // hold holds the cache as a prune does, waiting (up to LockWait in all)
 // for a prune or another forget that holds it to end.
 func (f *forgetter) hold(ctx context.Context) (*cachelock.Hold, error) {
-	p := f.p
-	deadline := time.Now().Add(f.opt.LockWait)
+	return holdRetrying(ctx, f.opt.LockWait, 100*time.Millisecond, f.p.log, f.p.locks.Hold)
+}
+
+// holdRetrying calls hold (a cachelock or bucketlock Hold) until it holds
+// the cache, fails otherwise than because a prune (or another forget)
+// holds it, or wait is over; it tries again every poll.
+func holdRetrying[H any](ctx context.Context, wait, poll time.Duration, log *logrus.Entry,
+	hold func(ctx context.Context, wait time.Duration, waiting func([]string)) (H, error)) (H, error) {
+	deadline := time.Now().Add(wait)
 	lastLog := time.Time{}
 	for {
-		h, err := p.locks.Hold(ctx, max(0, time.Until(deadline)), func(names []string) {
+		h, err := hold(ctx, max(0, time.Until(deadline)), func(names []string) {
 			if time.Since(lastLog) > 10*time.Second {
 				lastLog = time.Now()
-				p.log.WithField("locks", names).Info("waiting for upload locks to be released")
+				log.WithField("locks", names).Info("waiting for upload locks to be released")
 			}
 		})
 		if err == nil || !errors.Is(err, cachelock.ErrPruneRunning) || !time.Now().Before(deadline) {
 			return h, err
 		}
-		t := time.NewTimer(min(100*time.Millisecond, time.Until(deadline)))
+		t := time.NewTimer(min(poll, time.Until(deadline)))
 		select {
 		case <-ctx.Done():
 			t.Stop()
-			return nil, ctx.Err()
+			var none H
+			return none, ctx.Err()
 		case <-t.C:
 		}
 	}
@@ -374,7 +406,18 @@ func (f *forgetter) plan() forgetPlan {
 	for _, n := range doomed {
 		edges(n, func(m uint32) { indeg[m]++ })
 	}
-	sort.Slice(doomed, func(i, j int) bool { return doomed[i] < doomed[j] })
+	// Ties go the same way on any storage: the targets in the order
+	// asked, after the referrers in the order of their hash parts.
+	rank := make(map[uint32]int, len(doomed))
+	for i, n := range pl.targets {
+		rank[n] = len(pl.referrers) + i
+	}
+	byHash := slices.Clone(pl.referrers)
+	sort.Slice(byHash, func(i, j int) bool { return g.keys[byHash[i]].String() < g.keys[byHash[j]].String() })
+	for i, n := range byHash {
+		rank[n] = i
+	}
+	sort.SliceStable(doomed, func(i, j int) bool { return rank[doomed[i]] < rank[doomed[j]] })
 	var ready []uint32
 	for _, n := range doomed {
 		if indeg[n] == 0 {
@@ -407,12 +450,11 @@ func (f *forgetter) read(n uint32) *forgetInfo {
 	if fi := f.info[n]; fi != nil {
 		return fi
 	}
-	p := f.p
-	name := p.g.keys[n].String() + narinfoExt
+	name := f.p.g.keys[n].String() + narinfoExt
 	info := &forgetInfo{}
-	st, data, err := p.top.statRead(name, nil, maxNarInfoSize)
+	ident, data, err := f.readNarInfo(name)
 	if err == nil {
-		info.ident = st.ident
+		info.ident = ident
 		if ni, err := nixcache.ParseNarInfo(data); err == nil {
 			info.storePath, info.url, info.deriver = ni.StorePath, ni.URL, ni.Deriver
 		}
@@ -451,11 +493,28 @@ func (f *forgetter) result(pl forgetPlan) ForgetResult {
 // marked in concerned. Since the referrers of the targets are all
 // concerned, these are exactly the markers whose closures hold one.
 func (f *forgetter) markers(concerned []bool) []MarkerRoot {
-	p := f.p
-	g := p.g
-	prefix := strings.TrimSuffix(p.opt.StoreDir, "/") + "/"
-	top := filepath.Join(p.opt.CacheDir, "gcroots")
+	g := f.p.g
+	prefix := strings.TrimSuffix(f.p.opt.StoreDir, "/") + "/"
 	var out []MarkerRoot
+	f.eachMarker(func(rel string, data []byte) {
+		for _, l := range strings.Split(string(data), "\n") {
+			base, ok := markerLine(strings.TrimSpace(l), prefix)
+			if !ok {
+				continue
+			}
+			k, _ := parseKey(base[:nixcache.HashLen])
+			if n, ok := g.lookup(k); ok && concerned[n] {
+				out = append(out, MarkerRoot{Marker: rel, Root: prefix + base})
+			}
+		}
+	})
+	return out
+}
+
+// dirMarkers is eachMarker on the cache directory.
+func (f *forgetter) dirMarkers(fn func(rel string, data []byte)) {
+	cache := f.p.opt.CacheDir
+	top := filepath.Join(cache, "gcroots")
 	filepath.WalkDir(top, func(file string, d fs.DirEntry, err error) error {
 		if err != nil {
 			return nil // a report: what cannot be read is left out
@@ -476,20 +535,10 @@ func (f *forgetter) markers(concerned []bool) []MarkerRoot {
 		if err != nil {
 			return nil
 		}
-		rel, _ := filepath.Rel(p.opt.CacheDir, file)
-		for _, l := range strings.Split(string(data), "\n") {
-			base, ok := markerLine(strings.TrimSpace(l), prefix)
-			if !ok {
-				continue
-			}
-			k, _ := parseKey(base[:nixcache.HashLen])
-			if n, ok := g.lookup(k); ok && concerned[n] {
-				out = append(out, MarkerRoot{Marker: filepath.ToSlash(rel), Root: prefix + base})
-			}
-		}
+		rel, _ := filepath.Rel(cache, file)
+		fn(filepath.ToSlash(rel), data)
 		return nil
 	})
-	return out
 }
 
 // refused returns an error wrapping ErrReferenced when pl leaves
@@ -645,7 +694,38 @@ func (f *forgetter) delete(ctx context.Context, pl forgetPlan, res *ForgetResult
 	}
 
 	// The NARs that no narinfo left names, each after the debuginfo
-	// entries into it; and the logs of derivers no narinfo left names.
+	// entries into it; then the logs of derivers no narinfo left names.
+	nars, logs := f.leftovers(pl)
+	for _, u := range nars {
+		h := hashURL(u)
+		for _, a := range p.aux {
+			if a.info.kind == auxNar && a.info.urlHash == h {
+				if _, err := remove(a.rel, false); err != nil {
+					return err
+				}
+			}
+		}
+		gone, err := remove(u, true)
+		if err != nil {
+			return err
+		}
+		if !gone {
+			p.log.WithField("path", u).Info("keeping a NAR uploaded during the forget")
+		}
+	}
+	for _, l := range logs {
+		if _, err := remove(l, false); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// leftovers returns what the narinfos pl dooms leave that no narinfo
+// that stays needs: the URLs of their NARs (under nar/, each once) and
+// the logs of their derivers (log/<drv>), in the order of pl.doomed.
+func (f *forgetter) leftovers(pl forgetPlan) (nars, logs []string) {
+	g := f.p.g
 	staying := newU64Set(g.len())
 	stayingDrv := make([]bool, g.len())
 	for n := uint32(0); n < uint32(g.len()); n++ {
@@ -656,36 +736,22 @@ func (f *forgetter) delete(ctx context.Context, pl forgetPlan, res *ForgetResult
 			}
 		}
 	}
+	logged := map[string]bool{}
 	for _, n := range pl.doomed {
 		info := f.read(n)
 		if u := path.Clean(info.url); info.url != "" && strings.HasPrefix(u, "nar/") && filepath.IsLocal(u) {
-			h := hashURL(u)
-			if !staying.has(h) {
+			if h := hashURL(u); !staying.has(h) {
 				staying.add(h) // once
-				for _, a := range p.aux {
-					if a.info.kind == auxNar && a.info.urlHash == h {
-						if _, err := remove(a.rel, false); err != nil {
-							return err
-						}
-					}
-				}
-				gone, err := remove(u, true)
-				if err != nil {
-					return err
-				}
-				if !gone {
-					p.log.WithField("path", u).Info("keeping a NAR uploaded during the forget")
-				}
+				nars = append(nars, u)
 			}
 		}
-		if d := info.deriver; nixcache.CheckBaseName(d) == nil {
+		if d := info.deriver; nixcache.CheckBaseName(d) == nil && !logged[d] {
 			k, _ := parseKey(d[:nixcache.HashLen])
 			if m, ok := g.lookup(k); !ok || !stayingDrv[m] {
-				if _, err := remove("log/"+d, false); err != nil {
-					return err
-				}
+				logged[d] = true
+				logs = append(logs, "log/"+d)
 			}
 		}
 	}
-	return nil
+	return nars, logs
 }

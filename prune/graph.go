@@ -360,10 +360,17 @@ type garbageOrder struct {
 }
 
 func (g *graph) garbageOrder() *garbageOrder {
-	o := &garbageOrder{g: g, garbage: make([]bool, g.len()), indeg: make([]int32, g.len())}
+	garbage := make([]bool, g.len())
 	for n := uint32(0); n < uint32(g.len()); n++ {
-		o.garbage[n] = g.garbage(n)
+		garbage[n] = g.garbage(n)
 	}
+	return g.orderOf(garbage)
+}
+
+// orderOf is the garbage order of the nodes marked in set rather than of
+// the garbage: a forget deletes them in it.
+func (g *graph) orderOf(set []bool) *garbageOrder {
+	o := &garbageOrder{g: g, garbage: set, indeg: make([]int32, g.len())}
 	for n := uint32(0); n < uint32(g.len()); n++ {
 		if o.garbage[n] {
 			o.edges(n, func(m uint32) { o.indeg[m]++ })

@@ -6,7 +6,8 @@
 // the rate of narinfo GETs) answers GET and HEAD; the write role (on
 // net/http, for streamed uploads) also takes PUT, and DELETE for gcroots/
 // and for a narinfo (forget.go: the store path leaves the cache as
-// 'kiss-onion forget' takes it, with prune.Forget).
+// 'kiss-onion forget' takes it, with prune.Forget; bucket_forget.go with
+// prune.ForgetBucket on a bucket).
 // Both answer reads the same way (read.go). Which role a client gets is
 // decided outside, by which listener or onion it reached.
 //

@@ -101,6 +101,12 @@ func (c *Cache) forget(w http.ResponseWriter, r *http.Request, t target) {
 		},
 	})
 	c.forgotten(lastNarInfo)
+	c.answerForget(w, r, t, res, err)
+}
+
+// answerForget answers a DELETE of a narinfo with what the forget found
+// and did, on a directory or a bucket alike.
+func (c *Cache) answerForget(w http.ResponseWriter, r *http.Request, t target, res prune.ForgetResult, err error) {
 	var body strings.Builder
 	switch {
 	case errors.Is(err, prune.ErrReferenced):
@@ -189,6 +195,7 @@ func (c *Cache) forgotten(last time.Time) {
 
 // ForgetSettle is how long a running serve may go on serving, from
 // memory, a narinfo deleted behind its back (by 'kiss-onion forget' or
-// 'kiss-onion prune' on the cache directory): whoever deletes one and
-// must see it gone from both roles waits that long after the deletion.
+// 'kiss-onion prune' on the cache directory or bucket, or by another
+// front end on the bucket): whoever deletes one and must see it gone
+// from both roles of every front end waits that long after the deletion.
 const ForgetSettle = revalidateAfter

@@ -447,8 +447,7 @@ func (c *Cache) delete(w http.ResponseWriter, r *http.Request, t target) {
 	switch t.kind {
 	case kindNarInfo:
 		if c.bucket != nil {
-			w.Header().Set("Allow", "GET, HEAD, PUT")
-			c.refuse(w, r, http.StatusNotImplemented, "%s: forgetting a path is not done on a bucket yet; delete its marker and run kiss-onion prune", t.rel)
+			c.forgetBucket(w, r, t)
 			return
 		}
 		c.forget(w, r, t)

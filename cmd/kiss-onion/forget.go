@@ -16,6 +16,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/kiss-onion/kiss-onion/bucketlock"
 	"github.com/kiss-onion/kiss-onion/cachelock"
 	"github.com/kiss-onion/kiss-onion/internal/nixcache"
 	"github.com/kiss-onion/kiss-onion/prune"
@@ -29,6 +30,9 @@ func init() {
 const forgetUsage = `
 Usage:
 	kiss-onion forget [--cache-dir DIR] [--with-referrers] [--dry-run] [--lock-wait DUR] STORE_PATH...
+	kiss-onion forget --store s3://BUCKET/PREFIX?endpoint=URL [--s3-endpoint ADDR] [--s3-region R]
+	                  [--s3-credentials FILE] [--s3-profile P] [--single-pruner]
+	                  [--with-referrers] [--dry-run] [--lock-wait DUR] STORE_PATH...
 	kiss-onion forget --cache URL [--with-referrers] STORE_PATH...
 	kiss-onion forget --bundle DIR [--tor-config FILE] [--with-referrers] STORE_PATH...
 
@@ -47,7 +51,13 @@ cache no longer has.
 
 On the cache machine it works on the cache directory, under the upload
 lock protocol, beside a running serve: new upload locks are refused while
-it runs, and it waits up to --lock-wait for those held. Elsewhere a
+it runs, and it waits up to --lock-wait for those held. A cache kept in
+a bucket ('serve --store') is forgotten from directly with --store and
+its URL, as 'kiss-onion prune s3://' names it: under the bucket's lock
+protocol (gcroots/.lock/ in the bucket), which after the wait for the
+upload locks waits some twelve seconds more for uploads that checked
+before it, then deletes; a store without conditional writes needs
+--single-pruner (no prune or other forget runs on the bucket). Elsewhere a
 writer goes through the write role, which does the same for a DELETE of
 a narinfo: --cache URL (serve's --listen-write, or a 'proxy --write'), or
 --bundle DIR (a gateway to the write onion, started for the run), and
@@ -63,6 +73,7 @@ Arguments:
 Examples:
 	kiss-onion forget --dry-run /nix/store/0a1zq2ax9h7dsnd3kkbxh3d9mvlkfx2d-leaked-secret
 	kiss-onion forget --cache-dir /srv/cache --with-referrers /nix/store/...-broken-glibc
+	kiss-onion forget --store 's3://nix-cache/main?endpoint=http://127.0.0.1:8333' /nix/store/...-leaked-secret
 	kiss-onion forget --bundle ci.bundle /nix/store/...-bad-build
 `
 
@@ -79,6 +90,10 @@ func runForget(args []string) error {
 	lockWait := fs.Duration("lock-wait", 5*time.Minute, "how long to wait for upload locks to be released, or a prune to end")
 	wait := fs.Duration("wait", 5*time.Minute, "with --bundle, how long to wait for the onion to answer")
 	storeDir := fs.String("store-dir", nixcache.DefaultStoreDir, "the Nix store `directory` the cache is for")
+	store := fs.String("store", "", "forget from the cache kept in this bucket instead of --cache-dir: `s3://BUCKET/PREFIX`[?endpoint=HOST:PORT&region=R] (docs/s3.md)")
+	var s3 s3Flags
+	s3.register(fs)
+	single := fs.Bool("single-pruner", false, "for an s3:// store without conditional writes: no prune or other forget runs on the bucket, so forget without them")
 	paths, err := parseArgs(fs, args)
 	if err != nil {
 		return err
@@ -97,12 +112,20 @@ func runForget(args []string) error {
 	set := map[string]bool{}
 	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
 	remote := *cacheURL != "" || g.bundle != ""
+	switch {
+	case *store != "" && (set["cache-dir"] || remote):
+		return usagef("give --store, or --cache-dir, --cache or --bundle, not two")
+	case *store != "" && !isStoreURL(*store):
+		return usagef("--store %q: want s3://BUCKET/PREFIX", *store)
+	case *store == "" && (*single || s3 != s3Flags{}):
+		return usagef("--single-pruner and the --s3-* flags are for --store")
+	}
 	if remote {
 		switch {
 		case set["cache-dir"]:
 			return usagef("give --cache-dir, or --cache or --bundle, not both")
 		case *dryRun:
-			return usagef("--dry-run works on the cache directory only")
+			return usagef("--dry-run works on the cache directory or with --store only")
 		}
 	}
 	log, err := lf.cli(stderr)
@@ -115,7 +138,7 @@ func runForget(args []string) error {
 		if !set["state-dir"] {
 			g.stateDir = "/var/lib/kiss-onion"
 		}
-		return forgetLocal(ctx, prune.ForgetOptions{
+		o := prune.ForgetOptions{
 			CacheDir:      *cacheDir,
 			StateDir:      g.stateDir,
 			StoreDir:      *storeDir,
@@ -124,6 +147,20 @@ func runForget(args []string) error {
 			DryRun:        *dryRun,
 			LockWait:      *lockWait,
 			Log:           log,
+		}
+		if *store == "" {
+			return forgetLocal(ctx, o, prune.Forget)
+		}
+		st, cfg, err := s3.open(*store, log)
+		if err != nil {
+			return err
+		}
+		o.CacheDir = ""
+		return forgetLocal(ctx, o, func(ctx context.Context, o prune.ForgetOptions) (prune.ForgetResult, error) {
+			// The bucket's URL without keys, whatever --store held: it
+			// names serve's metadata cache of it.
+			return prune.ForgetBucket(ctx, prune.ForgetBucketOptions{ForgetOptions: o, Store: st, Name: cfg.String(),
+				SinglePruner: *single, Settle: serve.ForgetSettle})
 		})
 	}
 	if !set["state-dir"] {
@@ -141,8 +178,9 @@ func runForget(args []string) error {
 // replaces it.
 var forgetOut io.Writer = os.Stdout
 
-// forgetLocal forgets on the cache directory.
-func forgetLocal(ctx context.Context, o prune.ForgetOptions) error {
+// forgetLocal forgets on the cache directory, or with forget on the
+// bucket.
+func forgetLocal(ctx context.Context, o prune.ForgetOptions, forget func(context.Context, prune.ForgetOptions) (prune.ForgetResult, error)) error {
 	var mu sync.Mutex
 	var lastNarInfo time.Time
 	o.Planned = func(res prune.ForgetResult) {
@@ -163,7 +201,7 @@ func forgetLocal(ctx context.Context, o prune.ForgetOptions) error {
 			lastNarInfo = time.Now()
 		}
 	}
-	res, err := prune.Forget(ctx, o)
+	res, err := forget(ctx, o)
 	for _, a := range res.Absent {
 		warningf("%s is not in the cache", a)
 	}
@@ -175,6 +213,8 @@ func forgetLocal(ctx context.Context, o prune.ForgetOptions) error {
 		return withHint(fmt.Errorf("forget: %w", err), "wait for it to finish, or raise --lock-wait")
 	case errors.Is(err, cachelock.ErrLocksHeld):
 		return withHint(fmt.Errorf("forget: %w", err), "retry later, or raise --lock-wait")
+	case errors.Is(err, bucketlock.ErrNoConditionalWrites):
+		return withHint(fmt.Errorf("forget: %w", err), "if no prune or other forget runs on this bucket, add --single-pruner")
 	case err != nil:
 		if res.Files > 0 {
 			fmt.Fprintf(stderr, "kiss-onion: forget stopped after deleting %s (%s)\n", count(int(res.Files), "file"), prune.FormatBytes(res.Bytes))

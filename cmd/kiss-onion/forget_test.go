@@ -2,9 +2,12 @@ package main
 
 import (
 	"bytes"
+	"context"
+	"errors"
 	"io"
 	"io/fs"
 	"net"
+	"net/url"
 	"os"
 	"path/filepath"
 	"strings"
@@ -13,7 +16,9 @@ import (
 
 	"github.com/sirupsen/logrus"
 
+	"github.com/kiss-onion/kiss-onion/internal/s3test"
 	pt "github.com/kiss-onion/kiss-onion/prune/prunetest"
+	"github.com/kiss-onion/kiss-onion/s3store"
 	"github.com/kiss-onion/kiss-onion/serve"
 )
 
@@ -157,4 +162,88 @@ func quietLog() *logrus.Entry {
 	l := logrus.New()
 	l.SetOutput(io.Discard)
 	return logrus.NewEntry(l)
+}
+
+// TestForgetStore runs 'kiss-onion forget --store s3://…' against a real
+// SeaweedFS: a referenced path is refused with its referrers and
+// markers listed, a dry run deletes nothing, a leaf goes with its NAR.
+func TestForgetStore(t *testing.T) {
+	srv := s3test.Start(t)
+	t.Setenv("AWS_ACCESS_KEY_ID", srv.AccessKey)
+	t.Setenv("AWS_SECRET_ACCESS_KEY", srv.SecretKey)
+	st, err := s3store.New(s3store.Config{Endpoint: srv.Endpoint, Region: srv.Region, Bucket: srv.Bucket, Prefix: "cache",
+		AccessKey: srv.AccessKey, SecretKey: srv.SecretKey})
+	must(t, err)
+	ctx := context.Background()
+	put := func(name string, body []byte) {
+		_, err := st.Put(ctx, name, bytes.NewReader(body), int64(len(body)))
+		must(t, err)
+	}
+	put("nix-cache-info", []byte("StoreDir: /nix/store\n"))
+	for _, p := range []pt.Path{{Name: "lib"}, {Name: "app", Refs: []string{"lib"}}, {Name: "other"}} {
+		put(pt.NarURL(p.Name), []byte("nar of "+p.Name))
+		put(pt.NarInfoFile(p.Name), pt.NarInfo(p))
+	}
+	put("gcroots/web1", []byte(pt.StorePath("app")+"\n"))
+	time.Sleep(3 * time.Second) // older than a forget takes for new
+	exists := func(name string) bool {
+		_, err := st.Stat(ctx, name)
+		if err != nil && !errors.Is(err, fs.ErrNotExist) {
+			t.Fatal(err)
+		}
+		return err == nil
+	}
+	store := "s3://" + srv.Bucket + "/cache?" + url.Values{"endpoint": {"http://" + srv.Endpoint}, "region": {srv.Region}}.Encode()
+	sp := pt.StorePath
+
+	code, stdout, stderr := forgetRun(t, "--store", store, "--state-dir", "", sp("lib"))
+	if code != 1 || !strings.Contains(stdout, "referrer "+sp("app")+"\n") || !strings.Contains(stdout, "marker gcroots/web1 names "+sp("app")+"\n") ||
+		!strings.Contains(stderr, "still referenced by paths in the cache: 1 referrer(s), rooted by 1 marker(s)") {
+		t.Errorf("refused forget: exit %d\nstdout:\n%s\nstderr:\n%s", code, stdout, stderr)
+	}
+	code, stdout, stderr = forgetRun(t, "--store", store, "--state-dir", "", "--dry-run", "--with-referrers", sp("lib"))
+	if code != 0 || !strings.Contains(stdout, "would forget "+sp("app")+"\nwould forget "+sp("lib")+"\n") ||
+		!strings.Contains(stdout, "would delete "+pt.NarURL("lib")) || !strings.Contains(stdout, "dry run: 2 paths would be forgotten: 4 files") {
+		t.Errorf("dry run: exit %d\nstdout:\n%s\nstderr:\n%s", code, stdout, stderr)
+	}
+	for _, n := range []string{"lib", "app", "other"} {
+		if !exists(pt.NarInfoFile(n)) || !exists(pt.NarURL(n)) {
+			t.Fatalf("%s is gone after a refusal and a dry run", n)
+		}
+	}
+
+	code, stdout, stderr = forgetRun(t, "--store", store, "--state-dir", "", "--lock-wait", "10s", pt.BaseName("app"))
+	if code != 0 || !strings.Contains(stdout, "forgetting "+sp("app")+"\n") || !strings.Contains(stdout, "kiss-onion: forgot 1 path: 2 files") ||
+		!strings.Contains(stderr, "warning: marker gcroots/web1 names "+sp("app")+", which is no longer in the cache") {
+		t.Errorf("forget: exit %d\nstdout:\n%s\nstderr:\n%s", code, stdout, stderr)
+	}
+	if exists(pt.NarInfoFile("app")) || exists(pt.NarURL("app")) {
+		t.Error("app is still in the bucket")
+	}
+	for _, n := range []string{"lib", "other"} {
+		if !exists(pt.NarInfoFile(n)) || !exists(pt.NarURL(n)) {
+			t.Errorf("%s is gone", n)
+		}
+	}
+
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--store", store, "--cache-dir", t.TempDir()}, "give --store, or --cache-dir, --cache or --bundle"},
+		{[]string{"--store", store, "--cache", "http://127.0.0.1:1"}, "give --store, or --cache-dir, --cache or --bundle"},
+		{[]string{"--store", store, "--bundle", t.TempDir()}, "give --store, or --cache-dir, --cache or --bundle"},
+		{[]string{"--store", "/srv/cache"}, "want s3://BUCKET/PREFIX"},
+		{[]string{"--s3-region", "eu-west-1"}, "are for --store"},
+		{[]string{"--single-pruner"}, "are for --store"},
+		{[]string{"--store", "s3://b/p?colour=red"}, "unknown parameter"},
+	} {
+		code, _, stderr := forgetRun(t, append(append([]string{"--state-dir", ""}, tc.args...), sp("other"))...)
+		if code != 2 || !strings.Contains(stderr, tc.want) {
+			t.Errorf("forget %q: exit %d, want 2 and an error saying %q:\n%s", tc.args, code, tc.want, stderr)
+		}
+	}
+	if !exists(pt.NarInfoFile("other")) {
+		t.Error("a usage error deleted something")
+	}
 }
