@@ -38,6 +38,7 @@ func (c *Cache) forgetBucket(w http.ResponseWriter, r *http.Request, t target) {
 	var lastNarInfo time.Time
 	res, err := prune.ForgetBucket(r.Context(), prune.ForgetBucketOptions{
 		ForgetOptions: prune.ForgetOptions{
+			StateDir:      c.cfg.StateDir,
 			StoreDir:      c.cfg.StoreDir,
 			Paths:         []string{t.name},
 			WithReferrers: withReferrers,
@@ -54,6 +55,7 @@ func (c *Cache) forgetBucket(w http.ResponseWriter, r *http.Request, t target) {
 			},
 		},
 		Store:  c.bucket.st,
+		Name:   c.cfg.BucketName,
 		Locks:  locks,
 		Settle: ForgetSettle,
 	})

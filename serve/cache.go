@@ -67,6 +67,10 @@ type Config struct {
 	Bucket *s3store.Store
 	// BucketLocks is the lock protocol on Bucket; required with it.
 	BucketLocks Locks
+	// BucketName is Bucket's store URL (s3store.Config.String()), under
+	// which prunes of it keep their metadata cache in StateDir: a forget
+	// reads it rather than every narinfo. Empty: it reads them all.
+	BucketName string
 	// Log receives refusals and errors; default the standard logger.
 	Log *logrus.Entry
 }

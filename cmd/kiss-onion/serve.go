@@ -376,13 +376,13 @@ func openCache(f serveFlags, keys []nixcache.PublicKey, up serve.Upstream, log *
 			return nil, nil, err
 		}
 		bkt = &openedBucket{store: st, locks: bucketlock.New(st, log), name: sc.String()}
-		cfg.Dir, cfg.Bucket, cfg.BucketLocks = "", st, bkt.locks
+		cfg.Dir, cfg.Bucket, cfg.BucketLocks, cfg.BucketName = "", st, bkt.locks, bkt.name
 	}
 	cache, err = serve.New(cfg)
 	return cache, bkt, err
 }
 
-// checkStoreFlags refuses what does not run on a bucket yet.
+// checkStoreFlags refuses a --store serve cannot use.
 func checkStoreFlags(f serveFlags) error {
 	if !isStoreURL(f.store) {
 		return usagef("--store %q: want s3://BUCKET/PREFIX", f.store)
