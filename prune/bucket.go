@@ -33,6 +33,11 @@ type BucketOptions struct {
 	// SinglePruner lets the prune run on a store without conditional
 	// writes: the caller says no other prune or forget runs on the bucket.
 	SinglePruner bool
+	// Settle is how long the hold stays, still deleting, after the last
+	// narinfo went, as for ForgetBucketOptions.Settle: a front end trusts
+	// a narinfo it checked that long (serve.ForgetSettle), and would
+	// otherwise accept an upload referring to one the prune deleted.
+	Settle time.Duration
 }
 
 // bucketSlack is how much younger than the prune's start an object's
@@ -56,6 +61,9 @@ type bucketPruner struct {
 	// and NARs no narinfo names yet stay.
 	recent   bool
 	auxSizes []int64 // of b.aux[i]
+	// settle is how long the hold stays, deleting, after the last
+	// narinfo went (BucketOptions.Settle).
+	settle time.Duration
 }
 
 // objMeta is what a prune remembers of a listed object.
@@ -74,7 +82,7 @@ type objMeta struct {
 // fails midway.
 func RunBucket(ctx context.Context, opt BucketOptions) (Stats, error) {
 	opt.Options.CacheDir = ""
-	b := &bucketPruner{pruner: newPruner(opt.Options), st: opt.Store, name: opt.Name, bl: opt.Locks}
+	b := &bucketPruner{pruner: newPruner(opt.Options), st: opt.Store, name: opt.Name, bl: opt.Locks, settle: opt.Settle}
 	if opt.Workers <= 0 {
 		// Reading an object is a request that mostly waits for the store.
 		b.workers = max(32, 8*runtime.GOMAXPROCS(0))
@@ -167,6 +175,15 @@ func (b *bucketPruner) run(ctx context.Context) error {
 	}
 	if err := b.deleteBucket(b.dctx); err != nil {
 		return err
+	}
+	if hold != nil && b.c.deletedNarInfos.Load() > 0 {
+		// The hold, still deleting, is released (deferred) after this.
+		t := time.NewTimer(b.settle)
+		select {
+		case <-t.C:
+		case <-b.dctx.Done():
+			t.Stop()
+		}
 	}
 	if !b.opt.DryRun {
 		n, err := b.st.AbortUploads(b.dctx, 24*time.Hour)

@@ -218,3 +218,40 @@ func testBucketNotACache(t *testing.T, newStore func(t *testing.T) (*s3store.Sto
 		t.Errorf("a refused prune deleted something: %v", err)
 	}
 }
+
+// testBucketSettle publishes, through another front end's protocol,
+// right after the prune deleted a narinfo: the publication waits until
+// the settle time after the deletion has passed, as a front end may trust
+// the narinfo it checked until then.
+func testBucketSettle(t *testing.T, newStore func(t *testing.T) (*s3store.Store, string)) {
+	st, name := newStore(t)
+	initBucket(t, st)
+	putPath(t, st, pt.Path{Name: "garbage"})
+	time.Sleep(bucketSlack + time.Second)
+	const settle = 500 * time.Millisecond
+	other := bucketlock.New(st, quietLog())
+	other.SetGuardWindow(testWindow)
+	var deleted time.Time
+	published := make(chan time.Time, 1)
+	o := bucketOptions(st, name)
+	o.Settle = settle
+	o.Deleted = func(rel string, _ int64) {
+		if rel != pt.NarInfoFile("garbage") {
+			return
+		}
+		deleted = time.Now()
+		go other.Guard(context.Background(), func(context.Context) error {
+			published <- time.Now()
+			return nil
+		})
+	}
+	if _, err := RunBucket(context.Background(), o); err != nil {
+		t.Fatal(err)
+	}
+	if deleted.IsZero() {
+		t.Fatal("the prune did not delete the garbage narinfo")
+	}
+	if at := <-published; at.Before(deleted.Add(settle)) {
+		t.Errorf("a publication ran %s after the narinfo went, within the settle time %s", at.Sub(deleted), settle)
+	}
+}

@@ -39,6 +39,7 @@ func TestBucket(t *testing.T) {
 		{"WarmPruneReadsNoNarInfo", testBucketWarm},
 		{"KilledPruneLeavesAValidCache", testBucketKilled},
 		{"RacingUploaderKeepsWhatItNeeds", testBucketRacingUploader},
+		{"HoldsUploadsThroughTheSettle", testBucketSettle},
 		{"RefusesWhatIsNotACache", testBucketNotACache},
 	}
 	var n atomic.Int64

@@ -69,7 +69,7 @@ func ForgetBucket(ctx context.Context, opt ForgetBucketOptions) (ForgetResult, e
 	if opt.Name == "" {
 		o.StateDir = ""
 	}
-	b := &bucketPruner{pruner: newPruner(o), st: opt.Store, name: opt.Name, bl: opt.Locks}
+	b := &bucketPruner{pruner: newPruner(o), st: opt.Store, name: opt.Name, bl: opt.Locks, settle: opt.Settle}
 	if opt.Workers <= 0 {
 		// Reading an object is a request that mostly waits for the store.
 		b.workers = max(32, 8*runtime.GOMAXPROCS(0))
@@ -86,7 +86,7 @@ func ForgetBucket(ctx context.Context, opt ForgetBucketOptions) (ForgetResult, e
 		data, info, err := b.readObject(ctx, name, maxNarInfoSize)
 		return etagIdent(info), data, err
 	}
-	bf := &bucketForgetter{forgetter: f, b: b, settle: opt.Settle}
+	bf := &bucketForgetter{forgetter: f, b: b}
 	f.eachMarker = func(fn func(rel string, data []byte)) { bf.eachMarker(ctx, fn) }
 	return bf.run(ctx)
 }
@@ -95,8 +95,7 @@ func ForgetBucket(ctx context.Context, opt ForgetBucketOptions) (ForgetResult, e
 // the directory's, the scan and the deletion a bucket pruner's.
 type bucketForgetter struct {
 	*forgetter
-	b      *bucketPruner
-	settle time.Duration
+	b *bucketPruner
 }
 
 // cacheName names the cache in errors.
@@ -190,7 +189,7 @@ func (bf *bucketForgetter) run(ctx context.Context) (ForgetResult, error) {
 	err := bf.delete(dctx, pl, &res)
 	if hold != nil && res.Files > 0 {
 		// The hold, still deleting, is released (deferred) after this.
-		t := time.NewTimer(bf.settle)
+		t := time.NewTimer(bf.b.settle)
 		select {
 		case <-t.C:
 		case <-dctx.Done():

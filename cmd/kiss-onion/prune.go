@@ -15,6 +15,7 @@ import (
 	"github.com/kiss-onion/kiss-onion/cachelock"
 	"github.com/kiss-onion/kiss-onion/internal/nixcache"
 	"github.com/kiss-onion/kiss-onion/prune"
+	"github.com/kiss-onion/kiss-onion/serve"
 )
 
 func init() {
@@ -145,7 +146,7 @@ func runPrune(args []string) error {
 		}
 		cacheDir = cfg.String() // without keys, whatever the URL held
 		opt.CacheDir = ""
-		st, err = prune.RunBucket(ctx, prune.BucketOptions{Options: opt, Store: store, Name: cacheDir, SinglePruner: *single})
+		st, err = prune.RunBucket(ctx, prune.BucketOptions{Options: opt, Store: store, Name: cacheDir, SinglePruner: *single, Settle: serve.ForgetSettle})
 	} else {
 		st, err = prune.Run(ctx, opt)
 	}

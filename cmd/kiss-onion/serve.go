@@ -436,7 +436,7 @@ func pruneEvery(ctx context.Context, f serveFlags, log *logrus.Entry, cache *ser
 		var err error
 		if bkt != nil {
 			opt.CacheDir = ""
-			stats, err = prune.RunBucket(ctx, prune.BucketOptions{Options: opt, Store: bkt.store, Name: bkt.name, Locks: bkt.locks})
+			stats, err = prune.RunBucket(ctx, prune.BucketOptions{Options: opt, Store: bkt.store, Name: bkt.name, Locks: bkt.locks, Settle: serve.ForgetSettle})
 		} else {
 			stats, err = prune.Run(ctx, opt)
 		}
