@@ -4,6 +4,7 @@ import (
 	"errors"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -17,7 +18,7 @@ import (
 // onion is substituted through the gateway by the real nix 2.8; a key
 // revoked on the first is refused by both; and a substitution through
 // the gateway completes, byte for byte, though the front end it began on
-// is killed in the middle.
+// is frozen (stopped, with its tor) or killed in the middle.
 func TestFrontends(t *testing.T) {
 	stateA, stateB := filepath.Join(t.TempDir(), "a"), filepath.Join(t.TempDir(), "b")
 	cache := filepath.Join(t.TempDir(), "unused") // the cache is the bucket
@@ -41,15 +42,16 @@ func TestFrontends(t *testing.T) {
 
 	src := newNix(t)
 	small, smallClosure := src.buildClosure(64)
-	var big []string
-	var bigClosure []string
+	var big, bigClosure, frozen, frozenClosure []string
 	for range 3 {
 		top, closure := src.buildClosure(6 << 10)
 		big, bigClosure = append(big, top), append(bigClosure, closure...)
+		top, closure = src.buildClosure(6 << 10)
+		frozen, frozenClosure = append(frozen, top), append(frozenClosure, closure...)
 	}
 	push := startGateway(t, writerA, "--write")
 	push.waitReachable(t)
-	src.must("nix", append([]string{"copy", "--to", push.url + "?compression=none&secret-key=" + key.secretFile, small}, big...)...)
+	src.must("nix", append(append([]string{"copy", "--to", push.url + "?compression=none&secret-key=" + key.secretFile, small}, big...), frozen...)...)
 	store.checkWhole(t)
 
 	metricsAddr := freeAddr(t)
@@ -99,6 +101,46 @@ func TestFrontends(t *testing.T) {
 				time.Sleep(2 * time.Second)
 			}
 		}
+	})
+
+	t.Run("a front end frozen in the middle of a substitution", func(t *testing.T) {
+		// serve and its tor stopped, as a machine or a network cut off:
+		// nothing is closed, the circuits stay, nothing comes.
+		dst := substituter()
+		received := func() float64 {
+			return scrapeMetrics(t, "http://"+metricsAddr+"/metrics").get(`kiss_onion_gateway_onion_received_bytes_total{role="read"}`)
+		}
+		before := received()
+		cmd := startNixCmd(t, dst, "nix-store", append([]string{"--realise"}, frozen...)...)
+		waitReady(t, gw.proc, "the substitution under way", 4*time.Minute, func() bool { return received()-before > 2<<20 })
+		pids := append([]int{a.cmd.Process.Pid}, torPIDs(a.proc)...)
+		for _, pid := range pids {
+			syscall.Kill(pid, syscall.SIGSTOP)
+		}
+		frozeAt := received() - before
+		thawed := false
+		thaw := func() {
+			if !thawed {
+				for _, pid := range pids {
+					syscall.Kill(pid, syscall.SIGCONT)
+				}
+				thawed = true
+			}
+		}
+		defer thaw()
+		out, err, took := cmd.wait()
+		thaw()
+		if err != nil {
+			t.Fatalf("nix-store --realise with front end A frozen after %.0f bytes: %v\n%s\ngateway:\n%s", frozeAt, err, out, gw.out)
+		}
+		t.Logf("substituted %d paths in %v; front end A frozen after %.1f MiB had arrived", len(frozenClosure), took.Round(100*time.Millisecond), frozeAt/(1<<20))
+		for _, p := range frozenClosure {
+			sameTree(t, src, dst, p)
+		}
+		// A is back for the next step.
+		waitReady(t, gw.proc, "front end A reachable again", 4*time.Minute, func() bool {
+			return scrapeMetrics(t, "http://"+metricsAddr+"/metrics").get(`kiss_onion_gateway_frontend_reachable{frontend="0",role="read"}`) == 1
+		})
 	})
 
 	t.Run("a front end killed in the middle of a substitution", func(t *testing.T) {

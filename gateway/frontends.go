@@ -227,7 +227,7 @@ func (f *Forwarder) sendAny(req *http.Request) (*http.Response, error) {
 			break
 		}
 		tried[c.cfg.front] = true
-		resp, err := c.send(req)
+		resp, err := f.sendWatched(c, req)
 		if err == nil {
 			if r := f.resumable(req, resp, c, tried); r != nil {
 				resp.Body = r
@@ -383,7 +383,7 @@ func (b *resumingBody) resume() error {
 		b.tried[c.cfg.front] = true
 		r := b.req.Clone(b.req.Context())
 		r.Header.Set("Range", "bytes="+strconv.FormatInt(b.off, 10)+"-")
-		resp, err := c.send(r)
+		resp, err := b.f.sendWatched(c, r)
 		if err != nil {
 			continue
 		}
@@ -401,3 +401,84 @@ func (b *resumingBody) resume() error {
 }
 
 func (b *resumingBody) Close() error { return b.body.Close() }
+
+// stallAfter is how long a read of a response body from one front end
+// may wait for a byte while another front end forwards: past it, the
+// front end is taken for gone (its machine or its network cut off
+// without a word: tor sends nothing, and keeps the circuit), it probes
+// again, and the read fails, so that the download resumes on another
+// front end (a NAR fetched whole, resumingBody) or is asked again (a
+// part, narstore). A variable, so that a test can shorten it.
+var stallAfter = 10 * time.Second
+
+// errStalled is the read error of a response body that stalled.
+var errStalled = fmt.Errorf("%w: the front end stopped sending", errStale)
+
+// sendWatched sends req to the front end c, as send does, and watches the
+// body of a read's answer for a stall (stallAfter).
+func (f *Forwarder) sendWatched(c *Forwarder, req *http.Request) (*http.Response, error) {
+	resp, err := c.send(req)
+	if err != nil || req.Method != http.MethodGet {
+		return resp, err
+	}
+	b := &stallingBody{body: resp.Body}
+	b.timer = time.AfterFunc(stallAfter, func() {
+		if !b.reading.Load() {
+			return
+		}
+		if !f.othersForward(c) {
+			// No better place to read it from: wait on.
+			b.timer.Reset(stallAfter)
+			return
+		}
+		b.stalled.Store(true)
+		c.down(errStalled, time.Now().Add(-stallAfter))
+		b.body.Close()
+	})
+	b.timer.Stop() // it runs only while a Read waits
+	resp.Body = b
+	return resp, nil
+}
+
+// othersForward reports whether a front end other than c forwards.
+func (f *Forwarder) othersForward(c *Forwarder) bool {
+	for _, o := range f.fronts {
+		if o == c {
+			continue
+		}
+		o.mu.Lock()
+		fw := o.health.Forwarding
+		o.mu.Unlock()
+		if fw {
+			return true
+		}
+	}
+	return false
+}
+
+// stallingBody is a response body whose Read fails with errStalled when
+// it waits stallAfter for a byte. The time a reader takes between reads
+// (Nix busy, its pipe full) is not counted.
+type stallingBody struct {
+	body    io.ReadCloser
+	timer   *time.Timer
+	reading atomic.Bool
+	stalled atomic.Bool
+}
+
+func (b *stallingBody) Read(p []byte) (int, error) {
+	b.reading.Store(true)
+	b.timer.Reset(stallAfter)
+	n, err := b.body.Read(p)
+	b.reading.Store(false)
+	b.timer.Stop()
+	if err != nil && b.stalled.Load() {
+		err = errStalled
+	}
+	return n, err
+}
+
+func (b *stallingBody) Close() error {
+	b.timer.Stop()
+	return b.body.Close()
+}

@@ -31,6 +31,9 @@ type frontRelay struct {
 	srv     *httptest.Server
 	down    atomic.Bool // close every connection at once, as a killed front end
 	cutNars atomic.Bool // send half of each whole NAR, then close, as one killed mid-way
+	// stallNars sends half of each whole NAR, then nothing, keeping the
+	// connection: a front end whose machine or network is cut off.
+	stallNars atomic.Bool
 
 	mu       sync.Mutex
 	requests map[string]int // by method and path, Range requests apart
@@ -76,7 +79,8 @@ func (r *frontRelay) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 		conn.Close()
 		return
 	}
-	if !r.cutNars.Load() || !strings.HasPrefix(req.URL.Path, "/nar/") || req.Header.Get("Range") != "" {
+	cut, stall := r.cutNars.Load(), r.stallNars.Load()
+	if !(cut || stall) || !strings.HasPrefix(req.URL.Path, "/nar/") || req.Header.Get("Range") != "" {
 		r.next.ServeHTTP(w, req)
 		return
 	}
@@ -88,6 +92,10 @@ func (r *frontRelay) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 	fmt.Fprintf(buf, "HTTP/1.1 %d %s\r\nContent-Length: %d\r\nContent-Type: application/x-nix-nar\r\n\r\n", rec.Code, http.StatusText(rec.Code), len(body))
 	buf.Write(body[:len(body)/2])
 	buf.Flush()
+	if stall {
+		// Until the gateway gives up on it, or the test ends.
+		io.Copy(io.Discard, conn)
+	}
 }
 
 func (r *frontRelay) count(prefix string) int {
@@ -322,6 +330,52 @@ func TestFrontendsResumeACutNar(t *testing.T) {
 				if resp.StatusCode == 200 && rerr == nil {
 					t.Errorf("a NAR cut on every front end came whole: %d of %d bytes", len(body), len(paths[2].content))
 				}
+			}
+		})
+	}
+}
+
+// TestFrontendsTakeAStalledNarElsewhere: a front end that stops sending
+// in the middle of a NAR, without closing anything, is given up on, and
+// the download completes from the other one, byte for byte.
+func TestFrontendsTakeAStalledNarElsewhere(t *testing.T) {
+	defer shorten(&stallAfter, 300*time.Millisecond)()
+	defer shorten(&probeEvery, 50*time.Millisecond)()
+	for _, prefetch := range []bool{false, true} {
+		t.Run(fmt.Sprintf("prefetch=%v", prefetch), func(t *testing.T) {
+			f, relays, _ := newTestFrontends(t, 2, ForwarderConfig{KeepWarm: -1})
+			paths := pushVisible(t, testOrigin(t), 's', 4, 1<<20)
+			relays[0].stallNars.Store(true)
+			var h http.Handler = f
+			if prefetch {
+				p, err := NewPrefetcher(f, PrefetchConfig{Dir: filepath.Join(t.TempDir(), "store"), Log: testLog()})
+				if err != nil {
+					t.Fatal(err)
+				}
+				t.Cleanup(p.Close)
+				h = p
+			}
+			gw := httptest.NewServer(h)
+			t.Cleanup(gw.Close)
+			// Without giving up on the stalled front end, a NAR would wait
+			// for the store's idle minute, or for ever.
+			client := &http.Client{Timeout: 30 * time.Second}
+			for _, p := range paths {
+				resp, err := client.Get(gw.URL + "/" + p.nar)
+				if err != nil {
+					t.Fatal(err)
+				}
+				body, err := io.ReadAll(resp.Body)
+				resp.Body.Close()
+				if err != nil || resp.StatusCode != 200 || !bytes.Equal(body, p.content) {
+					t.Fatalf("GET %s: %s, %d of %d bytes, %v", p.nar, resp.Status, len(body), len(p.content), err)
+				}
+			}
+			if relays[0].count("GET /nar/") == 0 {
+				t.Fatal("no NAR request went to the stalling front end: the test tested nothing")
+			}
+			if n := f.metrics.resumes.Load(); n == 0 {
+				t.Errorf("no download resumed on the other front end")
 			}
 		})
 	}
