@@ -284,17 +284,7 @@ func TestFrontendsResumeACutNar(t *testing.T) {
 			for _, r := range relays {
 				r.cutNars.Store(true)
 			}
-			var h http.Handler = f
-			if tt.prefetch {
-				p, err := NewPrefetcher(f, PrefetchConfig{Dir: filepath.Join(t.TempDir(), "store"), Log: testLog()})
-				if err != nil {
-					t.Fatal(err)
-				}
-				t.Cleanup(p.Close)
-				h = p
-			}
-			gw := httptest.NewServer(h)
-			t.Cleanup(gw.Close)
+			gw := serveForwarder(t, f, tt.prefetch)
 			for _, p := range paths[:2] {
 				resp, err := http.Get(gw.URL + "/" + p.nar)
 				if err != nil {
@@ -346,17 +336,7 @@ func TestFrontendsTakeAStalledNarElsewhere(t *testing.T) {
 			f, relays, _ := newTestFrontends(t, 2, ForwarderConfig{KeepWarm: -1})
 			paths := pushVisible(t, testOrigin(t), 's', 4, 1<<20)
 			relays[0].stallNars.Store(true)
-			var h http.Handler = f
-			if prefetch {
-				p, err := NewPrefetcher(f, PrefetchConfig{Dir: filepath.Join(t.TempDir(), "store"), Log: testLog()})
-				if err != nil {
-					t.Fatal(err)
-				}
-				t.Cleanup(p.Close)
-				h = p
-			}
-			gw := httptest.NewServer(h)
-			t.Cleanup(gw.Close)
+			gw := serveForwarder(t, f, prefetch)
 			// Without giving up on the stalled front end, a NAR would wait
 			// for the store's idle minute, or for ever.
 			client := &http.Client{Timeout: 30 * time.Second}
@@ -379,6 +359,24 @@ func TestFrontendsTakeAStalledNarElsewhere(t *testing.T) {
 			}
 		})
 	}
+}
+
+// serveForwarder serves f over HTTP, through a Prefetcher when prefetch
+// is set.
+func serveForwarder(t *testing.T, f *Forwarder, prefetch bool) *httptest.Server {
+	t.Helper()
+	var h http.Handler = f
+	if prefetch {
+		p, err := NewPrefetcher(f, PrefetchConfig{Dir: filepath.Join(t.TempDir(), "store"), Log: testLog()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(p.Close)
+		h = p
+	}
+	gw := httptest.NewServer(h)
+	t.Cleanup(gw.Close)
+	return gw
 }
 
 // countRanges counts the Range requests r got.

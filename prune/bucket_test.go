@@ -30,25 +30,37 @@ const testWindow = 300 * time.Millisecond
 // TestBucket runs the bucket pruner's tests against one real SeaweedFS,
 // each cache under a prefix of its own.
 func TestBucket(t *testing.T) {
-	srv := s3test.Start(t)
-	tests := []struct {
-		name string
-		fn   func(t *testing.T, newStore func(t *testing.T) (*s3store.Store, string))
-	}{
+	srv := runBucketTests(t, "c", []bucketTest{
 		{"KeepsWhatTheDirectoryPruneKeeps", testBucketLikeDirectory},
 		{"WarmPruneReadsNoNarInfo", testBucketWarm},
 		{"KilledPruneLeavesAValidCache", testBucketKilled},
 		{"RacingUploaderKeepsWhatItNeeds", testBucketRacingUploader},
 		{"HoldsUploadsThroughTheSettle", testBucketSettle},
 		{"RefusesWhatIsNotACache", testBucketNotACache},
+	})
+	if rss, peak, err := srv.Memory(); err == nil {
+		t.Logf("seaweedfs resident memory after the tests: %d MiB, at its peak %d MiB", rss>>20, peak>>20)
 	}
+}
+
+// bucketTest is a test of caches in a bucket: newStore gives it a store
+// over a prefix of its own, and the store's name.
+type bucketTest struct {
+	name string
+	fn   func(t *testing.T, newStore func(t *testing.T) (*s3store.Store, string))
+}
+
+// runBucketTests runs tests against one real SeaweedFS, their caches
+// under prefixes named prefix and a number.
+func runBucketTests(t *testing.T, prefix string, tests []bucketTest) *s3test.Server {
+	srv := s3test.Start(t)
 	var n atomic.Int64
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			tc.fn(t, func(t *testing.T) (*s3store.Store, string) {
 				cfg := s3store.Config{
 					Endpoint: srv.Endpoint, Region: srv.Region, Bucket: srv.Bucket,
-					Prefix:    fmt.Sprintf("c%d", n.Add(1)),
+					Prefix:    fmt.Sprintf("%s%d", prefix, n.Add(1)),
 					AccessKey: srv.AccessKey, SecretKey: srv.SecretKey,
 				}
 				st, err := s3store.New(cfg)
@@ -59,9 +71,7 @@ func TestBucket(t *testing.T) {
 			})
 		})
 	}
-	if rss, peak, err := srv.Memory(); err == nil {
-		t.Logf("seaweedfs resident memory after the tests: %d MiB, at its peak %d MiB", rss>>20, peak>>20)
-	}
+	return srv
 }
 
 // bucketOptions returns the options of a prune of st, named name, with

@@ -8,13 +8,11 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
-	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/kiss-onion/kiss-onion/bucketlock"
 	"github.com/kiss-onion/kiss-onion/cachelock"
-	"github.com/kiss-onion/kiss-onion/internal/s3test"
 	pt "github.com/kiss-onion/kiss-onion/prune/prunetest"
 	"github.com/kiss-onion/kiss-onion/s3store"
 )
@@ -22,34 +20,13 @@ import (
 // TestForgetBucket runs the bucket forget's tests against one real
 // SeaweedFS, each cache under a prefix of its own.
 func TestForgetBucket(t *testing.T) {
-	srv := s3test.Start(t)
-	tests := []struct {
-		name string
-		fn   func(t *testing.T, newStore func(t *testing.T) (*s3store.Store, string))
-	}{
+	runBucketTests(t, "f", []bucketTest{
 		{"DoesWhatTheDirectoryForgetDoes", testForgetBucketLikeDirectory},
 		{"WaitsForLocksAndPrunes", testForgetBucketWaits},
 		{"SeesReferrersPublishedDuringIt", testForgetBucketSeesLateReferrer},
 		{"HoldsUploadsThroughTheSettle", testForgetBucketSettle},
 		{"RefusesWhatIsNotACache", testForgetBucketNotACache},
-	}
-	var n atomic.Int64
-	for _, tc := range tests {
-		t.Run(tc.name, func(t *testing.T) {
-			tc.fn(t, func(t *testing.T) (*s3store.Store, string) {
-				cfg := s3store.Config{
-					Endpoint: srv.Endpoint, Region: srv.Region, Bucket: srv.Bucket,
-					Prefix:    fmt.Sprintf("f%d", n.Add(1)),
-					AccessKey: srv.AccessKey, SecretKey: srv.SecretKey,
-				}
-				st, err := s3store.New(cfg)
-				if err != nil {
-					t.Fatal(err)
-				}
-				return st, cfg.String()
-			})
-		})
-	}
+	})
 }
 
 // forgetBucketOptions returns the options of a forget on st, named name,
