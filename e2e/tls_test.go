@@ -250,7 +250,10 @@ func registerCert(t *testing.T, stateDir, name, fp string) {
 
 // TestTLSDoorWithTheUsersCertificate: serve --tls-cert serves a
 // certificate the user supplies, bundles then pin no server certificate,
-// and a client trusting the user's CA is served.
+// and a client trusting the user's CA is served; Nix substitutes through
+// a gateway that trusts it as a system root. The certificate renewed in
+// place (under another CA) is served by the running serve, and Nix
+// substitutes again through a gateway trusting only the new CA.
 func TestTLSDoorWithTheUsersCertificate(t *testing.T) {
 	userCA, err := tlsca.LoadOrCreate(filepath.Join(t.TempDir(), "user-ca"))
 	if err != nil {
@@ -281,4 +284,61 @@ func TestTLSDoorWithTheUsersCertificate(t *testing.T) {
 	if r := curlDoor(t, filepath.Join(reader, clientauth.BundleTLSCAFile), d.url+"/nix-cache-info", bundleCert(reader)...); r.exit == 0 {
 		t.Errorf("curl trusted the user's certificate through the cache's CA: %+v", r)
 	}
+
+	key := newSigningKey(t, "tls-user-cert-1")
+	src := newNix(t)
+	top, closure := src.buildClosure(64)
+	src.must("nix", "copy", "--to", "file://"+d.cacheDir+"?compression=zstd&secret-key="+key.secretFile, top)
+	substitute := func(t *testing.T, caFile string) {
+		t.Helper()
+		// The gateway trusts the system's roots for a certificate the
+		// user supplies; SSL_CERT_FILE makes caFile the only one.
+		t.Setenv("SSL_CERT_FILE", caFile)
+		gw := startTLSGateway(t, reader)
+		dst := newNix(t, "substituters = "+gw.url, "trusted-public-keys = "+key.public, "require-sigs = true")
+		dst.must("nix-store", "--realise", top)
+		for _, p := range closure {
+			sameTree(t, src, dst, p)
+		}
+	}
+	t.Run("nix substitutes through a gateway trusting the user's CA", func(t *testing.T) {
+		substitute(t, userCAFile)
+	})
+
+	t.Run("a renewed certificate is served with no restart", func(t *testing.T) {
+		newCA, err := tlsca.LoadOrCreate(filepath.Join(t.TempDir(), "new-ca"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		renewed, err := newCA.Issue(tlsca.Template{Name: "localhost", Hosts: []string{"localhost", "127.0.0.1"}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		// As certbot renews: new files moved over the ones serve was given.
+		for _, f := range []struct {
+			path string
+			data []byte
+		}{{files[1], renewed.CertPEM}, {files[3], renewed.KeyPEM}} {
+			if err := os.WriteFile(f.path+".new", f.data, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Rename(f.path+".new", f.path); err != nil {
+				t.Fatal(err)
+			}
+		}
+		newCAFile := filepath.Join(t.TempDir(), "new-ca.crt")
+		if err := os.WriteFile(newCAFile, newCA.CertPEM(), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		waitReady(t, d.proc, "the renewed certificate served", 10*time.Second, func() bool {
+			return curlDoor(t, newCAFile, d.url+"/nix-cache-info", bundleCert(reader)...).status == "200"
+		})
+		if r := curlDoor(t, userCAFile, d.url+"/nix-cache-info", bundleCert(reader)...); r.exit == 0 {
+			t.Errorf("the old certificate still served after the renewal: %+v", r)
+		}
+		if !strings.Contains(d.out.String(), "tls server certificate renewed") {
+			t.Error("serve's log does not say the certificate was renewed")
+		}
+		substitute(t, newCAFile)
+	})
 }

@@ -402,7 +402,9 @@ in
           A PEM server certificate (with its chain) to serve instead of the
           cache's own; clients then trust it through their system's roots.
           Read at run time (as a systemd credential, so it may be root's
-          alone), never copied into the Nix store. With keyFile.
+          alone), never copied into the Nix store. With keyFile. systemd
+          copies credentials when the unit starts: after a renewal, restart
+          kiss-onion.service (security.acme.certs.<name>.reloadServices).
         '';
       };
 

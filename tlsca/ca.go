@@ -41,7 +41,8 @@ const (
 	ClientValidity = 10 * 365 * 24 * time.Hour
 	ServerValidity = 2 * 365 * 24 * time.Hour
 	// ServerRenewBefore is how long before its end the server
-	// certificate is issued again (at serve's start).
+	// certificate is issued again (at serve's start, and by a running
+	// serve: see NewOwnCert).
 	ServerRenewBefore = 30 * 24 * time.Hour
 )
 

@@ -68,13 +68,13 @@ func NewDoor(cfg DoorConfig) (*Door, error) {
 // asks clients for a certificate of the CA: a certificate of another CA,
 // expired or not yet valid fails the handshake; none is let through, for
 // Next (tls.VerifyClientCertIfGiven).
-func (d *Door) TLSConfig(cert tls.Certificate) *tls.Config {
+func (d *Door) TLSConfig(cert *ServedCert) *tls.Config {
 	return &tls.Config{
-		Certificates: []tls.Certificate{cert},
-		ClientCAs:    d.cfg.CA.Pool(),
-		ClientAuth:   tls.VerifyClientCertIfGiven,
-		MinVersion:   tls.VersionTLS12,
-		NextProtos:   []string{"http/1.1"}, // serve tracks HTTP/1 connections
+		GetCertificate: cert.GetCertificate,
+		ClientCAs:      d.cfg.CA.Pool(),
+		ClientAuth:     tls.VerifyClientCertIfGiven,
+		MinVersion:     tls.VersionTLS12,
+		NextProtos:     []string{"http/1.1"}, // serve tracks HTTP/1 connections
 	}
 }
 

@@ -19,7 +19,7 @@ import (
 // identity the Door grants each request, or its refusal.
 func doorServer(t *testing.T, d *Door, ca *CA) string {
 	t.Helper()
-	cert, err := ca.ServerCert([]string{"127.0.0.1"})
+	cert, err := NewOwnCert(ca, []string{"127.0.0.1"}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

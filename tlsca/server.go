@@ -21,11 +21,16 @@ import (
 // already there when it was signed by this CA, names every host and is
 // not about to end (ServerRenewBefore), else a new one.
 func (ca *CA) ServerCert(hosts []string) (tls.Certificate, error) {
+	return ca.serverCertAt(hosts, time.Now())
+}
+
+// serverCertAt is ServerCert at the time now.
+func (ca *CA) serverCertAt(hosts []string, now time.Time) (tls.Certificate, error) {
 	certPath, keyPath := filepath.Join(ca.dir, ServerCertFile), filepath.Join(ca.dir, ServerKeyFile)
-	if c, err := tls.LoadX509KeyPair(certPath, keyPath); err == nil && ca.serves(c, hosts) {
+	if c, err := tls.LoadX509KeyPair(certPath, keyPath); err == nil && ca.serves(c, hosts, now) {
 		return c, nil
 	}
-	iss, err := ca.Issue(Template{Name: hosts[0], Hosts: hosts})
+	iss, err := ca.Issue(Template{Name: hosts[0], Hosts: hosts, NotBefore: now.Add(-time.Hour), NotAfter: now.Add(ServerValidity)})
 	if err != nil {
 		return tls.Certificate{}, err
 	}
@@ -39,13 +44,13 @@ func (ca *CA) ServerCert(hosts []string) (tls.Certificate, error) {
 }
 
 // serves reports whether c is a server certificate of this CA for every
-// host, valid for a while yet.
-func (ca *CA) serves(c tls.Certificate, hosts []string) bool {
+// host, valid at now for a while yet.
+func (ca *CA) serves(c tls.Certificate, hosts []string, now time.Time) bool {
 	leaf := c.Leaf
-	if leaf == nil || time.Until(leaf.NotAfter) < ServerRenewBefore {
+	if leaf == nil || leaf.NotAfter.Sub(now) < ServerRenewBefore {
 		return false
 	}
-	if _, err := leaf.Verify(x509.VerifyOptions{Roots: ca.Pool(), KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}}); err != nil {
+	if _, err := leaf.Verify(x509.VerifyOptions{Roots: ca.Pool(), CurrentTime: now, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}}); err != nil {
 		return false
 	}
 	for _, h := range hosts {

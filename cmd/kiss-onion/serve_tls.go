@@ -1,13 +1,14 @@
 package main
 
 import (
-	"crypto/tls"
+	"crypto/x509"
 	"flag"
 	"fmt"
 	"net"
 	"os"
 	"slices"
 	"strconv"
+	"time"
 
 	"github.com/sirupsen/logrus"
 
@@ -27,7 +28,7 @@ type tlsFlags struct {
 func (t *tlsFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&t.listen, "listen-tls", "", "serve both roles over TLS on this `address` (host:port), to clients with a certificate from 'keys add --tls'")
 	fs.Var(&t.names, "tls-name", "a DNS `name` or IP address clients reach --listen-tls at, put in the cache's own server certificate (repeatable; the first makes the bundles' URL)")
-	fs.StringVar(&t.certFile, "tls-cert", "", "serve this PEM certificate `file` on --listen-tls instead of the cache's own (with --tls-key; clients then trust the system's roots)")
+	fs.StringVar(&t.certFile, "tls-cert", "", "serve this PEM certificate `file` on --listen-tls instead of the cache's own, read again when it changes (with --tls-key; clients then trust the system's roots)")
 	fs.StringVar(&t.keyFile, "tls-key", "", "the private key `file` of --tls-cert")
 }
 
@@ -64,12 +65,13 @@ func startTLSDoor(f serveFlags, tokens serve.Authenticator, cache *serve.Cache, 
 	if err != nil {
 		return nil, err
 	}
-	var cert tls.Certificate
+	var cert *tlsca.ServedCert
+	certLog := log.WithField("door", tlsca.DoorName)
 	own := t.certFile == ""
 	if own {
-		cert, err = ca.ServerCert(tlsHosts(t))
+		cert, err = tlsca.NewOwnCert(ca, tlsHosts(t), certLog)
 	} else {
-		cert, err = tls.LoadX509KeyPair(t.certFile, t.keyFile)
+		cert, err = tlsca.NewFileCert(t.certFile, t.keyFile, certLog)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("--listen-tls: server certificate: %w", err)
@@ -84,14 +86,22 @@ func startTLSDoor(f serveFlags, tokens serve.Authenticator, cache *serve.Cache, 
 	}
 	info := tlsca.DoorInfo{URL: tlsURL(t, ln.Addr())}
 	if own {
-		info.ServerFingerprint = tlsca.Fingerprint(cert.Leaf)
+		info.ServerFingerprint = tlsca.Fingerprint(cert.Current().Leaf)
+		cert.OnChange(func(leaf *x509.Certificate) {
+			info := info
+			info.ServerFingerprint = tlsca.Fingerprint(leaf)
+			if err := tlsca.SaveDoor(dir, info); err != nil {
+				certLog.WithError(err).Warn("renewed tls server certificate not recorded")
+			}
+		})
 	}
 	if err := tlsca.SaveDoor(dir, info); err != nil {
 		ln.Close()
 		return nil, err
 	}
 	srv := cache.NewDoorServer(door, door.TLSConfig(cert), log)
-	log.WithFields(logrus.Fields{"door": tlsca.DoorName, "url": info.URL, "listener": ln.Addr().String(), "server_fingerprint": tlsca.Fingerprint(cert.Leaf)}).Info("listening")
+	leaf := cert.Current().Leaf
+	log.WithFields(logrus.Fields{"door": tlsca.DoorName, "url": info.URL, "listener": ln.Addr().String(), "server_fingerprint": tlsca.Fingerprint(leaf), "not_after": leaf.NotAfter.UTC().Format(time.RFC3339)}).Info("listening")
 	status.listeningDoor(tlsca.DoorName, "https://"+ln.Addr().String())
 	go func() {
 		if err := srv.Serve(ln); err != nil {
