@@ -463,6 +463,7 @@ func TestDeployCommandLine(t *testing.T) {
 		{"publish refuses a bad marker name", []string{"publish", "--bundle", reader, ".hidden", sys}, 2, []string{"NAME"}},
 		{"publish needs a writer", []string{"publish", "--bundle", reader, "--state-dir", filepath.Join(dir, "p"), "web1", sys}, 1, []string{"cannot reach the write onion"}},
 		{"publish needs a bundle or a cache", []string{"publish", "web1", sys}, 2, []string{"--bundle"}},
+		{"publish's netrc is for --cache", []string{"publish", "--bundle", reader, "--netrc-file", filepath.Join(dir, "netrc"), "web1", sys}, 2, []string{"--netrc-file is for --cache"}},
 		{"publish with a bad signing key", []string{"publish", "--bundle", reader, "--signing-key", filepath.Join(reader, "kiss-onion.toml"), "web1", sys}, 1, []string{"secret key", "hint: make one"}},
 		{"update needs an action", []string{"update"}, 2, []string{"switch or boot"}},
 		{"update refuses an unknown action", []string{"update", "reboot"}, 2, []string{`unknown action "reboot"`}},

@@ -278,3 +278,99 @@ func TestOIDCOnTheTLSDoor(t *testing.T) {
 		t.Error("a refused PUT wrote a marker")
 	}
 }
+
+// TestOIDCDeploy: with a writer token in a netrc file, publish --cache
+// pushes a system through the OIDC door and writes its signed marker,
+// and with-lock writes a marker; with a reader token, update --cache
+// switches a host to it. Without a token, or with a reader's, publish
+// fails saying why and writes no marker.
+func TestOIDCDeploy(t *testing.T) {
+	iss := oidctest.Start()
+	defer iss.Close()
+	key := newSigningKey(t, "oidc-deploy-1")
+	publisher := newSigningKey(t, "fleet-1")
+	srv := startOIDCServer(t, iss, "--trusted-writer-key", key.public)
+	writerToken := iss.Token(jose.RS256, oidcAudience, nil)
+	writer := writeNetrc(t, srv.url, writerToken)
+	reader := writeNetrc(t, srv.url, iss.Token(jose.ES256, oidcAudience, map[string]any{"ref": "refs/heads/dev"}))
+	src, host := newNix(t), newNix(t)
+	work := t.TempDir()
+	activations, profile := filepath.Join(work, "activations"), filepath.Join(work, "profiles", "system")
+	sys := buildSystem(t, src, activations, profile)
+	marker := filepath.Join(srv.cacheDir, "gcroots", "web1")
+	publish := func(extra ...string) (string, int) {
+		args := append([]string{"publish", "--cache", srv.url, "--store", src.root, "--cache-key", key.secretFile, "--signing-key", publisher.secretFile}, extra...)
+		return kissOnion(t, src, append(args, "web1", sys)...)
+	}
+
+	for _, tt := range []struct {
+		name  string
+		extra []string
+		says  []string
+	}{
+		{"no token", nil, []string{"Unauthorized", "no token", "hint: the cache asks for credentials: give --netrc-file"}},
+		{"a reader's token", []string{"--netrc-file", reader}, []string{"is a reader", "the marker was not written"}},
+	} {
+		t.Run("publish with "+tt.name+" is refused", func(t *testing.T) {
+			out, code := publish(tt.extra...)
+			for _, want := range tt.says {
+				if code != 1 || !strings.Contains(out, want) {
+					t.Errorf("publish: exit %d, want 1 saying %q:\n%s", code, want, out)
+				}
+			}
+			if _, err := os.Stat(marker); err == nil {
+				t.Error("a marker was written")
+			}
+		})
+	}
+
+	t.Run("publish with a writer's token", func(t *testing.T) {
+		out, code := publish("--netrc-file", writer)
+		if code != 0 {
+			t.Fatalf("publish: exit %d\n%s", code, out)
+		}
+		if strings.Contains(out, writerToken) {
+			t.Error("publish's output holds the token")
+		}
+		data, err := os.ReadFile(marker)
+		if err != nil || !strings.Contains(string(data), sys) {
+			t.Fatalf("marker after publish: %q, %v; want it to name %s", data, err, sys)
+		}
+		if _, err := visibleFile(t, srv.cacheDir, hashOf(sys)+".narinfo"); err != nil {
+			t.Errorf("the system was not pushed: %v", err)
+		}
+	})
+
+	t.Run("update with a reader's token", func(t *testing.T) {
+		mustKissOnion(t, host, "update", "switch", "--cache", srv.url, "--netrc-file", reader, "--marker", "web1",
+			"--profile", profile, "--state-dir", filepath.Join(work, "update-state"), "--store", host.root,
+			"--nix-option", "trusted-public-keys="+key.public, "--publisher-key", publisher.public)
+		if target, _ := os.Readlink(profile); !strings.HasPrefix(target, "system-") {
+			t.Fatalf("profile %s -> %q after update", profile, target)
+		}
+		if got, _ := os.Readlink(filepath.Join(filepath.Dir(profile), mustReadlink(t, profile))); got != sys {
+			t.Errorf("profile at %q, want %s", got, sys)
+		}
+		sameTree(t, src, host, sys)
+	})
+
+	t.Run("with-lock with a writer's token", func(t *testing.T) {
+		mustKissOnion(t, src, "with-lock", "--netrc-file", writer, srv.url+"/gcroots/tools", sys, "--", "true")
+		if data, err := os.ReadFile(filepath.Join(srv.cacheDir, "gcroots", "tools")); err != nil || !strings.Contains(string(data), sys) {
+			t.Errorf("marker tools: %q, %v; want it to name %s", data, err, sys)
+		}
+		out, code := kissOnion(t, src, "with-lock", "--netrc-file", reader, srv.url+"/gcroots/other", sys, "--", "true")
+		if code == 0 || !strings.Contains(out, "reader") {
+			t.Errorf("with-lock with a reader's token: exit %d, want a refusal naming the reader:\n%s", code, out)
+		}
+	})
+}
+
+func mustReadlink(t *testing.T, p string) string {
+	t.Helper()
+	s, err := os.Readlink(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}

@@ -35,6 +35,10 @@ type Options struct {
 	Compression string
 	// Nix runs nix copy.
 	Nix Nix
+	// NetrcFile, when set, is a netrc file whose entry for the cache's
+	// host is sent with every request, publish's own and nix copy's (an
+	// OIDC door's token, say).
+	NetrcFile string
 	// LockWait and Refresh are as in WithLockOptions.
 	LockWait, Refresh time.Duration
 	// Log receives every step; logrus's standard logger when nil.
@@ -81,6 +85,9 @@ func Publish(ctx context.Context, o Options) (Result, error) {
 	cache := strings.TrimSuffix(o.Cache, "/")
 	m, err := ParseMarkerURL(cache+"/gcroots/"+o.Name, "")
 	if err != nil {
+		return Result{}, fmt.Errorf("publish: %w", err)
+	}
+	if err := withNetrc(m, &o.Nix, o.NetrcFile); err != nil {
 		return Result{}, fmt.Errorf("publish: %w", err)
 	}
 	to, err := copyURL(cache, o.Compression, o.CacheKeyFile)

@@ -42,6 +42,9 @@ type UpdateOptions struct {
 	StoreDir string
 	// Nix runs nix-store and nix-env.
 	Nix Nix
+	// NetrcFile is as in Options: its entry for the cache's host is sent
+	// with the marker's read and nix's fetches.
+	NetrcFile string
 	// Log receives every step; logrus's standard logger when nil.
 	Log *logrus.Entry
 }
@@ -155,6 +158,9 @@ func newUpdater(o UpdateOptions) (*updater, error) {
 	cache := strings.TrimSuffix(o.Cache, "/")
 	m, err := ParseMarkerURL(cache+"/gcroots/"+o.Marker, "")
 	if err != nil {
+		return nil, fmt.Errorf("update: %w", err)
+	}
+	if err := withNetrc(m, &o.Nix, o.NetrcFile); err != nil {
 		return nil, fmt.Errorf("update: %w", err)
 	}
 	return &updater{o: o, log: log, cache: cache, client: m.client,

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"net/http"
 	"os"
 	"os/signal"
 	"syscall"
@@ -22,7 +23,7 @@ func init() {
 const publishUsage = `
 Usage:
 	kiss-onion publish --bundle DIR [--signing-key FILE] [--cache-key FILE] [--tor-config FILE] NAME STORE_PATH...
-	kiss-onion publish --cache URL [--signing-key FILE] NAME STORE_PATH...
+	kiss-onion publish --cache URL [--netrc-file FILE] [--signing-key FILE] NAME STORE_PATH...
 
 Pushes the closures of the store paths to the cache and then points the
 marker gcroots/NAME at them, through a gateway to the write onion started
@@ -49,6 +50,8 @@ Examples:
 		--signing-key /var/lib/kiss-onion-secrets/fleet-1.sec \
 		web1 $(nix build --no-link --print-out-paths .#nixosConfigurations.web1.config.system.build.toplevel)
 	kiss-onion publish --cache http://127.0.0.1:8081 ci-tools /nix/store/...-tools
+	kiss-onion publish --cache https://cache.example.org --netrc-file "$RUNNER_TEMP/netrc" \
+		--cache-key "$RUNNER_TEMP/cache-key.sec" web1 /nix/store/...-nixos-system-web1
 `
 
 func runPublish(args []string) error {
@@ -64,10 +67,14 @@ func runPublish(args []string) error {
 	wait := fs.Duration("wait", 2*time.Minute, "how long to wait for the onion to answer (a descriptor fetch can take a minute)")
 	lockWait := fs.Duration("lock-wait", 30*time.Minute, "how long to retry the lock while a prune holds the cache")
 	storeDir := fs.String("store-dir", nixcache.DefaultStoreDir, "the Nix store `directory`")
+	netrc := netrcFlag(fs, "publish's requests and nix copy's")
 	nix := nixFlags(fs)
 	rest, err := parseArgs(fs, args)
 	if err != nil {
 		return err
+	}
+	if *netrc != "" && *cacheURL == "" {
+		return usagef("--netrc-file is for --cache: a bundle's gateway needs no password")
 	}
 	if len(rest) < 2 {
 		return usagef("publish needs NAME and at least one STORE_PATH")
@@ -128,12 +135,23 @@ func runPublish(args []string) error {
 		CacheKeyFile: *cacheKey,
 		Compression:  *compression,
 		Nix:          n,
+		NetrcFile:    *netrc,
 		LockWait:     *lockWait,
 		Log:          log,
 	})
 	push.end(err)
 	if errors.Is(err, cachelock.ErrBusy) {
 		return withHint(err, "a prune is running on the cache; retry later or raise --lock-wait")
+	}
+	return credentialsHint(err, *netrc)
+}
+
+// credentialsHint says what to do when the cache asked for credentials
+// that were not sent.
+func credentialsHint(err error, netrc string) error {
+	var se *publish.StatusError
+	if netrc == "" && errors.As(err, &se) && se.Status == http.StatusUnauthorized {
+		return withHint(err, "the cache asks for credentials: give --netrc-file FILE, with a line 'machine HOST login ci password TOKEN' (docs/oidc.md)")
 	}
 	return err
 }
@@ -156,4 +174,10 @@ func nixFlags(fs *flag.FlagSet) func() (publish.Nix, error) {
 		}
 		return n, nil
 	}
+}
+
+// netrcFlag registers --netrc-file, whose entry for the cache's host goes
+// with what's requests: how an OIDC door takes a token.
+func netrcFlag(fs *flag.FlagSet, what string) *string {
+	return fs.String("netrc-file", "", "send the login and password of this netrc `file`'s entry for the cache's host (an OIDC token as the password) with "+what)
 }

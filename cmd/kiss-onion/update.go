@@ -64,10 +64,14 @@ func runUpdate(args []string) error {
 	allowUnsigned := fs.Bool("allow-unsigned", false, "accept plain markers (whoever can write the marker decides what runs here)")
 	wait := fs.Duration("wait", 2*time.Minute, "how long to wait for tor and the onion to answer (exit 75 after)")
 	storeDir := fs.String("store-dir", nixcache.DefaultStoreDir, "the Nix store `directory`")
+	netrc := netrcFlag(fs, "update's requests and nix's fetches")
 	nix := nixFlags(fs)
 	rest, err := parseArgs(fs, args)
 	if err != nil {
 		return err
+	}
+	if *netrc != "" && *cacheURL == "" {
+		return usagef("--netrc-file is for --cache: a bundle's gateway needs no password")
 	}
 	switch {
 	case len(rest) == 0:
@@ -126,6 +130,7 @@ func runUpdate(args []string) error {
 		StateDir:      g.stateDir,
 		StoreDir:      *storeDir,
 		Nix:           n,
+		NetrcFile:     *netrc,
 		Log:           log,
 	})
 	var se *publish.StatusError
@@ -139,7 +144,7 @@ func runUpdate(args []string) error {
 	case errors.Is(err, publish.ErrRollback):
 		return withHint(err, "publish the system again (a new generation) to go back to it")
 	}
-	return err
+	return credentialsHint(err, *netrc)
 }
 
 // exitTempFail is update's exit status when the cache is unreachable:

@@ -48,6 +48,7 @@ func runWithLock(args []string) error {
 	proxy := fs.String("proxy", "", "HTTP proxy `URL` for the cache (http://, socks5h:// for Tor)")
 	lockWait := fs.Duration("lock-wait", 30*time.Minute, "how long to retry the lock while a prune holds the cache")
 	storeDir := fs.String("store-dir", nixcache.DefaultStoreDir, "the Nix store `directory`")
+	netrc := netrcFlag(fs, "the lock's and the marker's requests (COMMAND takes its own)")
 	// The command after "--" is COMMAND's own, flags and all.
 	dashes := slices.Index(args, "--")
 	if dashes < 0 {
@@ -71,6 +72,11 @@ func runWithLock(args []string) error {
 	if err != nil {
 		return usagef("%v", err)
 	}
+	if *netrc != "" {
+		if _, err := marker.UseNetrc(*netrc); err != nil {
+			return fmt.Errorf("--netrc-file: %w", err)
+		}
+	}
 
 	log, err := lf.cli(stderr)
 	if err != nil {
@@ -88,7 +94,7 @@ func runWithLock(args []string) error {
 			return withHint(err, "a prune is running on %s; retry later or raise --lock-wait", marker)
 		}
 		if status == 0 {
-			return err
+			return credentialsHint(err, *netrc)
 		}
 		errorf("%v", err)
 	}
