@@ -488,13 +488,16 @@ func keysList(args []string) error {
 		return nil
 	}
 	tw := tabwriter.NewWriter(keysStdout, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "NAME\tROLE\tCREATED\tFINGERPRINT\tREVOKED")
+	fmt.Fprintln(tw, "NAME\tROLE\tCREATED\tFINGERPRINT\tREVOKED\tTLS CERTIFICATE")
 	for _, c := range clients {
-		revoked := "-"
+		revoked, cert := "-", "-"
 		if c.IsRevoked() {
 			revoked = c.Revoked.UTC().Format(time.RFC3339)
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", c.Name, c.Role, c.Created.UTC().Format(time.RFC3339), c.PublicKey.Fingerprint(), revoked)
+		if c.TLSCert != "" {
+			cert = c.TLSCert
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", c.Name, c.Role, c.Created.UTC().Format(time.RFC3339), c.PublicKey.Fingerprint(), revoked, cert)
 	}
 	return tw.Flush()
 }

@@ -335,12 +335,12 @@ func TestKeysListAndRevoke(t *testing.T) {
 	if len(lines) != 3 {
 		t.Fatalf("list printed %d lines, want 3:\n%s", len(lines), r.stdout)
 	}
-	header := regexp.MustCompile(`^NAME +ROLE +CREATED +FINGERPRINT +REVOKED$`)
+	header := regexp.MustCompile(`^NAME +ROLE +CREATED +FINGERPRINT +REVOKED +TLS CERTIFICATE$`)
 	if !header.MatchString(lines[0]) {
 		t.Errorf("header %q", lines[0])
 	}
 	ts := `\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ`
-	row := regexp.MustCompile(`^(\S+) +(reader|writer) +` + ts + ` +[A-Z2-7]{16} +(-|` + ts + `)$`)
+	row := regexp.MustCompile(`^(\S+) +(reader|writer) +` + ts + ` +[A-Z2-7]{16} +(-|` + ts + `) +-$`)
 	col := strings.Index(lines[0], "ROLE")
 	for _, l := range lines[1:] {
 		if !row.MatchString(l) {
@@ -350,10 +350,10 @@ func TestKeysListAndRevoke(t *testing.T) {
 			t.Errorf("row %q is not aligned with the header", l)
 		}
 	}
-	if !strings.HasPrefix(lines[1], "laptop ") || strings.HasSuffix(lines[1], " -") {
+	if m := row.FindStringSubmatch(lines[1]); m == nil || m[1] != "laptop" || m[3] == "-" {
 		t.Errorf("laptop's row %q does not show the revocation", lines[1])
 	}
-	if !strings.HasSuffix(lines[2], " -") {
+	if m := row.FindStringSubmatch(lines[2]); m == nil || m[3] != "-" {
 		t.Errorf("a-much-longer-name's row %q shows a revocation", lines[2])
 	}
 

@@ -36,6 +36,14 @@ func TestKeysAddTLS(t *testing.T) {
 	if c, _ := reg.Client("laptop"); c.TLSCert != b.TLS.CertFingerprint {
 		t.Errorf("registry tls_cert %q, bundle's certificate %q", c.TLSCert, b.TLS.CertFingerprint)
 	}
+	keysMust(t, dir, "add", "desktop", "--role", "reader", "--state-dir", state)
+	list := strings.Split(keysMust(t, dir, "list", "--state-dir", state).stdout, "\n")
+	if !strings.HasPrefix(list[1], "laptop ") || !strings.HasSuffix(list[1], " "+b.TLS.CertFingerprint) {
+		t.Errorf("keys list row %q does not end with laptop's certificate %s", list[1], b.TLS.CertFingerprint)
+	}
+	if !strings.HasPrefix(list[2], "desktop ") || !strings.HasSuffix(list[2], " -") {
+		t.Errorf("keys list row %q: desktop has no certificate", list[2])
+	}
 	ca, err := tlsca.Load(tlsca.Dir(state))
 	if err != nil {
 		t.Fatal(err)
