@@ -264,7 +264,15 @@ func TestTLSDoorWithTheUsersCertificate(t *testing.T) {
 		t.Fatal(err)
 	}
 	files := pemFiles(t, server)
-	d := startTLSDoor(t, "--tls-cert", files[1], "--tls-key", files[3])
+	metricsAddr := freeAddr(t)
+	d := startTLSDoor(t, "--tls-cert", files[1], "--tls-key", files[3], "--metrics-listen", metricsAddr)
+	// The certificate's end, as the metrics say; a renewal moves it.
+	certEnd := func() float64 {
+		return scrapeMetrics(t, "http://"+metricsAddr+"/metrics").get("kiss_onion_tls_certificate_expiry_timestamp_seconds")
+	}
+	if got, want := certEnd(), float64(server.Cert.NotAfter.Unix()); got != want {
+		t.Errorf("kiss_onion_tls_certificate_expiry_timestamp_seconds = %.0f, want %.0f", got, want)
+	}
 	if info, err := tlsca.LoadDoor(tlsca.Dir(d.stateDir)); err != nil || info.ServerFingerprint != "" {
 		t.Errorf("door.toml with the user's certificate: %+v, %v; want no server fingerprint", info, err)
 	}
@@ -310,7 +318,7 @@ func TestTLSDoorWithTheUsersCertificate(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		renewed, err := newCA.Issue(tlsca.Template{Name: "localhost", Hosts: []string{"localhost", "127.0.0.1"}})
+		renewed, err := newCA.Issue(tlsca.Template{Name: "localhost", Hosts: []string{"localhost", "127.0.0.1"}, NotAfter: time.Now().Add(90 * 24 * time.Hour)})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -338,6 +346,9 @@ func TestTLSDoorWithTheUsersCertificate(t *testing.T) {
 		}
 		if !strings.Contains(d.out.String(), "tls server certificate renewed") {
 			t.Error("serve's log does not say the certificate was renewed")
+		}
+		if got, want := certEnd(), float64(renewed.Cert.NotAfter.Unix()); got != want {
+			t.Errorf("kiss_onion_tls_certificate_expiry_timestamp_seconds after the renewal = %.0f, want %.0f", got, want)
 		}
 		substitute(t, newCAFile)
 	})

@@ -17,6 +17,7 @@ import (
 	"github.com/kiss-onion/kiss-onion/onion"
 	"github.com/kiss-onion/kiss-onion/prune"
 	"github.com/kiss-onion/kiss-onion/serve"
+	"github.com/kiss-onion/kiss-onion/tlsca"
 )
 
 // serveMetrics are what `serve --metrics-listen` exports besides the
@@ -37,9 +38,10 @@ type serveMetrics struct {
 	pruneRunning         prometheus.Gauge
 	pruneLastSuccess     prometheus.Gauge
 
-	mu     sync.Mutex
-	onions map[string]onionState // by onion: read, write
-	tor    *onion.Tor
+	mu      sync.Mutex
+	onions  map[string]onionState // by onion: read, write
+	tor     *onion.Tor
+	tlsCert *tlsca.ServedCert // the TLS door's, nil without one
 }
 
 // onionState is what access last did with an onion.
@@ -93,7 +95,7 @@ func newServeMetrics(registries []string) *serveMetrics {
 	}
 	m.reg.MustRegister(m.pruneRuns, m.pruneDuration, m.pruneWaited, m.pruneKept, m.pruneDeletedFiles,
 		m.pruneDeletedNarInfos, m.pruneFreed, m.pruneRunning, m.pruneLastSuccess,
-		&onionCollector{m}, &clientsCollector{registries})
+		&onionCollector{m}, &clientsCollector{registries}, &tlsCertCollector{m})
 	// Both results from the start, so that a rate of failures is 0, not absent.
 	m.pruneRuns.WithLabelValues("ok")
 	m.pruneRuns.WithLabelValues("failed")
@@ -135,6 +137,31 @@ func (m *serveMetrics) watchTor(t *onion.Tor) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	m.tor = t
+}
+
+// servesTLS dates the TLS door's server certificate from cert.
+func (m *serveMetrics) servesTLS(cert *tlsca.ServedCert) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.tlsCert = cert
+}
+
+// tlsCertCollector exports the end of the TLS door's server certificate.
+type tlsCertCollector struct{ m *serveMetrics }
+
+var tlsCertEndDesc = prometheus.NewDesc("kiss_onion_tls_certificate_expiry_timestamp_seconds",
+	"When (Unix time) the server certificate the TLS door serves ends; a renewal moves it. Absent without --listen-tls.", nil, nil)
+
+func (c *tlsCertCollector) Describe(ch chan<- *prometheus.Desc) { ch <- tlsCertEndDesc }
+
+func (c *tlsCertCollector) Collect(ch chan<- prometheus.Metric) {
+	c.m.mu.Lock()
+	cert := c.m.tlsCert
+	c.m.mu.Unlock()
+	if cert != nil {
+		end := cert.Current().Leaf.NotAfter
+		ch <- prometheus.MustNewConstMetric(tlsCertEndDesc, prometheus.GaugeValue, float64(end.Unix()))
+	}
 }
 
 // onionCollector exports the onions' state and tor's restarts.

@@ -315,7 +315,7 @@ func serveMain(f serveFlags, log *logrus.Entry) error {
 		status.listening(l.role, "http://"+ln.Addr().String())
 		serveOn(ln, l.role)
 	}
-	if srv, err := startTLSDoor(f, tokens, cache, log, status, errc); err != nil {
+	if srv, err := startTLSDoor(f, tokens, cache, log, status, metrics, errc); err != nil {
 		return err
 	} else if srv != nil {
 		servers = append(servers, srv)

@@ -55,7 +55,7 @@ func (t *tlsFlags) check(allowRemote bool) error {
 // 'keys add --tls'. A request with no client certificate goes to tokens
 // (OIDC bearer tokens; nil refuses it). It returns nil without
 // --listen-tls.
-func startTLSDoor(f serveFlags, tokens serve.Authenticator, cache *serve.Cache, log *logrus.Entry, status *statusServer, errc chan<- error) (*serve.Server, error) {
+func startTLSDoor(f serveFlags, tokens serve.Authenticator, cache *serve.Cache, log *logrus.Entry, status *statusServer, metrics *serveMetrics, errc chan<- error) (*serve.Server, error) {
 	t := f.tls
 	if t.listen == "" {
 		return nil, nil
@@ -99,6 +99,7 @@ func startTLSDoor(f serveFlags, tokens serve.Authenticator, cache *serve.Cache, 
 		ln.Close()
 		return nil, err
 	}
+	metrics.servesTLS(cert)
 	srv := cache.NewDoorServer(door, door.TLSConfig(cert), log)
 	leaf := cert.Current().Leaf
 	log.WithFields(logrus.Fields{"door": tlsca.DoorName, "url": info.URL, "listener": ln.Addr().String(), "server_fingerprint": tlsca.Fingerprint(leaf), "not_after": leaf.NotAfter.UTC().Format(time.RFC3339)}).Info("listening")
