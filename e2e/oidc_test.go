@@ -21,16 +21,16 @@ const oidcAudience = "https://cache.e2e.example"
 // --listen-oidc, taking tokens of iss.
 type oidcServer struct {
 	*proc
-	cacheDir, url string
+	cacheDir, stateDir, url string
 }
 
 func startOIDCServer(t *testing.T, iss *oidctest.Issuer, extra ...string) *oidcServer {
 	t.Helper()
 	dir := t.TempDir()
-	s := &oidcServer{cacheDir: filepath.Join(dir, "cache")}
+	s := &oidcServer{cacheDir: filepath.Join(dir, "cache"), stateDir: filepath.Join(dir, "state")}
 	addr := freeAddr(t)
 	s.url = "http://" + addr
-	args := append([]string{"serve", "--tor", "off", "--cache-dir", s.cacheDir, "--state-dir", filepath.Join(dir, "state"),
+	args := append([]string{"serve", "--tor", "off", "--cache-dir", s.cacheDir, "--state-dir", s.stateDir,
 		"--listen-oidc", addr, "--oidc-issuer", iss.URL, "--oidc-audience", oidcAudience,
 		"--oidc-writer", "repository=org/infra,ref=refs/heads/main", "--oidc-reader", "repository_owner=org",
 		"--log-level", "debug"}, extra...)
@@ -352,6 +352,13 @@ func TestOIDCDeploy(t *testing.T) {
 			t.Errorf("profile at %q, want %s", got, sys)
 		}
 		sameTree(t, src, host, sys)
+	})
+
+	t.Run("status lists the door", func(t *testing.T) {
+		out, code := runKissOnion(t, "status", "--state-dir", srv.stateDir, "--cache-dir", srv.cacheDir)
+		if code != 0 || !strings.Contains(out, "oidc   "+srv.url) {
+			t.Errorf("status: exit %d, want the oidc door at %s:\n%s", code, srv.url, out)
+		}
 	})
 
 	t.Run("with-lock with a writer's token", func(t *testing.T) {

@@ -4,6 +4,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -199,6 +200,10 @@ func TestTLSDoor(t *testing.T) {
 		out, code := runKissOnion(t, "status", "--state-dir", d.stateDir)
 		if code != 0 {
 			t.Fatalf("status: exit %d\n%s", code, out)
+		}
+		// The cache's own certificate, valid 2 years (730 days).
+		if ends := regexp.MustCompile(`certificate ends \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC \(in 7(29|30) days\)`); !ends.MatchString(out) {
+			t.Errorf("status does not say when the door's certificate ends:\n%s", out)
 		}
 		for _, want := range []string{"tls    https://" + strings.TrimPrefix(d.url, "https://"), "laptop", "builder"} {
 			if !strings.Contains(out, want) {

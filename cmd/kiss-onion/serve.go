@@ -301,7 +301,7 @@ func serveMain(f serveFlags, log *logrus.Entry) error {
 			return err
 		}
 	}
-	if srv, err := f.oidc.serve(tokens, cache, log, errc); err != nil {
+	if srv, err := f.oidc.serve(tokens, cache, log, status, errc); err != nil {
 		return err
 	} else if srv != nil {
 		servers = append(servers, srv)

@@ -124,7 +124,7 @@ func (o *oidcFlags) authenticator(ctx context.Context, log *logrus.Entry) (serve
 // serve starts the --listen-oidc door, if asked for, with auth (from
 // authenticator), and returns its server (nil without one); a failure of
 // the server later goes to errc.
-func (o *oidcFlags) serve(auth serve.Authenticator, cache *serve.Cache, log *logrus.Entry, errc chan<- error) (*serve.Server, error) {
+func (o *oidcFlags) serve(auth serve.Authenticator, cache *serve.Cache, log *logrus.Entry, status *statusServer, errc chan<- error) (*serve.Server, error) {
 	if o.listen == "" {
 		return nil, nil
 	}
@@ -134,6 +134,7 @@ func (o *oidcFlags) serve(auth serve.Authenticator, cache *serve.Cache, log *log
 	}
 	srv := cache.NewDoorServer(auth, nil, log.WithField("door", oidcauth.Door))
 	log.WithFields(logrus.Fields{"door": oidcauth.Door, "url": "http://" + ln.Addr().String()}).Info("listening")
+	status.listeningDoor(oidcauth.Door, "http://"+ln.Addr().String(), nil)
 	go func() {
 		if err := srv.Serve(ln); err != nil {
 			errc <- fmt.Errorf("oidc listener: %w", err)

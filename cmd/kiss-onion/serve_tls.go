@@ -103,7 +103,7 @@ func startTLSDoor(f serveFlags, tokens serve.Authenticator, cache *serve.Cache, 
 	srv := cache.NewDoorServer(door, door.TLSConfig(cert), log)
 	leaf := cert.Current().Leaf
 	log.WithFields(logrus.Fields{"door": tlsca.DoorName, "url": info.URL, "listener": ln.Addr().String(), "server_fingerprint": tlsca.Fingerprint(leaf), "not_after": leaf.NotAfter.UTC().Format(time.RFC3339)}).Info("listening")
-	status.listeningDoor(tlsca.DoorName, "https://"+ln.Addr().String())
+	status.listeningDoor(tlsca.DoorName, "https://"+ln.Addr().String(), cert)
 	go func() {
 		if err := srv.Serve(ln); err != nil {
 			errc <- fmt.Errorf("tls listener: %w", err)

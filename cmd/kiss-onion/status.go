@@ -102,6 +102,10 @@ type onionStatus struct {
 type listenerStatus struct {
 	Role string `json:"role"`
 	URL  string `json:"url"`
+	// CertificateEnds is when the TLS door's server certificate ends.
+	CertificateEnds *time.Time `json:"certificate_ends,omitempty"`
+
+	cert *tlsca.ServedCert // the TLS door's, read at each report
 }
 
 type clientStatus struct {
@@ -427,11 +431,12 @@ func (s *statusServer) listening(role serve.Role, url string) {
 	s.listeners = append(s.listeners, listenerStatus{Role: role.String(), URL: url})
 }
 
-// listeningDoor records a door (both roles, by credentials) at url.
-func (s *statusServer) listeningDoor(door, url string) {
+// listeningDoor records a door (both roles, by credentials) at url, and
+// the server certificate it serves (nil: none).
+func (s *statusServer) listeningDoor(door, url string, cert *tlsca.ServedCert) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.listeners = append(s.listeners, listenerStatus{Role: door, URL: url})
+	s.listeners = append(s.listeners, listenerStatus{Role: door, URL: url, cert: cert})
 }
 
 // setOnions records the onions serve runs.
@@ -501,7 +506,13 @@ func (s *statusServer) report(now time.Time) statusReport {
 		rep.Serve.PruneInterval = s.f.pruneEvery.String()
 	}
 	s.mu.Lock()
-	rep.Listeners = append(rep.Listeners, s.listeners...)
+	for _, l := range s.listeners {
+		if l.cert != nil {
+			end := l.cert.Current().Leaf.NotAfter.UTC()
+			l.CertificateEnds = &end
+		}
+		rep.Listeners = append(rep.Listeners, l)
+	}
 	o := s.onions
 	s.mu.Unlock()
 	if o != nil && o.tor != nil {
@@ -587,7 +598,12 @@ func printStatus(w io.Writer, rep statusReport, now time.Time) {
 	}
 	label = "listeners"
 	for _, l := range rep.Listeners {
-		row(label, "%-5s  %s", l.Role, l.URL)
+		if l.CertificateEnds != nil {
+			end := *l.CertificateEnds
+			row(label, "%-5s  %s  certificate ends %s (in %d days)", l.Role, l.URL, end.Format("2006-01-02 15:04:05 UTC"), int(end.Sub(now).Hours()/24))
+		} else {
+			row(label, "%-5s  %s", l.Role, l.URL)
+		}
 		label = ""
 	}
 
