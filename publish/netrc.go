@@ -22,6 +22,9 @@ type Netrc struct {
 	login, password string
 }
 
+// String names the entry, and never its password.
+func (n Netrc) String() string { return "netrc " + n.File + " for " + n.Host }
+
 // ReadNetrc returns the entry of the netrc file for host: its "machine
 // host" entry, else its "default" one. Tokens are separated by blanks, a
 // token may be double-quoted (with \" and \\ inside), a "#" at the start
@@ -73,6 +76,10 @@ func parseNetrc(text string) (map[string]Netrc, error) {
 			return entries, nil
 		}
 		at := lx.line
+		if !slices.Contains([]string{"machine", "default", "login", "password", "account", "macdef"}, tok) {
+			// Not quoted: a misplaced word may be a password.
+			return nil, fmt.Errorf("line %d: a word that is not a keyword (machine, default, login, password, account, macdef) where one belongs", at)
+		}
 		var v string
 		if tok != "default" {
 			if v, err = lx.value(tok); err != nil {
@@ -94,8 +101,6 @@ func parseNetrc(text string) (map[string]Netrc, error) {
 			}
 		case "macdef":
 			lx.skipMacro()
-		default:
-			return nil, fmt.Errorf("line %d: unknown word %q", at, tok)
 		}
 	}
 }

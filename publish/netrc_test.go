@@ -1,6 +1,7 @@
 package publish
 
 import (
+	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -27,7 +28,8 @@ func TestReadNetrc(t *testing.T) {
 		{"a password and no login", "machine cache.lan password tok", "cache.lan", "", "tok", ""},
 		{"no entry", "machine a.lan login a password pa\n", "cache.lan", "", "", "no entry for machine cache.lan, and no default"},
 		{"no password", "machine cache.lan login ci\n", "cache.lan", "", "", "the entry for cache.lan has no password"},
-		{"a word it does not know", "machine cache.lan\nlogin ci\ntoken tok\n", "cache.lan", "", "", `line 3: unknown word "token"`},
+		{"a word it does not know", "machine cache.lan\nlogin ci\ntoken tok\n", "cache.lan", "", "", "line 3: a word that is not a keyword"},
+		{"a password with no keyword", "machine cache.lan login ci s3cret\n", "cache.lan", "", "", "line 1: a word that is not a keyword"},
 		{"a word with no value", "machine cache.lan login ci password", "cache.lan", "", "", `line 1: "password" needs a value`},
 		{"a login before any machine", "login ci password tok\n", "cache.lan", "", "", `line 1: "login" before any machine`},
 		{"an unclosed quote", "machine cache.lan\npassword \"tok\n", "cache.lan", "", "", "line 2: a quoted word runs past the end of its line"},
@@ -42,13 +44,19 @@ func TestReadNetrc(t *testing.T) {
 				if err == nil || !strings.Contains(err.Error(), tt.err) || !strings.Contains(err.Error(), file) {
 					t.Fatalf("ReadNetrc: %v, want an error naming %s and saying %q", err, file, tt.err)
 				}
+				if strings.Contains(err.Error(), "s3cret") || strings.Contains(err.Error(), "tok\"") {
+					t.Errorf("the error shows a password: %v", err)
+				}
 				return
 			}
 			if err != nil {
 				t.Fatal(err)
 			}
 			if n.login != tt.login || n.password != tt.password || n.File != file || n.Host != tt.host {
-				t.Errorf("ReadNetrc = %+v, want login %q password %q", n, tt.login, tt.password)
+				t.Errorf("ReadNetrc = %q %q (%v), want login %q password %q", n.login, n.password, n, tt.login, tt.password)
+			}
+			if s := fmt.Sprintf("%v %+v", n, n); strings.Contains(s, tt.password) {
+				t.Errorf("the entry prints its password: %s", s)
 			}
 		})
 	}
