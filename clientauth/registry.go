@@ -12,6 +12,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/kiss-onion/kiss-onion/internal/filestamp"
 	"github.com/pelletier/go-toml/v2"
 )
 
@@ -80,31 +81,17 @@ type clientEntry struct {
 // metadata: any write by Registry.Save replaces the file and changes its
 // Stamp. Stamps are comparable with ==; the Stamp of a missing file is the
 // zero Stamp.
-type Stamp struct {
-	exists  bool
-	size    int64
-	modTime int64 // nanoseconds
-	dev     uint64
-	ino     uint64
-}
-
-func stampOf(fi fs.FileInfo) Stamp {
-	dev, ino := fileID(fi)
-	return Stamp{exists: true, size: fi.Size(), modTime: fi.ModTime().UnixNano(), dev: dev, ino: ino}
-}
+type Stamp = filestamp.Stamp
 
 // StatRegistry returns the Stamp of the registry file at path without
 // reading it. A running service polls it and reloads the registry (with
 // LoadRegistry) when the Stamp differs from the loaded Registry's.
 func StatRegistry(path string) (Stamp, error) {
-	fi, err := os.Stat(path)
-	if errors.Is(err, fs.ErrNotExist) {
-		return Stamp{}, nil
-	}
+	st, err := filestamp.Stat(path)
 	if err != nil {
-		return Stamp{}, fmt.Errorf("stat client registry: %w", err)
+		return Stamp{}, fmt.Errorf("client registry: %w", err)
 	}
-	return stampOf(fi), nil
+	return st, nil
 }
 
 // LoadRegistry reads the registry at path. A missing file is an empty
@@ -134,7 +121,7 @@ func LoadRegistry(path string) (*Registry, error) {
 	if err != nil {
 		return nil, fmt.Errorf("read client registry: %w", err)
 	}
-	r.stamp = stampOf(fi)
+	r.stamp = filestamp.Of(fi)
 	if err := r.parse(data); err != nil {
 		return nil, err
 	}

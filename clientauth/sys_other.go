@@ -2,11 +2,5 @@
 
 package clientauth
 
-import "io/fs"
-
-// fileID returns no file identity where the system offers none: the
-// size and modification time still change with each write.
-func fileID(fs.FileInfo) (dev, ino uint64) { return 0, 0 }
-
 // lockFile does not lock where flock is missing.
 func lockFile(string) (unlock func(), err error) { return func() {}, nil }

@@ -3,19 +3,9 @@
 package clientauth
 
 import (
-	"io/fs"
 	"os"
 	"syscall"
 )
-
-// fileID returns the device and inode of a file, which change when the
-// file is replaced by a rename.
-func fileID(fi fs.FileInfo) (dev, ino uint64) {
-	if st, ok := fi.Sys().(*syscall.Stat_t); ok {
-		return uint64(st.Dev), uint64(st.Ino) //nolint:unconvert // int32 on some systems
-	}
-	return 0, 0
-}
 
 // lockFile takes an exclusive flock on path (created 0600 when missing),
 // waiting for it, and returns the function that releases it.

@@ -4,11 +4,10 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"fmt"
-	"io/fs"
-	"os"
 	"sync"
 	"time"
 
+	"github.com/kiss-onion/kiss-onion/internal/filestamp"
 	"github.com/sirupsen/logrus"
 )
 
@@ -47,7 +46,7 @@ type ServedCert struct {
 // NewFileCert serves the PEM certificate and key at certFile and keyFile,
 // read now and again whenever either file changes.
 func NewFileCert(certFile, keyFile string, log *logrus.Entry) (*ServedCert, error) {
-	var stamps [2]fs.FileInfo
+	var stamps [2]filestamp.Stamp
 	// A pair that failed is read again only once the files change.
 	s := &ServedCert{log: log, now: time.Now, retry: certFileCheck}
 	s.load = func(time.Time) (*tls.Certificate, error) {
@@ -57,19 +56,18 @@ func NewFileCert(certFile, keyFile string, log *logrus.Entry) (*ServedCert, erro
 		}
 		return &c, nil
 	}
-	s.due = func(_ *tls.Certificate, now time.Time) bool {
-		changed := false
+	s.due = func(*tls.Certificate, time.Time) bool {
+		var current [2]filestamp.Stamp
 		for i, name := range []string{certFile, keyFile} {
-			fi, err := os.Stat(name)
-			if err != nil {
+			st, err := filestamp.Stat(name)
+			if err != nil || !st.Exists() {
 				// Gone for a moment while it is replaced: wait for it.
 				return false
 			}
-			if stamps[i] == nil || !os.SameFile(stamps[i], fi) || !fi.ModTime().Equal(stamps[i].ModTime()) || fi.Size() != stamps[i].Size() {
-				changed = true
-			}
-			stamps[i] = fi
+			current[i] = st
 		}
+		changed := current != stamps
+		stamps = current
 		return changed
 	}
 	s.due(nil, time.Time{})
