@@ -283,12 +283,16 @@ func (h *deployHost) activated() []string {
 }
 
 // profileTarget returns the system the host's profile points at.
-func (h *deployHost) profileTarget() string {
-	link, err := os.Readlink(h.profile)
+func (h *deployHost) profileTarget() string { return profileTarget(h.profile) }
+
+// profileTarget returns the system a profile points at, through its
+// generation link; "" when there is none.
+func profileTarget(profile string) string {
+	link, err := os.Readlink(profile)
 	if err != nil {
 		return ""
 	}
-	target, _ := os.Readlink(filepath.Join(filepath.Dir(h.profile), link))
+	target, _ := os.Readlink(filepath.Join(filepath.Dir(profile), link))
 	return target
 }
 

@@ -345,10 +345,10 @@ func TestOIDCDeploy(t *testing.T) {
 		mustKissOnion(t, host, "update", "switch", "--cache", srv.url, "--netrc-file", reader, "--marker", "web1",
 			"--profile", profile, "--state-dir", filepath.Join(work, "update-state"), "--store", host.root,
 			"--nix-option", "trusted-public-keys="+key.public, "--publisher-key", publisher.public)
-		if target, _ := os.Readlink(profile); !strings.HasPrefix(target, "system-") {
-			t.Fatalf("profile %s -> %q after update", profile, target)
+		if link, _ := os.Readlink(profile); !strings.HasPrefix(link, "system-") {
+			t.Fatalf("profile %s -> %q after update, want a generation link", profile, link)
 		}
-		if got, _ := os.Readlink(filepath.Join(filepath.Dir(profile), mustReadlink(t, profile))); got != sys {
+		if got := profileTarget(profile); got != sys {
 			t.Errorf("profile at %q, want %s", got, sys)
 		}
 		sameTree(t, src, host, sys)
@@ -371,13 +371,4 @@ func TestOIDCDeploy(t *testing.T) {
 			t.Errorf("with-lock with a reader's token: exit %d, want a refusal naming the reader:\n%s", code, out)
 		}
 	})
-}
-
-func mustReadlink(t *testing.T, p string) string {
-	t.Helper()
-	s, err := os.Readlink(p)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return s
 }
